@@ -1,0 +1,619 @@
+//! The TOML configuration: schema, defaults, and validation whose every error names the
+//! key and the line it sits on, so an administrator can fix the file without guessing.
+//!
+//! Relative file paths (certificates) are resolved against the directory of the config
+//! file, so an example config can travel with its files.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::protocol::Protocol;
+
+/// A configuration error, located at a key and a line of the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Syntax { path: PathBuf, line: usize, message: String },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid { path: PathBuf, line: usize, key: String, message: String },
+}
+
+/// Where a value came from in the file, for error messages raised after parsing (for
+/// example when a certificate named by the key turns out to be unreadable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub path: PathBuf,
+    pub line: usize,
+    pub key: String,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.path.display(), self.line, self.key)
+    }
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub hostname: String,
+    pub tls: TlsConfig,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub log_format: LogFormat,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub min_version: TlsVersion,
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// One `[[tls.certificates]]` entry.
+#[derive(Clone, Debug)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub cert_origin: Origin,
+    pub key_origin: Origin,
+    /// Create a self-signed pair at `cert`/`key` when both are missing. For local trials
+    /// only: it is off unless the config asks, and creation is logged as a warning.
+    pub self_signed: bool,
+}
+
+/// Timeouts; each has a default and may be set under `[timeouts]` in seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From accept (or the STARTTLS go-ahead) to a finished TLS handshake.
+    pub handshake: Duration,
+    /// Silence allowed from a client before authentication (pre-TLS and negotiation).
+    pub pre_auth_idle: Duration,
+    /// Silence allowed in both directions after authentication (IMAP IDLE sits here).
+    pub idle: Duration,
+    /// Connecting to the backend and receiving its greeting.
+    pub backend_connect: Duration,
+    /// How long open sessions may finish after SIGTERM/SIGINT before they are cut.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            pre_auth_idle: Duration::from_secs(60),
+            idle: Duration::from_secs(30 * 60),
+            backend_connect: Duration::from_secs(10),
+            drain: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bounds on what one client may send; going over ends that session only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_pre_tls_commands: u32,
+    pub max_errors: u32,
+    /// Longest line after TLS until authentication (RFC 4954 allows 12,288-octet AUTH lines).
+    pub max_line: usize,
+    /// Largest IMAP literal before authentication.
+    pub max_literal: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_pre_tls_commands: 100, max_errors: 10, max_line: 16 * 1024, max_literal: 64 * 1024 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    Implicit,
+    Starttls,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    None,
+    V1,
+    V2,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Clone, Debug)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: Protocol,
+    pub tls: TlsMode,
+    pub require_tls: bool,
+    pub listen: Vec<SocketAddr>,
+    pub backend: String,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+// ---- the file as written -------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hostname: Spanned<String>,
+    tls: Spanned<RawTls>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    log_format: LogFormat,
+    listeners: Spanned<Vec<Spanned<RawListener>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    #[serde(default = "default_min_version")]
+    min_version: TlsVersion,
+    certificates: Spanned<Vec<RawCertificate>>,
+}
+
+fn default_min_version() -> TlsVersion {
+    TlsVersion::Tls12
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    #[serde(default)]
+    self_signed: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    handshake: Option<Spanned<u64>>,
+    pre_auth_idle: Option<Spanned<u64>>,
+    idle: Option<Spanned<u64>>,
+    backend_connect: Option<Spanned<u64>>,
+    drain: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_pre_tls_commands: Option<Spanned<u32>>,
+    max_errors: Option<Spanned<u32>>,
+    max_line: Option<Spanned<usize>>,
+    max_literal: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    protocol: Protocol,
+    tls: TlsMode,
+    listen: Spanned<Vec<Spanned<String>>>,
+    backend: Spanned<String>,
+    #[serde(default)]
+    proxy_protocol: ProxyProtocol,
+    require_tls: Option<Spanned<bool>>,
+}
+
+// ---- loading and validation ----------------------------------------------------------
+
+/// Reads, parses and validates the config file at `path`. File contents named by the
+/// config (certificates) are checked by the TLS module, not here.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config text; `path` is used for messages and relative paths.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
+        ConfigError::Syntax { path: path.to_owned(), line, message: e.message().to_owned() }
+    })?;
+    Validator { path, text }.config(raw)
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn origin(&self, key: impl Into<String>, span: Range<usize>) -> Origin {
+        Origin { path: self.path.to_owned(), line: line_of(self.text, span.start), key: key.into() }
+    }
+
+    fn invalid(&self, key: impl Into<String>, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let origin = self.origin(key, span);
+        ConfigError::Invalid {
+            path: origin.path,
+            line: origin.line,
+            key: origin.key,
+            message: message.into(),
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let hostname = self.hostname(&raw.hostname)?;
+        let tls = self.tls(raw.tls)?;
+        let timeouts = self.timeouts(&raw.timeouts)?;
+        let limits = self.limits(&raw.limits)?;
+        let listeners = self.listeners(raw.listeners)?;
+        Ok(Config {
+            path: self.path.to_owned(),
+            hostname,
+            tls,
+            timeouts,
+            limits,
+            log_format: raw.log_format,
+            listeners,
+        })
+    }
+
+    fn hostname(&self, raw: &Spanned<String>) -> Result<String, ConfigError> {
+        let name = raw.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(self.invalid(
+                "hostname",
+                raw.span(),
+                format!("{name:?} is not a host name (letters, digits, '-' and '.' only)"),
+            ));
+        }
+        Ok(name.clone())
+    }
+
+    fn tls(&self, raw: Spanned<RawTls>) -> Result<TlsConfig, ConfigError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let certs_span = raw.certificates.span();
+        let entries = raw.certificates.into_inner();
+        if entries.is_empty() {
+            return Err(self.invalid("tls.certificates", certs_span, "at least one certificate is needed"));
+        }
+        let certificates = entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| self.certificate(i, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let _ = span;
+        Ok(TlsConfig { min_version: raw.min_version, certificates })
+    }
+
+    fn certificate(&self, index: usize, raw: RawCertificate) -> Result<CertificateConfig, ConfigError> {
+        let cert_key = format!("tls.certificates[{index}].cert");
+        let key_key = format!("tls.certificates[{index}].key");
+        for (key, value) in [(&cert_key, &raw.cert), (&key_key, &raw.key)] {
+            if value.get_ref().is_empty() {
+                return Err(self.invalid(key.as_str(), value.span(), "must name a PEM file"));
+            }
+        }
+        Ok(CertificateConfig {
+            cert: self.resolve(raw.cert.get_ref()),
+            key: self.resolve(raw.key.get_ref()),
+            cert_origin: self.origin(cert_key, raw.cert.span()),
+            key_origin: self.origin(key_key, raw.key.span()),
+            self_signed: raw.self_signed,
+        })
+    }
+
+    /// Relative paths are taken from the config file's directory.
+    fn resolve(&self, file: &str) -> PathBuf {
+        let file = Path::new(file);
+        if file.is_absolute() {
+            return file.to_owned();
+        }
+        self.path.parent().map(|dir| dir.join(file)).unwrap_or_else(|| file.to_owned())
+    }
+
+    fn timeouts(&self, raw: &RawTimeouts) -> Result<Timeouts, ConfigError> {
+        let d = Timeouts::default();
+        let secs = |key: &str, v: &Option<Spanned<u64>>, default: Duration| match v {
+            None => Ok(default),
+            Some(s) if *s.get_ref() == 0 => {
+                Err(self.invalid(format!("timeouts.{key}"), s.span(), "must be at least 1 second"))
+            }
+            Some(s) => Ok(Duration::from_secs(*s.get_ref())),
+        };
+        Ok(Timeouts {
+            handshake: secs("handshake", &raw.handshake, d.handshake)?,
+            pre_auth_idle: secs("pre_auth_idle", &raw.pre_auth_idle, d.pre_auth_idle)?,
+            idle: secs("idle", &raw.idle, d.idle)?,
+            backend_connect: secs("backend_connect", &raw.backend_connect, d.backend_connect)?,
+            drain: secs("drain", &raw.drain, d.drain)?,
+        })
+    }
+
+    fn limits(&self, raw: &RawLimits) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let at_least = |key: &str, span: Range<usize>, ok: bool, min: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(self.invalid(format!("limits.{key}"), span, format!("must be at least {min}")))
+            }
+        };
+        if let Some(v) = &raw.max_line {
+            at_least("max_line", v.span(), *v.get_ref() >= 1024, "1024")?;
+        }
+        if let Some(v) = &raw.max_pre_tls_commands {
+            at_least("max_pre_tls_commands", v.span(), *v.get_ref() >= 1, "1")?;
+        }
+        if let Some(v) = &raw.max_errors {
+            at_least("max_errors", v.span(), *v.get_ref() >= 1, "1")?;
+        }
+        Ok(Limits {
+            max_pre_tls_commands: raw
+                .max_pre_tls_commands
+                .as_ref()
+                .map_or(d.max_pre_tls_commands, |v| *v.get_ref()),
+            max_errors: raw.max_errors.as_ref().map_or(d.max_errors, |v| *v.get_ref()),
+            max_line: raw.max_line.as_ref().map_or(d.max_line, |v| *v.get_ref()),
+            max_literal: raw.max_literal.as_ref().map_or(d.max_literal, |v| *v.get_ref()),
+        })
+    }
+
+    fn listeners(&self, raw: Spanned<Vec<Spanned<RawListener>>>) -> Result<Vec<ListenerConfig>, ConfigError> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        if raw.is_empty() {
+            return Err(self.invalid("listeners", span, "at least one [[listeners]] entry is needed"));
+        }
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, entry) in raw.into_iter().enumerate() {
+            let listener = self.listener(i, entry.into_inner(), &mut names, &mut addresses)?;
+            out.push(listener);
+        }
+        Ok(out)
+    }
+
+    fn listener(
+        &self,
+        i: usize,
+        raw: RawListener,
+        names: &mut HashSet<String>,
+        addresses: &mut HashSet<SocketAddr>,
+    ) -> Result<ListenerConfig, ConfigError> {
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        let name = raw.name.get_ref().clone();
+        let name_ok = !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !name_ok {
+            return Err(self.invalid(key("name"), raw.name.span(), "use letters, digits, '-', '_' and '.'"));
+        }
+        if !names.insert(name.clone()) {
+            return Err(self.invalid(
+                key("name"),
+                raw.name.span(),
+                format!("{name:?} is used by another listener"),
+            ));
+        }
+        let listen = self.listen_addresses(&key("listen"), raw.listen, addresses)?;
+        let backend = self.backend(&key("backend"), &raw.backend)?;
+        let require_tls = self.require_tls(&key("require_tls"), raw.protocol, raw.tls, &raw.require_tls)?;
+        Ok(ListenerConfig {
+            name,
+            protocol: raw.protocol,
+            tls: raw.tls,
+            require_tls,
+            listen,
+            backend,
+            proxy_protocol: raw.proxy_protocol,
+        })
+    }
+
+    fn listen_addresses(
+        &self,
+        key: &str,
+        raw: Spanned<Vec<Spanned<String>>>,
+        seen: &mut HashSet<SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        if raw.get_ref().is_empty() {
+            return Err(self.invalid(key, raw.span(), "needs at least one address, like \"0.0.0.0:993\""));
+        }
+        let mut out = Vec::new();
+        for (j, text) in raw.into_inner().into_iter().enumerate() {
+            let addr: SocketAddr = text.get_ref().parse().map_err(|_| {
+                self.invalid(
+                    format!("{key}[{j}]"),
+                    text.span(),
+                    format!(
+                        "{:?} is not an address:port (IPv6 goes in brackets: \"[::]:993\")",
+                        text.get_ref()
+                    ),
+                )
+            })?;
+            if !seen.insert(addr) {
+                return Err(self.invalid(
+                    format!("{key}[{j}]"),
+                    text.span(),
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            out.push(addr);
+        }
+        Ok(out)
+    }
+
+    /// A backend is `host:port`; the host may be a name, resolved at connect time.
+    fn backend(&self, key: &str, raw: &Spanned<String>) -> Result<String, ConfigError> {
+        let text = raw.get_ref();
+        let bad = || self.invalid(key, raw.span(), format!("{text:?} is not host:port"));
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+            return Err(self.invalid(key, raw.span(), "an IPv6 backend goes in brackets: \"[::1]:143\""));
+        }
+        Ok(text.clone())
+    }
+
+    fn require_tls(
+        &self,
+        key: &str,
+        protocol: Protocol,
+        mode: TlsMode,
+        raw: &Option<Spanned<bool>>,
+    ) -> Result<bool, ConfigError> {
+        let Some(v) = raw else { return Ok(true) };
+        if *v.get_ref() {
+            return Ok(true);
+        }
+        if mode == TlsMode::Implicit {
+            return Err(self.invalid(key, v.span(), "only a STARTTLS listener can allow plaintext"));
+        }
+        if protocol != Protocol::Smtp {
+            return Err(self.invalid(
+                key,
+                v.span(),
+                "only SMTP may run without TLS (an opportunistic MX on port 25); IMAP and POP3 always require it",
+            ));
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+hostname = "mail.example.org"
+
+[tls]
+min_version = "1.2"
+[[tls.certificates]]
+cert = "cert.pem"
+key  = "key.pem"
+
+[[listeners]]
+name = "imaps"
+protocol = "imap"
+tls = "implicit"
+listen = ["127.0.0.1:10993", "[::1]:10993"]
+backend = "127.0.0.1:143"
+proxy_protocol = "v2"
+
+[[listeners]]
+name = "mx"
+protocol = "smtp"
+tls = "starttls"
+require_tls = false
+listen = ["127.0.0.1:10025"]
+backend = "127.0.0.1:2525"
+"#;
+
+    fn parse_text(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("/etc/mailtls/mailtls.toml"), text)
+    }
+
+    fn error_of(text: &str) -> String {
+        match parse_text(text) {
+            Ok(_) => panic!("config should have been refused"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn example_parses_with_defaults() {
+        let c = parse_text(GOOD).expect("valid config");
+        assert_eq!(c.hostname, "mail.example.org");
+        assert_eq!(c.tls.certificates[0].cert, Path::new("/etc/mailtls/cert.pem"));
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.listeners.len(), 2);
+        assert!(c.listeners[0].require_tls);
+        assert!(!c.listeners[1].require_tls);
+        assert_eq!(c.listeners[1].proxy_protocol, ProxyProtocol::None);
+        assert_eq!(c.listeners[0].listen[1], "[::1]:10993".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocl = \"v2\"");
+        let e = error_of(&text);
+        assert!(e.contains(":16:"), "{e}");
+        assert!(e.contains("proxy_protocl"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_address_names_key_and_line() {
+        let text = GOOD.replace("\"127.0.0.1:10025\"", "\"127.0.0.1\"");
+        let e = error_of(&text);
+        assert!(e.contains(":23: listeners[1].listen[0]"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_listener_name_is_refused() {
+        let e = error_of(&GOOD.replace("name = \"mx\"", "name = \"imaps\""));
+        assert!(e.contains("listeners[1].name") && e.contains("used by another listener"), "{e}");
+    }
+
+    #[test]
+    fn plaintext_imap_is_refused() {
+        let text = GOOD.replace("protocol = \"smtp\"", "protocol = \"imap\"");
+        let e = error_of(&text);
+        assert!(e.contains(":22: listeners[1].require_tls"), "{e}");
+    }
+
+    #[test]
+    fn bad_backend_and_version_and_timeout_are_named() {
+        let e = error_of(&GOOD.replace("\"127.0.0.1:2525\"", "\"127.0.0.1\""));
+        assert!(e.contains("listeners[1].backend"), "{e}");
+        let e = error_of(&GOOD.replace("\"1.2\"", "\"1.1\""));
+        assert!(e.contains(":5:"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[timeouts]\nhandshake = 0\n"));
+        assert!(e.contains("timeouts.handshake"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_is_reported() {
+        let e = error_of(&GOOD.replace("backend = \"127.0.0.1:143\"\n", ""));
+        assert!(e.contains("backend"), "{e}");
+    }
+}

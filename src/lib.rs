@@ -1,0 +1,16 @@
+//! mailtls: a TLS front door for mail servers. Implicit TLS and server-side STARTTLS for
+//! SMTP, IMAP and POP3 in front of a cleartext backend, with PROXY protocol headers.
+//!
+//! Data flows one way: `server` (listeners) -> `session` -> `tls` / `protocol` ->
+//! `backend` -> `relay`. `config` and `metrics` are read by all.
+
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod config;
+pub mod metrics;
+pub mod protocol;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod tls;

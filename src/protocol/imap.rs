@@ -1,0 +1,1451 @@
+//! IMAP: the plaintext dialogue mailtls speaks itself on port 143 (LOGINDISABLED, STARTTLS)
+//! and the post-TLS negotiation that hides STARTTLS until LOGIN/AUTHENTICATE succeeds.
+
+use bytes::BytesMut;
+
+use super::line::{self, Line};
+use super::{Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, Settings, Step};
+
+/// What mailtls announces before TLS: no AUTH= at all, so no client tries to log in.
+const PRE_TLS_CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
+
+/// Capabilities that are false once the client's TLS is up, whatever the backend says.
+const HIDDEN_CAPABILITIES: [&[u8]; 2] = [b"STARTTLS", b"LOGINDISABLED"];
+
+/// RFC 3501 caps a literal size at a 32-bit number; anything larger is a lie or an attack.
+const LARGEST_LITERAL_NUMBER: u64 = u32::MAX as u64;
+
+/// The protocol's last words when mailtls ends a session itself.
+pub fn farewell(why: Farewell) -> Vec<u8> {
+    match why {
+        Farewell::BackendUnavailable => b"* BYE [UNAVAILABLE] Backend server unavailable\r\n".to_vec(),
+        Farewell::Timeout => b"* BYE Autologout; idle for too long\r\n".to_vec(),
+        Farewell::ShuttingDown => b"* BYE Server shutting down\r\n".to_vec(),
+    }
+}
+
+const BYE_LINE_TOO_LONG: &[u8] = b"* BYE Line too long\r\n";
+const BYE_LITERAL_TOO_LARGE: &[u8] = b"* BYE Literal too large\r\n";
+const BYE_TOO_MANY_ERRORS: &[u8] = b"* BYE Too many errors\r\n";
+const BYE_TOO_MANY_COMMANDS: &[u8] = b"* BYE Too many commands\r\n";
+const BAD_TAG: &[u8] = b"* BAD Invalid tag\r\n";
+
+// ---------------------------------------------------------------------------------------
+// Framing shared by both phases
+// ---------------------------------------------------------------------------------------
+
+/// A literal announced at the end of a line: `{n}` (synchronizing) or `{n+}` (LITERAL+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Literal {
+    size: u64,
+    sync: bool,
+}
+
+/// What the end of a line says about the bytes that follow it.
+#[derive(Debug, PartialEq, Eq)]
+enum Marker {
+    None,
+    Literal(Literal),
+    /// A literal whose size does not even parse as an IMAP number.
+    Unparseable,
+}
+
+/// Finds a literal marker at the end of a line. Quoted strings are tracked so that a
+/// `{5}` inside an (unterminated) quoted string is not mistaken for one.
+fn literal_marker(line: &[u8]) -> Marker {
+    let body = line::trim_eol(line);
+    let mut in_quote = false;
+    let mut escaped = false;
+    let mut last_open = None;
+    for (i, &b) in body.iter().enumerate() {
+        if in_quote {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_quote = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_quote = true;
+        } else if b == b'{' {
+            last_open = Some(i);
+        }
+    }
+    if in_quote || body.last() != Some(&b'}') {
+        return Marker::None;
+    }
+    let Some(open) = last_open else { return Marker::None };
+    let inner = body.get(open + 1..body.len() - 1).unwrap_or_default();
+    let (digits, sync) = match inner.strip_suffix(b"+") {
+        Some(digits) => (digits, false),
+        None => (inner, true),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return Marker::None;
+    }
+    match parse_literal_size(digits) {
+        Some(size) => Marker::Literal(Literal { size, sync }),
+        None => Marker::Unparseable,
+    }
+}
+
+/// Parses ASCII digits without overflow; `None` above the IMAP number range.
+fn parse_literal_size(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |acc, &d| {
+        let n = acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        (n <= LARGEST_LITERAL_NUMBER).then_some(n)
+    })
+}
+
+/// One piece of a client command, as the framer cut it.
+#[derive(Debug)]
+enum Unit {
+    /// A line segment; `first` when it starts a new command. `literal` is what it announces.
+    Line {
+        line: BytesMut,
+        first: bool,
+        literal: Option<Literal>,
+    },
+    /// Literal bytes as far as they have arrived (never more than announced).
+    LiteralBytes(BytesMut),
+    TooLong,
+    LiteralTooLarge,
+}
+
+/// Cuts a client byte stream into command line segments and literal data, so that literal
+/// bytes are never mistaken for a command. Holds counts only, never a literal's bytes.
+#[derive(Debug)]
+struct Framer {
+    max_line: usize,
+    max_literal: u64,
+    literal_left: u64,
+    in_command: bool,
+}
+
+impl Framer {
+    fn new(max_line: usize, max_literal: u64) -> Self {
+        Framer { max_line, max_literal, literal_left: 0, in_command: false }
+    }
+
+    fn next(&mut self, input: &mut BytesMut) -> Option<Unit> {
+        if self.literal_left > 0 {
+            return self.take_literal_bytes(input).map(Unit::LiteralBytes);
+        }
+        let line = match line::take_line(input, self.max_line) {
+            Line::Complete(line) => line,
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(Unit::TooLong),
+        };
+        let first = !self.in_command;
+        let literal = match literal_marker(&line) {
+            Marker::None => None,
+            Marker::Unparseable => return Some(Unit::LiteralTooLarge),
+            Marker::Literal(l) if l.size > self.max_literal => return Some(Unit::LiteralTooLarge),
+            Marker::Literal(l) => Some(l),
+        };
+        self.in_command = literal.is_some();
+        if let Some(Literal { size, sync: false }) = literal {
+            self.literal_left = size;
+        }
+        Some(Unit::Line { line, first, literal })
+    }
+
+    fn take_literal_bytes(&mut self, input: &mut BytesMut) -> Option<BytesMut> {
+        if input.is_empty() {
+            return None;
+        }
+        let wanted = usize::try_from(self.literal_left).unwrap_or(usize::MAX);
+        let chunk = input.split_to(wanted.min(input.len()));
+        self.literal_left -= chunk.len() as u64;
+        Some(chunk)
+    }
+
+    /// The peer agreed (`+`) to a synchronizing literal: its bytes come next.
+    fn accept_literal(&mut self, size: u64) {
+        self.literal_left = size;
+    }
+
+    /// The command ended before its synchronizing literal: the client sends no literal.
+    fn abandon_command(&mut self) {
+        self.literal_left = 0;
+        self.in_command = false;
+    }
+}
+
+/// RFC 3501 `tag = 1*<any ASTRING-CHAR except "+">`.
+fn is_valid_tag(tag: &[u8]) -> bool {
+    !tag.is_empty() && tag.iter().all(|&b| is_tag_char(b))
+}
+
+fn is_tag_char(b: u8) -> bool {
+    let atom_special = matches!(b, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\');
+    b > b' ' && b < 0x7f && !atom_special && b != b'+'
+}
+
+/// Tag, command name and arguments of a command's first line.
+fn parse_command(line: &[u8]) -> (&[u8], &[u8], Option<&[u8]>) {
+    let (tag, rest) = line::split_word(line);
+    let (name, args) = line::split_word(rest.unwrap_or_default());
+    (tag, name, args)
+}
+
+fn tagged(tag: &[u8], text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(tag.len() + text.len() + 3);
+    out.extend_from_slice(tag);
+    out.push(b' ');
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Before TLS
+// ---------------------------------------------------------------------------------------
+
+/// How mailtls answers one pre-TLS command once all of it has been read.
+#[derive(Debug)]
+enum Verdict {
+    Reply(Vec<u8>),
+    /// A NO or BAD: counts against `max_errors`.
+    Error(Vec<u8>),
+    Close(Vec<u8>),
+    StartTls(Vec<u8>),
+}
+
+/// The plaintext dialogue of an IMAP STARTTLS listener. Nothing here reaches a backend.
+pub struct ImapPreTls {
+    hostname: String,
+    max_commands: u32,
+    max_errors: u32,
+    /// Every line counts, continuation lines included, so an endless chain of literals
+    /// cannot keep a session alive without spending its budget.
+    lines: u32,
+    errors: u32,
+    framer: Framer,
+    /// The answer to the command whose literals are still being skipped.
+    pending: Option<Verdict>,
+}
+
+impl ImapPreTls {
+    pub fn new(settings: &Settings) -> Self {
+        // The hostname lands inside a protocol line: a control byte would end it early.
+        let hostname = settings.hostname.chars().filter(|c| !c.is_control()).collect();
+        ImapPreTls {
+            hostname,
+            max_commands: settings.max_pre_tls_commands,
+            max_errors: settings.max_errors,
+            lines: 0,
+            errors: 0,
+            framer: Framer::new(settings.max_pre_tls_line, settings.max_literal),
+            pending: None,
+        }
+    }
+
+    fn judge(line: &[u8]) -> Verdict {
+        let (tag, name, args) = parse_command(line);
+        if !is_valid_tag(tag) {
+            return Verdict::Error(BAD_TAG.to_vec());
+        }
+        let is = |verb: &str| name.eq_ignore_ascii_case(verb.as_bytes());
+        if is("CAPABILITY") {
+            let mut out = format!("* CAPABILITY {PRE_TLS_CAPABILITIES}\r\n").into_bytes();
+            out.extend(tagged(tag, "OK CAPABILITY completed"));
+            Verdict::Reply(out)
+        } else if is("NOOP") {
+            Verdict::Reply(tagged(tag, "OK NOOP completed"))
+        } else if is("LOGOUT") {
+            let mut out = b"* BYE Logging out\r\n".to_vec();
+            out.extend(tagged(tag, "OK LOGOUT completed"));
+            Verdict::Close(out)
+        } else if is("ID") {
+            let mut out = b"* ID NIL\r\n".to_vec();
+            out.extend(tagged(tag, "OK ID completed"));
+            Verdict::Reply(out)
+        } else if is("STARTTLS") {
+            match args {
+                None => Verdict::StartTls(tagged(tag, "OK Begin TLS negotiation now")),
+                Some(_) => Verdict::Error(tagged(tag, "BAD STARTTLS takes no arguments")),
+            }
+        } else if is("LOGIN") || is("AUTHENTICATE") {
+            Verdict::Error(tagged(
+                tag,
+                "NO [PRIVACYREQUIRED] Plaintext authentication is disabled, use STARTTLS first",
+            ))
+        } else {
+            Verdict::Error(tagged(tag, "BAD Command not permitted before STARTTLS"))
+        }
+    }
+
+    fn deliver(&mut self, verdict: Verdict) -> PreTlsStep {
+        match verdict {
+            Verdict::Reply(bytes) => PreTlsStep::Reply(bytes),
+            Verdict::Close(bytes) => PreTlsStep::Close(bytes),
+            Verdict::StartTls(bytes) => PreTlsStep::StartTls(bytes),
+            Verdict::Error(bytes) => {
+                self.errors = self.errors.saturating_add(1);
+                if self.errors > self.max_errors {
+                    PreTlsStep::Close(BYE_TOO_MANY_ERRORS.to_vec())
+                } else {
+                    PreTlsStep::Reply(bytes)
+                }
+            }
+        }
+    }
+}
+
+impl PreTls for ImapPreTls {
+    fn greeting(&self) -> Vec<u8> {
+        format!("* OK [CAPABILITY {PRE_TLS_CAPABILITIES}] {} ready\r\n", self.hostname).into_bytes()
+    }
+
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<PreTlsStep> {
+        loop {
+            let (line, first, literal) = match self.framer.next(input)? {
+                // Literal data before TLS goes nowhere; only its length matters.
+                Unit::LiteralBytes(_) => continue,
+                Unit::TooLong => return Some(PreTlsStep::Close(BYE_LINE_TOO_LONG.to_vec())),
+                Unit::LiteralTooLarge => return Some(PreTlsStep::Close(BYE_LITERAL_TOO_LARGE.to_vec())),
+                Unit::Line { line, first, literal } => (line, first, literal),
+            };
+            self.lines = self.lines.saturating_add(1);
+            if self.lines > self.max_commands {
+                return Some(PreTlsStep::Close(BYE_TOO_MANY_COMMANDS.to_vec()));
+            }
+            if first {
+                self.pending = Some(Self::judge(&line));
+            }
+            match literal {
+                Some(Literal { sync: false, .. }) => continue,
+                // Never a `+` before TLS: answering now means the client sends no literal.
+                Some(Literal { sync: true, .. }) => self.framer.abandon_command(),
+                None => {}
+            }
+            if let Some(verdict) = self.pending.take() {
+                // A StartTls verdict returns here, before the buffer is looked at again.
+                return Some(self.deliver(verdict));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// After TLS
+// ---------------------------------------------------------------------------------------
+
+/// Whose move it is on the client side.
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    /// Reading a command (its first line, or the rest of one being forwarded).
+    Command,
+    /// Reading the rest of a command that is answered locally, never forwarded.
+    Refusing(Vec<u8>),
+    /// The command was forwarded whole; its tagged response is awaited.
+    Waiting,
+    /// A synchronizing literal was announced; the backend's `+` or tagged reply is awaited.
+    Continuation(u64),
+    /// The backend sent `+` to an outstanding command: the next client line is its data.
+    Sasl,
+}
+
+/// The command forwarded to the backend whose tagged response has not come yet.
+#[derive(Debug)]
+struct Outstanding {
+    tag: Vec<u8>,
+    authenticates: bool,
+}
+
+/// What the backend response being read is.
+#[derive(Debug)]
+enum Response {
+    Untagged,
+    Continuation,
+    Tagged { tag: Vec<u8>, ok: bool },
+}
+
+/// The lock-step relay between an IMAP client inside TLS and the cleartext backend.
+pub struct ImapNegotiation {
+    entry: Entry,
+    max_line: usize,
+    max_literal: u64,
+    max_errors: u32,
+    errors: u32,
+    client: Framer,
+    turn: Turn,
+    outstanding: Option<Outstanding>,
+    /// Server literal bytes still to forward, and the response they belong to.
+    backend_literal_left: u64,
+    response: Option<Response>,
+}
+
+impl ImapNegotiation {
+    pub fn new(settings: &Settings, entry: Entry) -> Self {
+        ImapNegotiation {
+            entry,
+            max_line: settings.max_line,
+            max_literal: settings.max_literal,
+            max_errors: settings.max_errors,
+            errors: 0,
+            client: Framer::new(settings.max_line, settings.max_literal),
+            turn: Turn::Command,
+            outstanding: None,
+            backend_literal_left: 0,
+            response: None,
+        }
+    }
+
+    /// Decides on a command's first line whether it is forwarded or answered locally.
+    fn begin_command(&mut self, line: &[u8]) {
+        let (tag, name, _) = parse_command(line);
+        if !is_valid_tag(tag) {
+            self.turn = Turn::Refusing(BAD_TAG.to_vec());
+        } else if name.eq_ignore_ascii_case(b"STARTTLS") {
+            self.turn = Turn::Refusing(tagged(tag, "BAD TLS is already active"));
+        } else {
+            let authenticates =
+                name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"AUTHENTICATE");
+            self.outstanding = Some(Outstanding { tag: tag.to_vec(), authenticates });
+        }
+    }
+
+    fn local_error(&mut self, reply: Vec<u8>) -> Step {
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.max_errors {
+            Step::to_client(BYE_TOO_MANY_ERRORS).then(Next::Close)
+        } else {
+            Step::to_client(reply)
+        }
+    }
+
+    /// After a forwarded line segment: what the client may send next.
+    fn after_forwarded_segment(&mut self, literal: Option<Literal>) {
+        match literal {
+            None if self.outstanding.is_some() => self.turn = Turn::Waiting,
+            // Answered early by the backend: nothing left to wait for.
+            None => self.turn = Turn::Command,
+            Some(Literal { size, sync: true }) => self.turn = Turn::Continuation(size),
+            Some(Literal { sync: false, .. }) => {}
+        }
+    }
+
+    fn forward_sasl_line(&mut self, input: &mut BytesMut) -> Option<Step> {
+        match line::take_line(input, self.max_line) {
+            Line::Incomplete => None,
+            Line::TooLong => Some(Step::to_client(BYE_LINE_TOO_LONG).then(Next::Close)),
+            Line::Complete(data) => {
+                self.turn = Turn::Waiting;
+                Some(Step::to_backend(data.to_vec()))
+            }
+        }
+    }
+
+    fn forward_backend_literal(&mut self, input: &mut BytesMut) -> Option<Step> {
+        if input.is_empty() {
+            return None;
+        }
+        let wanted = usize::try_from(self.backend_literal_left).unwrap_or(usize::MAX);
+        let chunk = input.split_to(wanted.min(input.len()));
+        self.backend_literal_left -= chunk.len() as u64;
+        Some(Step::to_client(chunk.to_vec()))
+    }
+
+    /// The backend said `+`: it wants the literal, or the next SASL line.
+    fn on_continuation(&mut self) {
+        match self.turn {
+            Turn::Continuation(size) => {
+                self.client.accept_literal(size);
+                self.turn = Turn::Command;
+            }
+            Turn::Waiting if self.outstanding.is_some() => self.turn = Turn::Sasl,
+            _ => {}
+        }
+    }
+
+    /// A tagged response ended; returns what the session does next.
+    fn on_tagged(&mut self, tag: &[u8], ok: bool) -> Next {
+        let matches = match &self.outstanding {
+            Some(outstanding) => outstanding.tag == tag,
+            // A command answered early that then announced a synchronizing literal.
+            None => matches!(self.turn, Turn::Continuation(_)),
+        };
+        if !matches {
+            return Next::Negotiate;
+        }
+        let authenticates = self.outstanding.take().is_some_and(|o| o.authenticates);
+        match self.turn {
+            Turn::Continuation(_) => {
+                self.client.abandon_command();
+                self.turn = Turn::Command;
+            }
+            Turn::Waiting | Turn::Sasl => self.turn = Turn::Command,
+            // Mid-command (LITERAL+ data still coming): keep framing the client's bytes.
+            Turn::Command | Turn::Refusing(_) => {}
+        }
+        if ok && authenticates {
+            Next::Relay
+        } else {
+            Next::Negotiate
+        }
+    }
+}
+
+fn backend_unavailable() -> Step {
+    Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close)
+}
+
+fn classify_response(line: &[u8]) -> Response {
+    let (tag, rest) = line::split_word(line);
+    if tag.first() == Some(&b'+') {
+        Response::Continuation
+    } else if tag == b"*" {
+        Response::Untagged
+    } else {
+        let (status, _) = line::split_word(rest.unwrap_or_default());
+        Response::Tagged { tag: tag.to_vec(), ok: status.eq_ignore_ascii_case(b"OK") }
+    }
+}
+
+impl Negotiation for ImapNegotiation {
+    fn on_greeting(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let greeting = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(backend_unavailable()),
+            Line::Complete(greeting) => greeting,
+        };
+        let (star, rest) = line::split_word(&greeting);
+        let (status, _) = line::split_word(rest.unwrap_or_default());
+        let next = if star != b"*" {
+            return Some(backend_unavailable());
+        } else if status.eq_ignore_ascii_case(b"OK") {
+            Next::Negotiate
+        } else if status.eq_ignore_ascii_case(b"PREAUTH") {
+            Next::Relay
+        } else {
+            return Some(backend_unavailable());
+        };
+        let to_client = match self.entry {
+            Entry::Implicit => filter_capabilities(&greeting),
+            // The client already had mailtls's own greeting.
+            Entry::AfterStartTls | Entry::Plaintext { .. } => Vec::new(),
+        };
+        Some(Step::to_client(to_client).then(next))
+    }
+
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
+        loop {
+            match self.turn {
+                Turn::Waiting | Turn::Continuation(_) => return None,
+                Turn::Sasl => return self.forward_sasl_line(input),
+                Turn::Command | Turn::Refusing(_) => {}
+            }
+            let (line, first, literal) = match self.client.next(input)? {
+                Unit::TooLong => return Some(Step::to_client(BYE_LINE_TOO_LONG).then(Next::Close)),
+                Unit::LiteralTooLarge => {
+                    return Some(Step::to_client(BYE_LITERAL_TOO_LARGE).then(Next::Close))
+                }
+                Unit::LiteralBytes(bytes) => match self.turn {
+                    Turn::Refusing(_) => continue,
+                    _ => return Some(Step::to_backend(bytes.to_vec())),
+                },
+                Unit::Line { line, first, literal } => (line, first, literal),
+            };
+            if first {
+                self.begin_command(&line);
+            }
+            if let Turn::Refusing(_) = self.turn {
+                match literal {
+                    Some(Literal { sync: false, .. }) => continue,
+                    Some(Literal { sync: true, .. }) => self.client.abandon_command(),
+                    None => {}
+                }
+                let Turn::Refusing(reply) = std::mem::replace(&mut self.turn, Turn::Command) else {
+                    continue;
+                };
+                return Some(self.local_error(reply));
+            }
+            self.after_forwarded_segment(literal);
+            return Some(Step::to_backend(line.to_vec()));
+        }
+    }
+
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step> {
+        if self.backend_literal_left > 0 {
+            return self.forward_backend_literal(input);
+        }
+        let segment = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(backend_unavailable()),
+            Line::Complete(segment) => segment,
+        };
+        let first = self.response.is_none();
+        let response = match self.response.take() {
+            Some(response) => response,
+            None => classify_response(&segment),
+        };
+        let to_client = if first { filter_capabilities(&segment) } else { segment.to_vec() };
+        let marker = match response {
+            // A continuation carries text or base64, never a literal.
+            Response::Continuation => Marker::None,
+            _ => literal_marker(&segment),
+        };
+        match marker {
+            Marker::Unparseable => return Some(backend_unavailable()),
+            Marker::Literal(l) if l.size > self.max_literal => return Some(backend_unavailable()),
+            Marker::Literal(l) => {
+                self.backend_literal_left = l.size;
+                self.response = Some(response);
+                return Some(Step::to_client(to_client));
+            }
+            Marker::None => {}
+        }
+        let next = match response {
+            Response::Untagged => Next::Negotiate,
+            Response::Continuation => {
+                self.on_continuation();
+                Next::Negotiate
+            }
+            Response::Tagged { tag, ok } => self.on_tagged(&tag, ok),
+        };
+        Some(Step::to_client(to_client).then(next))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Capability filtering
+// ---------------------------------------------------------------------------------------
+
+/// Removes STARTTLS and LOGINDISABLED from an untagged CAPABILITY response or from a
+/// `[CAPABILITY ...]` response code; every other byte of the line is kept as it was.
+fn filter_capabilities(line: &[u8]) -> Vec<u8> {
+    let body = line::trim_eol(line);
+    match capability_list_range(body) {
+        Some((start, end)) => {
+            let mut out = Vec::with_capacity(line.len());
+            out.extend_from_slice(body.get(..start).unwrap_or_default());
+            out.extend(without_hidden_capabilities(body.get(start..end).unwrap_or_default()));
+            out.extend_from_slice(line.get(end..).unwrap_or_default());
+            out
+        }
+        None => line.to_vec(),
+    }
+}
+
+/// Where the capability tokens of a response line are: from the space before the first
+/// token to the end of the last one.
+fn capability_list_range(body: &[u8]) -> Option<(usize, usize)> {
+    let first_space = body.iter().position(|&b| b == b' ')?;
+    let tag = body.get(..first_space)?;
+    let after_tag = first_space + 1;
+    let rest = body.get(after_tag..)?;
+    let (word, text) = match rest.iter().position(|&b| b == b' ') {
+        Some(sp) => (rest.get(..sp)?, Some(after_tag + sp)),
+        None => (rest, None),
+    };
+    if tag == b"*" && word.eq_ignore_ascii_case(b"CAPABILITY") {
+        return text.map(|start| (start, body.len()));
+    }
+    let is_status = [&b"OK"[..], b"NO", b"BAD", b"PREAUTH", b"BYE"]
+        .iter()
+        .any(|status| word.eq_ignore_ascii_case(status));
+    if !is_status {
+        return None;
+    }
+    let text_start = text? + 1;
+    let code = body.get(text_start..)?.strip_prefix(b"[")?;
+    let close = code.iter().position(|&b| b == b']')?;
+    let name = code.get(..10)?;
+    if !name.eq_ignore_ascii_case(b"CAPABILITY") || !matches!(code.get(10), Some(b' ' | b']')) {
+        return None;
+    }
+    Some((text_start + 1 + 10, text_start + 1 + close))
+}
+
+fn without_hidden_capabilities(list: &[u8]) -> Vec<u8> {
+    let kept: Vec<&[u8]> = list
+        .split(|&b| b == b' ')
+        .filter(|token| !HIDDEN_CAPABILITIES.iter().any(|h| token.eq_ignore_ascii_case(h)))
+        .collect();
+    kept.join(&b' ')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings { hostname: "mail.example.org".to_owned(), ..Settings::default() }
+    }
+
+    fn buf(bytes: &[u8]) -> BytesMut {
+        BytesMut::from(bytes)
+    }
+
+    fn pre_tls() -> ImapPreTls {
+        ImapPreTls::new(&settings())
+    }
+
+    fn reply(bytes: &str) -> Option<PreTlsStep> {
+        Some(PreTlsStep::Reply(bytes.as_bytes().to_vec()))
+    }
+
+    fn privacy(tag: &str) -> Option<PreTlsStep> {
+        reply(&format!(
+            "{tag} NO [PRIVACYREQUIRED] Plaintext authentication is disabled, use STARTTLS first\r\n"
+        ))
+    }
+
+    fn starttls_ok(tag: &str) -> Option<PreTlsStep> {
+        Some(PreTlsStep::StartTls(format!("{tag} OK Begin TLS negotiation now\r\n").into_bytes()))
+    }
+
+    // ---- framing ----
+
+    #[test]
+    fn literal_markers_are_parsed_without_overflow() {
+        assert_eq!(literal_marker(b"a LOGIN {5}\r\n"), Marker::Literal(Literal { size: 5, sync: true }));
+        assert_eq!(literal_marker(b"a LOGIN {5+}\n"), Marker::Literal(Literal { size: 5, sync: false }));
+        assert_eq!(literal_marker(b"a LOGIN ~{0}\r\n"), Marker::Literal(Literal { size: 0, sync: true }));
+        assert_eq!(literal_marker(b"a LOGIN {4294967296}\r\n"), Marker::Unparseable);
+        assert_eq!(literal_marker(b"a LOGIN {99999999999999999999}\r\n"), Marker::Unparseable);
+        assert_eq!(literal_marker(b"a LOGIN {}\r\n"), Marker::None);
+        assert_eq!(literal_marker(b"a LOGIN {+}\r\n"), Marker::None);
+        assert_eq!(literal_marker(b"a LOGIN {5x}\r\n"), Marker::None);
+        assert_eq!(literal_marker(b"a LOGIN \"x {5}\r\n"), Marker::None);
+        assert_eq!(
+            literal_marker(b"a LOGIN \"x\\\"\" {5}\r\n"),
+            Marker::Literal(Literal { size: 5, sync: true })
+        );
+        assert_eq!(literal_marker(b"}"), Marker::None);
+    }
+
+    #[test]
+    fn tags_follow_rfc_3501() {
+        for good in [&b"a"[..], b"A001", b"a.b]1", b"x-y_z"] {
+            assert!(is_valid_tag(good), "{good:?}");
+        }
+        for bad in [&b""[..], b"+", b"*", b"a+", b"a{", b"a(", b"a\"", b"a%", b"a\x01", b"\xc3\xa9"] {
+            assert!(!is_valid_tag(bad), "{bad:?}");
+        }
+    }
+
+    // ---- before TLS ----
+
+    #[test]
+    fn greeting_offers_starttls_and_logindisabled_without_preauth_or_alert() {
+        let greeting = pre_tls().greeting();
+        assert_eq!(
+            greeting,
+            b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] mail.example.org ready\r\n"
+        );
+    }
+
+    #[test]
+    fn greeting_hostname_cannot_break_the_line() {
+        let s = Settings { hostname: "evil\r\n* PREAUTH".to_owned(), ..Settings::default() };
+        let greeting = ImapPreTls::new(&s).greeting();
+        assert_eq!(greeting.iter().filter(|&&b| b == b'\n').count(), 1);
+    }
+
+    #[test]
+    fn capability_lists_starttls_and_logindisabled_and_no_auth() {
+        let mut p = pre_tls();
+        let mut input = buf(b"a CAPABILITY\r\n");
+        assert_eq!(
+            p.on_client(&mut input),
+            reply("* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\na OK CAPABILITY completed\r\n")
+        );
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn noop_is_answered() {
+        assert_eq!(pre_tls().on_client(&mut buf(b"x1 noop\r\n")), reply("x1 OK NOOP completed\r\n"));
+    }
+
+    #[test]
+    fn logout_says_bye_and_closes() {
+        assert_eq!(
+            pre_tls().on_client(&mut buf(b"z LOGOUT\r\n")),
+            Some(PreTlsStep::Close(b"* BYE Logging out\r\nz OK LOGOUT completed\r\n".to_vec()))
+        );
+    }
+
+    #[test]
+    fn id_is_answered_with_nil_even_with_literals() {
+        let mut p = pre_tls();
+        assert_eq!(
+            p.on_client(&mut buf(b"a ID (\"name\" \"x\")\r\n")),
+            reply("* ID NIL\r\na OK ID completed\r\n")
+        );
+        let mut input = buf(b"b ID (\"name\" {4+}\r\nb OK \"v\" \"1\")\r\nc NOOP\r\n");
+        assert_eq!(p.on_client(&mut input), reply("* ID NIL\r\nb OK ID completed\r\n"));
+        assert_eq!(p.on_client(&mut input), reply("c OK NOOP completed\r\n"));
+    }
+
+    #[test]
+    fn starttls_leaves_the_bytes_behind_it_untouched() {
+        // Matrix rows 3, 4 and 7: the injected commands stay for rustls to reject.
+        for (tail, tag) in [
+            (&b"QZXKP NOOP\r\n"[..], "A"),
+            (b"AB12CD34 NOOP\r\n\r\n", "A"),
+            (b"b LOGIN evil pw\r\nc APPEND INBOX {500}\r\n", "a"),
+        ] {
+            let mut p = pre_tls();
+            let mut input = buf(format!("{tag} STARTTLS\r\n").as_bytes());
+            input.extend_from_slice(tail);
+            assert_eq!(p.on_client(&mut input), starttls_ok(tag));
+            assert_eq!(&input[..], tail);
+        }
+    }
+
+    #[test]
+    fn starttls_with_a_client_hello_behind_it_hands_the_hello_over() {
+        // Matrix row 10: RFC 9051 6.2.1 allows the ClientHello in the same write.
+        let hello = [0x16, 0x03, 0x01, 0x00, 0x05, b'\r', b'\n', 0x00, 0xff];
+        let mut input = buf(b"a STARTTLS\r\n");
+        input.extend_from_slice(&hello);
+        assert_eq!(pre_tls().on_client(&mut input), starttls_ok("a"));
+        assert_eq!(&input[..], &hello);
+    }
+
+    #[test]
+    fn starttls_in_a_second_segment_is_the_only_line_taken() {
+        // Matrix row 8: the race where the injection arrives after the STARTTLS line.
+        let mut p = pre_tls();
+        let mut input = buf(b"a STARTT");
+        assert_eq!(p.on_client(&mut input), None);
+        input.extend_from_slice(b"LS\r\n");
+        assert_eq!(p.on_client(&mut input), starttls_ok("a"));
+        input.extend_from_slice(b"b CAPABILITY\r\n");
+        assert_eq!(&input[..], b"b CAPABILITY\r\n");
+    }
+
+    #[test]
+    fn starttls_case_and_line_end_variants_are_recognised() {
+        // Matrix row 9.
+        for (line, tag) in [
+            (&b"a starttls\n"[..], "a"),
+            (b"A StartTLS\r\n", "A"),
+            (b"x.y]1 STARTTLS\r\n", "x.y]1"),
+            (b"0 STARTTLS\r\n", "0"),
+        ] {
+            let mut input = buf(line);
+            input.extend_from_slice(b"b NOOP\n");
+            assert_eq!(pre_tls().on_client(&mut input), starttls_ok(tag));
+            assert_eq!(&input[..], b"b NOOP\n");
+        }
+    }
+
+    #[test]
+    fn pipelined_capability_then_starttls_are_both_answered() {
+        // Matrix row 12.
+        let mut p = pre_tls();
+        let mut input = buf(b"a CAPABILITY\r\nb STARTTLS\r\n");
+        assert!(matches!(p.on_client(&mut input), Some(PreTlsStep::Reply(_))));
+        assert_eq!(p.on_client(&mut input), starttls_ok("b"));
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn starttls_with_arguments_is_bad() {
+        // Matrix row 24.
+        let mut p = pre_tls();
+        assert_eq!(
+            p.on_client(&mut buf(b"a STARTTLS x\r\n")),
+            reply("a BAD STARTTLS takes no arguments\r\n")
+        );
+        assert_eq!(p.on_client(&mut buf(b"b STARTTLS \r\n")), reply("b BAD STARTTLS takes no arguments\r\n"));
+    }
+
+    #[test]
+    fn login_before_tls_is_refused_with_privacyrequired() {
+        // Matrix row 18.
+        assert_eq!(pre_tls().on_client(&mut buf(b"a LOGIN alice secret\r\n")), privacy("a"));
+    }
+
+    #[test]
+    fn authenticate_before_tls_never_gets_a_continuation() {
+        // Matrix row 19, with and without SASL-IR.
+        let mut p = pre_tls();
+        assert_eq!(p.on_client(&mut buf(b"a AUTHENTICATE PLAIN\r\n")), privacy("a"));
+        assert_eq!(p.on_client(&mut buf(b"b authenticate PLAIN AGFsaWNlAHNlY3JldA==\r\n")), privacy("b"));
+    }
+
+    #[test]
+    fn login_with_literal_plus_is_skipped_and_refused_once() {
+        // Matrix row 20.
+        let mut p = pre_tls();
+        let mut input = buf(b"a LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n");
+        assert_eq!(p.on_client(&mut input), privacy("a"));
+        assert!(input.is_empty());
+        assert_eq!(p.on_client(&mut input), None);
+    }
+
+    #[test]
+    fn literal_bytes_are_never_parsed_as_commands_before_tls() {
+        let mut p = pre_tls();
+        let mut input = buf(b"a LOGIN {12+}\r\nb STARTTLS\r\n\r\nc NOOP\r\n");
+        assert_eq!(p.on_client(&mut input), privacy("a"));
+        assert_eq!(p.on_client(&mut input), reply("c OK NOOP completed\r\n"));
+    }
+
+    #[test]
+    fn literal_arriving_in_pieces_is_skipped_across_calls() {
+        let mut p = pre_tls();
+        let mut input = buf(b"a ID {10+}\r\nb STAR");
+        assert_eq!(p.on_client(&mut input), None);
+        assert!(input.is_empty(), "literal bytes are discarded as they arrive");
+        input.extend_from_slice(b"TTLS\r\n");
+        assert_eq!(p.on_client(&mut input), reply("* ID NIL\r\na OK ID completed\r\n"));
+    }
+
+    #[test]
+    fn synchronizing_literal_is_answered_at_once_without_continuation() {
+        let mut p = pre_tls();
+        let mut input = buf(b"a LOGIN {5}\r\n");
+        assert_eq!(p.on_client(&mut input), privacy("a"));
+        assert_eq!(
+            p.on_client(&mut buf(b"b SELECT {5}\r\n")),
+            reply("b BAD Command not permitted before STARTTLS\r\n")
+        );
+        // Mid-command: the pending verdict is given as soon as a sync literal shows up.
+        let mut input = buf(b"c LOGIN {5+}\r\nalice {6}\r\nd NOOP\r\n");
+        assert_eq!(p.on_client(&mut input), privacy("c"));
+        assert_eq!(p.on_client(&mut input), reply("d OK NOOP completed\r\n"));
+    }
+
+    #[test]
+    fn other_commands_before_tls_are_bad() {
+        // Matrix row 23.
+        let mut p = pre_tls();
+        for line in [&b"a SELECT INBOX\r\n"[..], b"a XYZZY\r\n", b"a\r\n"] {
+            assert_eq!(p.on_client(&mut buf(line)), reply("a BAD Command not permitted before STARTTLS\r\n"));
+        }
+    }
+
+    #[test]
+    fn bad_tags_are_rejected() {
+        let mut p = pre_tls();
+        for line in [&b"+ NOOP\r\n"[..], b"* NOOP\r\n", b"\r\n", b"a{ NOOP\r\n", b" NOOP\r\n"] {
+            assert_eq!(p.on_client(&mut buf(line)), reply("* BAD Invalid tag\r\n"), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn bad_tag_line_still_skips_its_literal() {
+        let mut p = pre_tls();
+        let mut input = buf(b"+ X {12+}\r\na STARTTLS\r\n\r\n");
+        assert_eq!(p.on_client(&mut input), reply("* BAD Invalid tag\r\n"));
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn huge_or_unparseable_literal_closes() {
+        // Matrix row 36.
+        for line in [
+            &b"a LOGIN {4294967296}\r\n"[..],
+            b"a LOGIN {99999999999999999999}\r\n",
+            b"a LOGIN {99999999999999999999+}\r\n",
+            b"a ID {65537+}\r\n",
+            b"a LOGIN {65537}\r\n",
+        ] {
+            assert_eq!(
+                pre_tls().on_client(&mut buf(line)),
+                Some(PreTlsStep::Close(b"* BYE Literal too large\r\n".to_vec())),
+                "{line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn overlong_line_closes_and_is_never_split() {
+        // Matrix row 35.
+        for l in [512, 1000, 2048, 4096, 8192] {
+            let mut input = buf(b"NOOP ");
+            input.extend(std::iter::repeat_n(b'A', l - 5));
+            input.extend_from_slice(b"STARTTLS\r\n");
+            assert_eq!(
+                pre_tls().on_client(&mut input),
+                Some(PreTlsStep::Close(b"* BYE Line too long\r\n".to_vec()))
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_errors_close() {
+        let mut p = pre_tls();
+        for _ in 0..10 {
+            assert!(matches!(p.on_client(&mut buf(b"a SELECT x\r\n")), Some(PreTlsStep::Reply(_))));
+        }
+        assert_eq!(
+            p.on_client(&mut buf(b"a SELECT x\r\n")),
+            Some(PreTlsStep::Close(b"* BYE Too many errors\r\n".to_vec()))
+        );
+    }
+
+    #[test]
+    fn too_many_commands_close() {
+        let mut p = pre_tls();
+        for _ in 0..100 {
+            assert_eq!(p.on_client(&mut buf(b"a NOOP\r\n")), reply("a OK NOOP completed\r\n"));
+        }
+        assert_eq!(
+            p.on_client(&mut buf(b"a NOOP\r\n")),
+            Some(PreTlsStep::Close(b"* BYE Too many commands\r\n".to_vec()))
+        );
+    }
+
+    #[test]
+    fn endless_literal_chain_spends_the_command_budget() {
+        let mut p = pre_tls();
+        let mut input = buf(b"a ID {0+}\r\n");
+        for _ in 0..200 {
+            input.extend_from_slice(b" {0+}\r\n");
+        }
+        assert_eq!(p.on_client(&mut input), Some(PreTlsStep::Close(b"* BYE Too many commands\r\n".to_vec())));
+    }
+
+    // ---- after TLS ----
+
+    fn negotiation(entry: Entry) -> ImapNegotiation {
+        ImapNegotiation::new(&settings(), entry)
+    }
+
+    fn greeted(entry: Entry) -> ImapNegotiation {
+        let mut n = negotiation(entry);
+        let step = n.on_greeting(&mut buf(b"* OK Dovecot ready.\r\n"));
+        assert!(matches!(step, Some(Step { next: Next::Negotiate, .. })));
+        n
+    }
+
+    fn to_backend(bytes: &[u8]) -> Option<Step> {
+        Some(Step::to_backend(bytes))
+    }
+
+    fn to_client(bytes: &[u8]) -> Option<Step> {
+        Some(Step::to_client(bytes))
+    }
+
+    const DOVECOT_GREETING: &[u8] =
+        b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ STARTTLS AUTH=PLAIN LOGINDISABLED] Dovecot ready.\r\n";
+
+    #[test]
+    fn implicit_greeting_is_relayed_without_starttls() {
+        // Matrix row 29.
+        let mut n = negotiation(Entry::Implicit);
+        assert_eq!(
+            n.on_greeting(&mut buf(DOVECOT_GREETING)),
+            to_client(b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ AUTH=PLAIN] Dovecot ready.\r\n")
+        );
+    }
+
+    #[test]
+    fn greeting_after_starttls_is_swallowed() {
+        // Matrix row 27: no greeting replay.
+        let mut n = negotiation(Entry::AfterStartTls);
+        let mut input = buf(DOVECOT_GREETING);
+        assert_eq!(n.on_greeting(&mut input), to_client(b""));
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn incomplete_greeting_waits() {
+        assert_eq!(negotiation(Entry::Implicit).on_greeting(&mut buf(b"* OK hel")), None);
+    }
+
+    #[test]
+    fn preauth_greeting_goes_straight_to_relay() {
+        let mut n = negotiation(Entry::Implicit);
+        assert_eq!(
+            n.on_greeting(&mut buf(b"* PREAUTH [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")),
+            Some(Step::to_client(b"* PREAUTH [CAPABILITY IMAP4rev1] hi\r\n").then(Next::Relay))
+        );
+        let mut n = negotiation(Entry::AfterStartTls);
+        assert_eq!(
+            n.on_greeting(&mut buf(b"* PREAUTH hi\r\n")),
+            Some(Step::to_client(b"").then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn negative_or_malformed_greeting_closes_with_unavailable() {
+        let bye =
+            Some(Step::to_client(b"* BYE [UNAVAILABLE] Backend server unavailable\r\n").then(Next::Close));
+        for greeting in [&b"* BYE go away\r\n"[..], b"+OK pop3\r\n", b"220 smtp\r\n", b"\r\n", b"*\r\n"] {
+            assert_eq!(negotiation(Entry::Implicit).on_greeting(&mut buf(greeting)), bye);
+        }
+        let mut long = buf(b"* OK ");
+        long.extend(std::iter::repeat_n(b'x', 20_000));
+        assert_eq!(negotiation(Entry::Implicit).on_greeting(&mut long), bye);
+    }
+
+    #[test]
+    fn capability_reply_hides_starttls_and_logindisabled() {
+        // Matrix rows 27 and 47.
+        let mut n = greeted(Entry::AfterStartTls);
+        assert_eq!(n.on_client(&mut buf(b"a CAPABILITY\r\n")), to_backend(b"a CAPABILITY\r\n"));
+        assert_eq!(
+            n.on_backend(&mut buf(b"* CAPABILITY IMAP4rev1 starttls ID  AUTH=PLAIN LoginDisabled\r\n")),
+            to_client(b"* CAPABILITY IMAP4rev1 ID  AUTH=PLAIN\r\n")
+        );
+        assert_eq!(n.on_backend(&mut buf(b"* CAPABILITY STARTTLS\n")), to_client(b"* CAPABILITY\n"));
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK [CAPABILITY IMAP4rev1 STARTTLS] done\r\n")),
+            to_client(b"a OK [CAPABILITY IMAP4rev1] done\r\n")
+        );
+    }
+
+    #[test]
+    fn capability_filter_keeps_unrelated_lines() {
+        for line in [
+            &b"* OK [CAPABILITYX STARTTLS] x\r\n"[..],
+            b"* LIST () \"/\" STARTTLS\r\n",
+            b"a NO STARTTLS is not a code\r\n",
+            b"* OK [ALERT] STARTTLS\r\n",
+            b"* 3 EXISTS\r\n",
+        ] {
+            assert_eq!(filter_capabilities(line), line.to_vec());
+        }
+        assert_eq!(filter_capabilities(b"* ok [capability STARTTLS]\r\n"), b"* ok [capability]\r\n".to_vec());
+    }
+
+    #[test]
+    fn repeated_starttls_is_refused_locally() {
+        // Matrix row 31.
+        let mut n = greeted(Entry::Implicit);
+        assert_eq!(n.on_client(&mut buf(b"a STARTTLS\r\n")), to_client(b"a BAD TLS is already active\r\n"));
+        assert_eq!(
+            n.on_client(&mut buf(b"b starttls extra\n")),
+            to_client(b"b BAD TLS is already active\r\n")
+        );
+        // A STARTTLS with a literal is still never forwarded, literal included.
+        let mut input = buf(b"c STARTTLS {5+}\r\nhello\r\nd NOOP\r\n");
+        assert_eq!(n.on_client(&mut input), to_client(b"c BAD TLS is already active\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"d NOOP\r\n"));
+    }
+
+    #[test]
+    fn bad_tag_after_tls_is_answered_locally() {
+        let mut n = greeted(Entry::Implicit);
+        assert_eq!(n.on_client(&mut buf(b"+ NOOP\r\n")), to_client(b"* BAD Invalid tag\r\n"));
+    }
+
+    #[test]
+    fn too_many_local_refusals_close() {
+        let mut n = greeted(Entry::Implicit);
+        for _ in 0..10 {
+            assert!(n.on_client(&mut buf(b"a STARTTLS\r\n")).is_some());
+        }
+        assert_eq!(
+            n.on_client(&mut buf(b"a STARTTLS\r\n")),
+            Some(Step::to_client(b"* BYE Too many errors\r\n").then(Next::Close))
+        );
+    }
+
+    #[test]
+    fn next_command_waits_for_the_tagged_response() {
+        let mut n = greeted(Entry::AfterStartTls);
+        let mut input = buf(b"a NOOP\r\nb STARTTLS\r\n");
+        assert_eq!(n.on_client(&mut input), to_backend(b"a NOOP\r\n"));
+        assert_eq!(n.on_client(&mut input), None, "lock-step: a is outstanding");
+        assert_eq!(n.on_backend(&mut buf(b"* 0 EXISTS\r\n")), to_client(b"* 0 EXISTS\r\n"));
+        assert_eq!(n.on_client(&mut input), None);
+        assert_eq!(n.on_backend(&mut buf(b"a OK NOOP done\r\n")), to_client(b"a OK NOOP done\r\n"));
+        assert_eq!(n.on_client(&mut input), to_client(b"b BAD TLS is already active\r\n"));
+    }
+
+    #[test]
+    fn login_ok_hands_over_to_the_relay() {
+        // Matrix row 27: LOGIN works.
+        let mut n = greeted(Entry::AfterStartTls);
+        assert_eq!(
+            n.on_client(&mut buf(b"a login alice secret\r\n")),
+            to_backend(b"a login alice secret\r\n")
+        );
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK [CAPABILITY IMAP4rev1 STARTTLS IDLE] Logged in\r\n")),
+            Some(Step::to_client(b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n").then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn failed_login_keeps_negotiating() {
+        let mut n = greeted(Entry::AfterStartTls);
+        n.on_client(&mut buf(b"a LOGIN alice wrong\r\n"));
+        assert_eq!(
+            n.on_backend(&mut buf(b"a NO [AUTHENTICATIONFAILED] no\r\n")),
+            to_client(b"a NO [AUTHENTICATIONFAILED] no\r\n")
+        );
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), to_backend(b"b NOOP\r\n"));
+    }
+
+    #[test]
+    fn other_tags_do_not_complete_the_command() {
+        let mut n = greeted(Entry::AfterStartTls);
+        n.on_client(&mut buf(b"a LOGIN alice secret\r\n"));
+        assert_eq!(n.on_backend(&mut buf(b"zz OK whatever\r\n")), to_client(b"zz OK whatever\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), None);
+    }
+
+    #[test]
+    fn sasl_response_is_forwarded_verbatim_never_as_a_command() {
+        let mut n = greeted(Entry::AfterStartTls);
+        let mut input = buf(b"a AUTHENTICATE PLAIN\r\na STARTTLS\r\n");
+        assert_eq!(n.on_client(&mut input), to_backend(b"a AUTHENTICATE PLAIN\r\n"));
+        assert_eq!(n.on_client(&mut input), None);
+        assert_eq!(n.on_backend(&mut buf(b"+ \r\n")), to_client(b"+ \r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"a STARTTLS\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), None, "waiting for the tagged reply");
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK Logged in\r\n")),
+            Some(Step::to_client(b"a OK Logged in\r\n").then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn sasl_ir_authenticate_ok_hands_over_to_the_relay() {
+        let mut n = greeted(Entry::Implicit);
+        n.on_client(&mut buf(b"a AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n"));
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK done\r\n")),
+            Some(Step::to_client(b"a OK done\r\n").then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn synchronizing_literal_waits_for_the_backend_continuation() {
+        let mut n = greeted(Entry::AfterStartTls);
+        let mut input = buf(b"a LOGIN {5}\r\n");
+        assert_eq!(n.on_client(&mut input), to_backend(b"a LOGIN {5}\r\n"));
+        input.extend_from_slice(b"alice {6}\r\n");
+        assert_eq!(n.on_client(&mut input), None);
+        assert_eq!(n.on_backend(&mut buf(b"+ Ready\r\n")), to_client(b"+ Ready\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"alice"));
+        assert_eq!(n.on_client(&mut input), to_backend(b" {6}\r\n"));
+        input.extend_from_slice(b"secret\r\n");
+        assert_eq!(n.on_client(&mut input), None);
+        assert_eq!(n.on_backend(&mut buf(b"+ OK\r\n")), to_client(b"+ OK\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"secret"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"\r\n"));
+        assert_eq!(n.on_client(&mut input), None);
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK Logged in\r\n")),
+            Some(Step::to_client(b"a OK Logged in\r\n").then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn tagged_reply_instead_of_continuation_ends_the_command() {
+        let mut n = greeted(Entry::AfterStartTls);
+        n.on_client(&mut buf(b"a LOGIN {5}\r\n"));
+        assert_eq!(n.on_backend(&mut buf(b"a NO too big\r\n")), to_client(b"a NO too big\r\n"));
+        assert_eq!(
+            n.on_client(&mut buf(b"b STARTTLS\r\n")),
+            to_client(b"b BAD TLS is already active\r\n"),
+            "the next line is a command again, not literal data"
+        );
+    }
+
+    #[test]
+    fn literal_plus_is_forwarded_as_it_arrives() {
+        let mut n = greeted(Entry::AfterStartTls);
+        let mut input = buf(b"a LOGIN {12+}\r\nb STAR");
+        assert_eq!(n.on_client(&mut input), to_backend(b"a LOGIN {12+}\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"b STAR"));
+        input.extend_from_slice(b"TTLS\r\n {2+}\r\npw\r\n");
+        assert_eq!(n.on_client(&mut input), to_backend(b"TTLS\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b" {2+}\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"pw"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"\r\n"));
+        assert_eq!(n.on_client(&mut input), None);
+    }
+
+    #[test]
+    fn early_tagged_reply_does_not_turn_literal_data_into_commands() {
+        let mut n = greeted(Entry::AfterStartTls);
+        let mut input = buf(b"a LOGIN {12+}\r\n");
+        n.on_client(&mut input);
+        assert_eq!(n.on_backend(&mut buf(b"a BAD no\r\n")), to_client(b"a BAD no\r\n"));
+        input.extend_from_slice(b"b STARTTLS\r\n\r\nc NOOP\r\n");
+        assert_eq!(n.on_client(&mut input), to_backend(b"b STARTTLS\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"c NOOP\r\n"));
+    }
+
+    #[test]
+    fn client_literal_too_large_closes() {
+        let mut n = greeted(Entry::AfterStartTls);
+        let bye = Some(Step::to_client(b"* BYE Literal too large\r\n").then(Next::Close));
+        assert_eq!(n.on_client(&mut buf(b"a APPEND INBOX {65537+}\r\n")), bye);
+        let mut n = greeted(Entry::AfterStartTls);
+        assert_eq!(n.on_client(&mut buf(b"a LOGIN {4294967296}\r\n")), bye);
+    }
+
+    #[test]
+    fn client_overlong_line_closes() {
+        let mut n = greeted(Entry::AfterStartTls);
+        let mut input = buf(b"a NOOP ");
+        input.extend(std::iter::repeat_n(b'A', 16 * 1024));
+        input.extend_from_slice(b"\r\nb STARTTLS\r\n");
+        assert_eq!(
+            n.on_client(&mut input),
+            Some(Step::to_client(b"* BYE Line too long\r\n").then(Next::Close))
+        );
+    }
+
+    #[test]
+    fn backend_literal_is_forwarded_with_its_response() {
+        let mut n = greeted(Entry::AfterStartTls);
+        n.on_client(&mut buf(b"a ID NIL\r\n"));
+        let mut input = buf(b"* ID (\"name\" {9}\r\nDov");
+        assert_eq!(n.on_backend(&mut input), to_client(b"* ID (\"name\" {9}\r\n"));
+        assert_eq!(n.on_backend(&mut input), to_client(b"Dov"));
+        assert_eq!(n.on_backend(&mut input), None);
+        input.extend_from_slice(b"\r\na OK)\r\na OK ID completed\r\n");
+        assert_eq!(n.on_backend(&mut input), to_client(b"\r\na OK"));
+        assert_eq!(n.on_backend(&mut input), to_client(b")\r\n"), "literal data is no tagged reply");
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), None);
+        assert_eq!(n.on_backend(&mut input), to_client(b"a OK ID completed\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), to_backend(b"b NOOP\r\n"));
+    }
+
+    #[test]
+    fn backend_overlong_or_huge_literal_closes_with_unavailable() {
+        let bye =
+            Some(Step::to_client(b"* BYE [UNAVAILABLE] Backend server unavailable\r\n").then(Next::Close));
+        let mut long = buf(b"* OK ");
+        long.extend(std::iter::repeat_n(b'x', 16 * 1024));
+        assert_eq!(greeted(Entry::Implicit).on_backend(&mut long), bye);
+        assert_eq!(greeted(Entry::Implicit).on_backend(&mut buf(b"* X {999999999}\r\n")), bye);
+        assert_eq!(greeted(Entry::Implicit).on_backend(&mut buf(b"* X {99999999999}\r\n")), bye);
+    }
+
+    #[test]
+    fn unsolicited_backend_responses_are_relayed_filtered() {
+        let mut n = greeted(Entry::AfterStartTls);
+        assert_eq!(
+            n.on_backend(&mut buf(b"* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n")),
+            to_client(b"* OK [CAPABILITY IMAP4rev1] hi\r\n")
+        );
+        assert_eq!(n.on_backend(&mut buf(b"+ what\r\n")), to_client(b"+ what\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"a NOOP\r\n")), to_backend(b"a NOOP\r\n"));
+    }
+
+    #[test]
+    fn backend_bye_is_relayed() {
+        let mut n = greeted(Entry::AfterStartTls);
+        n.on_client(&mut buf(b"a LOGOUT\r\n"));
+        assert_eq!(n.on_backend(&mut buf(b"* BYE Logging out\r\n")), to_client(b"* BYE Logging out\r\n"));
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK Logout completed.\r\n")),
+            to_client(b"a OK Logout completed.\r\n")
+        );
+    }
+
+    #[test]
+    fn farewells_have_their_words() {
+        assert_eq!(
+            farewell(Farewell::BackendUnavailable),
+            b"* BYE [UNAVAILABLE] Backend server unavailable\r\n"
+        );
+        assert_eq!(farewell(Farewell::Timeout), b"* BYE Autologout; idle for too long\r\n");
+        assert_eq!(farewell(Farewell::ShuttingDown), b"* BYE Server shutting down\r\n");
+    }
+
+    // ---- hostile bytes ----
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: u64) -> usize {
+            (self.next() % n) as usize
+        }
+
+        /// Random bytes biased towards IMAP syntax so the parsers get past their first checks.
+        fn bytes(&mut self) -> Vec<u8> {
+            const PIECES: [&[u8]; 14] = [
+                b"a ",
+                b"* ",
+                b"+ ",
+                b"STARTTLS",
+                b"LOGIN",
+                b"AUTHENTICATE",
+                b"{5}",
+                b"{3+}",
+                b"{4294967296}",
+                b"\r\n",
+                b"\n",
+                b"OK ",
+                b"[CAPABILITY STARTTLS] ",
+                b"\"",
+            ];
+            let mut out = Vec::new();
+            for _ in 0..self.below(12) {
+                match self.below(3) {
+                    0 => out.extend_from_slice(PIECES[self.below(PIECES.len() as u64)]),
+                    1 => out.extend(std::iter::repeat_n(b'x', self.below(700))),
+                    _ => out.extend((0..self.below(16)).map(|_| self.next() as u8)),
+                }
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic_and_buffers_stay_bounded() {
+        let s = Settings { max_pre_tls_line: 512, max_line: 1024, max_literal: 64, ..settings() };
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..4000 {
+            let mut p = ImapPreTls::new(&s);
+            let mut input = BytesMut::new();
+            'pre: for _ in 0..4 {
+                input.extend_from_slice(&rng.bytes());
+                loop {
+                    match p.on_client(&mut input) {
+                        None => break,
+                        Some(PreTlsStep::Reply(r)) => assert!(r.len() < 2 * 512),
+                        Some(_) => break 'pre,
+                    }
+                }
+                assert!(input.len() < s.max_pre_tls_line, "an unread line stays below the bound");
+            }
+
+            let entry = if rng.below(2) == 0 { Entry::Implicit } else { Entry::AfterStartTls };
+            let mut n = ImapNegotiation::new(&s, entry);
+            let mut greeting = BytesMut::from(&rng.bytes()[..]);
+            let _ = n.on_greeting(&mut greeting);
+            let (mut client, mut backend) = (BytesMut::new(), BytesMut::new());
+            'neg: for _ in 0..8 {
+                client.extend_from_slice(&rng.bytes());
+                backend.extend_from_slice(&rng.bytes());
+                for from_client in [true, false] {
+                    let before = if from_client { client.len() } else { backend.len() };
+                    let mut steps = 0;
+                    loop {
+                        let step =
+                            if from_client { n.on_client(&mut client) } else { n.on_backend(&mut backend) };
+                        let Some(step) = step else { break };
+                        steps += 1;
+                        assert!(steps <= before + 1, "every step consumes bytes");
+                        assert!(step.to_backend.len() <= s.max_line + 8);
+                        assert!(step.to_client.len() <= s.max_line + 64);
+                        if step.next != Next::Negotiate {
+                            break 'neg;
+                        }
+                    }
+                    let reads_client = !matches!(n.turn, Turn::Waiting | Turn::Continuation(_));
+                    if from_client && reads_client && n.client.literal_left == 0 {
+                        assert!(client.len() < s.max_line, "an unread line stays below the bound");
+                    }
+                }
+                assert!(backend.len() < s.max_line || n.backend_literal_left > 0);
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Everything mailtls knows about SMTP, IMAP and POP3 lives under this module.
+//! The session drives phases; these state machines decide what each byte means.
+//!
+//! A session meets a protocol twice:
+//! - [`PreTls`]: on a STARTTLS listener, mailtls itself speaks the plaintext dialogue
+//!   (greeting, capabilities, refusals) until the client asks for TLS. No backend yet.
+//! - [`Negotiation`]: after TLS (or on the opportunistic plaintext SMTP path), client and
+//!   backend talk through mailtls line by line. The state machine filters capability
+//!   replies, answers a repeated STARTTLS itself, and says when the client is
+//!   authenticated, at which point the session hands both sockets to the opaque relay.
+//!
+//! The state machines do no I/O. They are fed the bytes buffered so far and return a step;
+//! the session performs the writes. Every call consumes at most one unit (one command or
+//! one response) from the front of the buffer and leaves the rest untouched.
+
+pub mod imap;
+pub mod line;
+pub mod pop3;
+pub mod smtp;
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use serde::Deserialize;
+
+/// The mail protocol a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Smtp,
+    Imap,
+    Pop3,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        }
+    }
+}
+
+/// What a dialogue needs to know about its listener. Built once per listener.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Used in greetings and EHLO replies.
+    pub hostname: String,
+    /// `true` on 587/143/110: no mail transaction and no login before TLS. `false` only on
+    /// SMTP (port 25): plaintext mail transfer is allowed, AUTH still never.
+    pub require_tls: bool,
+    /// Longest command line accepted before TLS, terminator included (SMTP: 512).
+    pub max_pre_tls_line: usize,
+    /// Longest line accepted during the negotiation phase after TLS; large enough for
+    /// RFC 4954's 12,288-octet AUTH lines.
+    pub max_line: usize,
+    /// Commands a client may send before TLS; the next one ends the session.
+    pub max_pre_tls_commands: u32,
+    /// Errors (unknown commands, refusals, bad syntax) a client may cause in one phase
+    /// before the session is ended.
+    pub max_errors: u32,
+    /// Largest IMAP literal accepted before authentication (`{n}` / `{n+}`), in bytes.
+    pub max_literal: u64,
+    /// SMTP only: the extensions the backend announced in its EHLO reply (keywords with
+    /// their parameters, e.g. "SIZE 10240000"), learned by a [`smtp::Probe`]. Used for the
+    /// pre-TLS EHLO reply of an opportunistic listener. Empty when not (yet) known.
+    pub backend_extensions: Arc<[String]>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            hostname: "localhost".to_owned(),
+            require_tls: true,
+            max_pre_tls_line: 512,
+            max_line: 16 * 1024,
+            max_pre_tls_commands: 100,
+            max_errors: 10,
+            max_literal: 64 * 1024,
+            backend_extensions: Arc::from(Vec::new()),
+        }
+    }
+}
+
+/// What the session must do after a client command before TLS.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PreTlsStep {
+    /// Send these bytes to the client and keep reading commands.
+    Reply(Vec<u8>),
+    /// Send these bytes (the go-ahead, e.g. `220 2.0.0 Ready to start TLS`), then start the
+    /// TLS handshake. Read no further lines: whatever is still buffered is handed to rustls
+    /// as the first bytes of the handshake.
+    StartTls(Vec<u8>),
+    /// Send these bytes (may be empty) and close the connection.
+    Close(Vec<u8>),
+    /// Opportunistic SMTP only: the client began a mail transaction (MAIL) in plaintext.
+    /// The command that triggered this was NOT consumed and stays at the front of the
+    /// buffer. The session connects the backend with a PROXY header that carries no SSL
+    /// facts and continues with [`Negotiation`] entered as [`Entry::Plaintext`].
+    Plaintext { replay: Vec<u8> },
+}
+
+/// The mailtls side of the plaintext dialogue on a STARTTLS listener.
+pub trait PreTls: Send {
+    /// The greeting sent as soon as the connection is accepted.
+    fn greeting(&self) -> Vec<u8>;
+    /// Consumes at most one command from the front of `input`; `None` means more bytes are
+    /// needed. Enforces the line, command-count and error bounds of [`Settings`] itself
+    /// (answering with a `Close` step when one is exceeded).
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<PreTlsStep>;
+}
+
+/// How the session reached the negotiation phase; decides what happens to the greeting.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Implicit TLS (465/993/995): the backend's greeting is relayed, capabilities filtered.
+    Implicit,
+    /// After STARTTLS: the client already had mailtls's greeting, so the backend's is
+    /// swallowed and nothing unsolicited reaches the client.
+    AfterStartTls,
+    /// Opportunistic plaintext SMTP: the greeting is swallowed, `replay` (the client's own
+    /// EHLO/HELO line, from [`PreTlsStep::Plaintext`]) is sent to the backend and its reply
+    /// swallowed; then the session relays ([`Next::Relay`]).
+    Plaintext { replay: Vec<u8> },
+}
+
+/// What the session does after a [`Step`] has been written out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Stay in the negotiation phase.
+    Negotiate,
+    /// Negotiation is over (authenticated, or a mail transaction began): relay opaquely.
+    /// Bytes still buffered on either side are relayed first, unexamined.
+    Relay,
+    /// Close both connections.
+    Close,
+}
+
+/// One step of the negotiation phase: bytes for each side and what comes next.
+/// The session writes `to_backend` first, then `to_client`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Step {
+    pub to_backend: Vec<u8>,
+    pub to_client: Vec<u8>,
+    pub next: Next,
+}
+
+impl Step {
+    /// Pass bytes from the client to the backend unchanged.
+    pub fn to_backend(bytes: impl Into<Vec<u8>>) -> Step {
+        Step { to_backend: bytes.into(), to_client: Vec::new(), next: Next::Negotiate }
+    }
+    /// Send bytes to the client (a relayed and possibly rewritten response, or a local reply).
+    pub fn to_client(bytes: impl Into<Vec<u8>>) -> Step {
+        Step { to_backend: Vec::new(), to_client: bytes.into(), next: Next::Negotiate }
+    }
+    /// The same step, followed by `next`.
+    pub fn then(mut self, next: Next) -> Step {
+        self.next = next;
+        self
+    }
+}
+
+/// The line-by-line phase between the client (inside TLS, or opportunistic plaintext) and
+/// the backend, until authentication. Lock-step: after forwarding a client command the
+/// state machine returns `None` from [`Negotiation::on_client`] until the backend's
+/// response to it is complete, so local replies (a refused STARTTLS) are never reordered
+/// with relayed ones and the meaning of every client line (command, SASL response, literal
+/// data) is known.
+pub trait Negotiation: Send {
+    /// Consumes the backend's greeting once it is complete. A positive greeting gives a
+    /// step whose `to_client` is the greeting rewritten ([`Entry::Implicit`]) or empty;
+    /// a negative or malformed one gives a [`Next::Close`] step whose `to_client` is the
+    /// protocol's "service unavailable" reply. IMAP PREAUTH gives [`Next::Relay`].
+    fn on_greeting(&mut self, input: &mut BytesMut) -> Option<Step>;
+    /// Consumes at most one client unit (command line, literal, SASL response).
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<Step>;
+    /// Consumes at most one backend unit (a whole response, multi-line ones included).
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step>;
+}
+
+/// Why mailtls itself ends a session; each protocol has its own words for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Farewell {
+    /// The backend could not be reached or did not greet positively.
+    BackendUnavailable,
+    /// The client was idle for too long.
+    Timeout,
+    /// mailtls is shutting down.
+    ShuttingDown,
+}
+
+/// The dialogue before TLS on a STARTTLS listener.
+pub fn pre_tls(protocol: Protocol, settings: &Settings) -> Box<dyn PreTls> {
+    match protocol {
+        Protocol::Smtp => Box::new(smtp::SmtpPreTls::new(settings)),
+        Protocol::Imap => Box::new(imap::ImapPreTls::new(settings)),
+        Protocol::Pop3 => Box::new(pop3::Pop3PreTls::new(settings)),
+    }
+}
+
+/// The negotiation phase, entered as `entry` says.
+pub fn negotiation(protocol: Protocol, settings: &Settings, entry: Entry) -> Box<dyn Negotiation> {
+    match protocol {
+        Protocol::Smtp => Box::new(smtp::SmtpNegotiation::new(settings, entry)),
+        Protocol::Imap => Box::new(imap::ImapNegotiation::new(settings, entry)),
+        Protocol::Pop3 => Box::new(pop3::Pop3Negotiation::new(settings, entry)),
+    }
+}
+
+/// The protocol's last words when mailtls ends a session itself.
+pub fn farewell(protocol: Protocol, why: Farewell) -> Vec<u8> {
+    match protocol {
+        Protocol::Smtp => smtp::farewell(why),
+        Protocol::Imap => imap::farewell(why),
+        Protocol::Pop3 => pop3::farewell(why),
+    }
+}

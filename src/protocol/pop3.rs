@@ -1,0 +1,1032 @@
+//! POP3 (RFC 1939, 2449, 2595, 3206, 5034): the dialogue mailtls speaks itself before STLS,
+//! and the lock-step relay after TLS that hides STLS and ends at PASS, APOP or AUTH `+OK`.
+
+use bytes::BytesMut;
+
+use super::line::{self, Line};
+use super::{Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, Settings, Step};
+
+// RESP-CODES and AUTH-RESP-CODE are advertised so clients may rely on the `[AUTH]` code of
+// our refusals (RFC 2449, RFC 3206). USER and SASL are absent: no login before TLS.
+const CAPA_BEFORE_TLS: &[u8] =
+    b"+OK Capability list follows\r\nSTLS\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n.\r\n";
+const TLS_GO_AHEAD: &[u8] = b"+OK Begin TLS negotiation\r\n";
+const STLS_TAKES_NO_ARGUMENTS: &[u8] = b"-ERR STLS takes no arguments\r\n";
+const PLAINTEXT_AUTH_DISABLED: &[u8] =
+    b"-ERR [AUTH] Plaintext authentication is disabled, use STLS first\r\n";
+const BYE: &[u8] = b"+OK Bye\r\n";
+const UNKNOWN_COMMAND: &[u8] = b"-ERR Unknown command\r\n";
+const LINE_TOO_LONG: &[u8] = b"-ERR Line too long\r\n";
+const TOO_MANY_ERRORS: &[u8] = b"-ERR Too many errors\r\n";
+const TOO_MANY_COMMANDS: &[u8] = b"-ERR Too many commands\r\n";
+const TLS_ALREADY_ACTIVE: &[u8] = b"-ERR TLS already active\r\n";
+
+/// mailtls's last words to a POP3 client when it ends the session itself.
+pub fn farewell(why: Farewell) -> Vec<u8> {
+    let words: &[u8] = match why {
+        Farewell::BackendUnavailable => b"-ERR [SYS/TEMP] Backend server unavailable\r\n",
+        Farewell::Timeout => b"-ERR Timeout, closing connection\r\n",
+        Farewell::ShuttingDown => b"-ERR [SYS/TEMP] Server shutting down\r\n",
+    };
+    words.to_vec()
+}
+
+fn verb_is(verb: &[u8], name: &str) -> bool {
+    verb.eq_ignore_ascii_case(name.as_bytes())
+}
+
+/// Trailing blanks are not an argument: `STLS \r\n` is still a plain STLS.
+fn has_argument(rest: Option<&[u8]>) -> bool {
+    rest.is_some_and(|rest| rest.iter().any(|&b| b != b' ' && b != b'\t'))
+}
+
+/// What mailtls answers to one command before TLS.
+enum PreTlsAnswer {
+    Reply(&'static [u8]),
+    Refuse(&'static [u8]),
+    StartTls,
+    Quit,
+}
+
+fn answer_before_tls(command: &[u8]) -> PreTlsAnswer {
+    let (verb, rest) = line::split_word(command);
+    if verb_is(verb, "CAPA") {
+        PreTlsAnswer::Reply(CAPA_BEFORE_TLS)
+    } else if verb_is(verb, "STLS") {
+        if has_argument(rest) {
+            PreTlsAnswer::Refuse(STLS_TAKES_NO_ARGUMENTS)
+        } else {
+            PreTlsAnswer::StartTls
+        }
+    } else if ["USER", "PASS", "APOP", "AUTH"].iter().any(|v| verb_is(verb, v)) {
+        PreTlsAnswer::Refuse(PLAINTEXT_AUTH_DISABLED)
+    } else if verb_is(verb, "QUIT") {
+        PreTlsAnswer::Quit
+    } else {
+        PreTlsAnswer::Refuse(UNKNOWN_COMMAND)
+    }
+}
+
+/// The plaintext POP3 dialogue on port 110, up to STLS.
+pub struct Pop3PreTls {
+    hostname: String,
+    max_line: usize,
+    max_commands: u32,
+    max_errors: u32,
+    commands: u32,
+    errors: u32,
+    /// Set once STLS was accepted or the session closed: the buffer is no longer ours.
+    finished: bool,
+}
+
+impl Pop3PreTls {
+    pub fn new(settings: &Settings) -> Self {
+        Pop3PreTls {
+            hostname: settings.hostname.clone(),
+            max_line: settings.max_pre_tls_line,
+            max_commands: settings.max_pre_tls_commands,
+            max_errors: settings.max_errors,
+            commands: 0,
+            errors: 0,
+            finished: false,
+        }
+    }
+
+    fn close(&mut self, reply: &[u8]) -> PreTlsStep {
+        self.finished = true;
+        PreTlsStep::Close(reply.to_vec())
+    }
+
+    fn refuse(&mut self, reply: &'static [u8]) -> PreTlsStep {
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.max_errors {
+            self.close(TOO_MANY_ERRORS)
+        } else {
+            PreTlsStep::Reply(reply.to_vec())
+        }
+    }
+}
+
+impl PreTls for Pop3PreTls {
+    // No APOP timestamp: APOP must not look usable before TLS (RFC 2595 section 4).
+    fn greeting(&self) -> Vec<u8> {
+        format!("+OK {} POP3 ready\r\n", self.hostname).into_bytes()
+    }
+
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<PreTlsStep> {
+        if self.finished {
+            return None;
+        }
+        let command = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(self.close(LINE_TOO_LONG)),
+            Line::Complete(command) => command,
+        };
+        self.commands = self.commands.saturating_add(1);
+        if self.commands > self.max_commands {
+            return Some(self.close(TOO_MANY_COMMANDS));
+        }
+        Some(match answer_before_tls(&command) {
+            PreTlsAnswer::Reply(reply) => PreTlsStep::Reply(reply.to_vec()),
+            PreTlsAnswer::Refuse(reply) => self.refuse(reply),
+            PreTlsAnswer::Quit => self.close(BYE),
+            PreTlsAnswer::StartTls => {
+                // Whatever follows the STLS line belongs to the TLS handshake, not to us.
+                self.finished = true;
+                PreTlsStep::StartTls(TLS_GO_AHEAD.to_vec())
+            }
+        })
+    }
+}
+
+/// The client command a backend response answers; POP3 responses do not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Command {
+    /// Multi-line on `+OK`; STLS lines are removed.
+    Capa,
+    /// Other commands whose `+OK` starts a dot-terminated list (mechanisms, RFC 1939 lists).
+    Listing,
+    /// `AUTH <mechanism>`: may answer with `+ ` continuations.
+    AuthMechanism,
+    /// PASS and APOP: `+OK` means authenticated.
+    Login,
+    /// The backend hangs up after answering.
+    Quit,
+    /// One status line, whatever it says.
+    Simple,
+}
+
+fn classify(command: &[u8]) -> Command {
+    let (verb, rest) = line::split_word(command);
+    let argument = has_argument(rest);
+    if verb_is(verb, "CAPA") {
+        Command::Capa
+    } else if verb_is(verb, "AUTH") {
+        if argument {
+            Command::AuthMechanism
+        } else {
+            Command::Listing
+        }
+    } else if verb_is(verb, "PASS") || verb_is(verb, "APOP") {
+        Command::Login
+    } else if verb_is(verb, "QUIT") {
+        Command::Quit
+    } else if ((verb_is(verb, "LIST") || verb_is(verb, "UIDL")) && !argument)
+        || verb_is(verb, "RETR")
+        || verb_is(verb, "TOP")
+    {
+        // Refused before login by any sane backend, but if one says +OK the list must be
+        // consumed as one response or its lines would be taken for later responses.
+        Command::Listing
+    } else {
+        Command::Simple
+    }
+}
+
+/// The status indicator that starts a backend response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Ok,
+    Err,
+    /// `+ ` or a bare `+`: a SASL challenge (RFC 5034), never to be read as `+OK`.
+    Continuation,
+    Malformed,
+}
+
+fn status_of(response: &[u8]) -> Status {
+    let (indicator, _) = line::split_word(response);
+    if indicator.eq_ignore_ascii_case(b"+OK") {
+        Status::Ok
+    } else if indicator.eq_ignore_ascii_case(b"-ERR") {
+        Status::Err
+    } else if indicator == b"+" {
+        Status::Continuation
+    } else {
+        Status::Malformed
+    }
+}
+
+/// A lone `.` ends a multi-line response; `..` and other dot-stuffed lines are data.
+fn is_terminator(response_line: &[u8]) -> bool {
+    line::trim_eol(response_line) == b"."
+}
+
+fn is_stls_capability(capability: &[u8]) -> bool {
+    let (keyword, _) = line::split_word(capability);
+    verb_is(keyword, "STLS")
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// The backend's greeting is outstanding.
+    Greeting,
+    /// Nothing outstanding: the next client line is a command.
+    Idle,
+    /// The first line of the response to this command is outstanding.
+    Awaiting(Command),
+    /// Inside a dot-terminated response.
+    MultiLine { strip_stls: bool },
+    /// The backend sent a SASL challenge: the client's next line is SASL data.
+    SaslResponse,
+    /// Relay or close was decided; nothing more is examined.
+    Done,
+}
+
+/// The POP3 negotiation after TLS, until the backend accepts the client's credentials.
+pub struct Pop3Negotiation {
+    entry: Entry,
+    max_line: usize,
+    max_errors: u32,
+    errors: u32,
+    state: State,
+}
+
+impl Pop3Negotiation {
+    pub fn new(settings: &Settings, entry: Entry) -> Self {
+        Pop3Negotiation {
+            entry,
+            max_line: settings.max_line,
+            max_errors: settings.max_errors,
+            errors: 0,
+            state: State::Greeting,
+        }
+    }
+
+    fn backend_unavailable(&mut self) -> Step {
+        self.state = State::Done;
+        Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close)
+    }
+
+    fn close_client(&mut self, reply: &[u8]) -> Step {
+        self.state = State::Done;
+        Step::to_client(reply).then(Next::Close)
+    }
+
+    /// One backend line, or the step that ends the session when the line outgrows its bound.
+    fn take_backend_line(&mut self, input: &mut BytesMut) -> Option<Result<BytesMut, Step>> {
+        match line::take_line(input, self.max_line) {
+            Line::Incomplete => None,
+            Line::TooLong => Some(Err(self.backend_unavailable())),
+            Line::Complete(response) => Some(Ok(response)),
+        }
+    }
+
+    fn take_client_line(&mut self, input: &mut BytesMut) -> Option<Result<BytesMut, Step>> {
+        match line::take_line(input, self.max_line) {
+            Line::Incomplete => None,
+            Line::TooLong => Some(Err(self.close_client(LINE_TOO_LONG))),
+            Line::Complete(command) => Some(Ok(command)),
+        }
+    }
+
+    fn client_command(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let command = match self.take_client_line(input)? {
+            Ok(command) => command,
+            Err(step) => return Some(step),
+        };
+        let (verb, _) = line::split_word(&command);
+        if verb_is(verb, "STLS") {
+            return Some(self.refuse_stls());
+        }
+        self.state = State::Awaiting(classify(&command));
+        Some(Step::to_backend(command.to_vec()))
+    }
+
+    /// A second STLS inside TLS is answered here: the backend must never see it.
+    fn refuse_stls(&mut self) -> Step {
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.max_errors {
+            self.close_client(TOO_MANY_ERRORS)
+        } else {
+            Step::to_client(TLS_ALREADY_ACTIVE)
+        }
+    }
+
+    /// SASL data is forwarded verbatim, never read as a command (`STLS` here is base64).
+    fn sasl_response(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let data = match self.take_client_line(input)? {
+            Ok(data) => data,
+            Err(step) => return Some(step),
+        };
+        self.state = State::Awaiting(Command::AuthMechanism);
+        Some(Step::to_backend(data.to_vec()))
+    }
+
+    fn response(&mut self, command: Command, input: &mut BytesMut) -> Option<Step> {
+        let first = match self.take_backend_line(input)? {
+            Ok(first) => first,
+            Err(step) => return Some(step),
+        };
+        let relayed = first.to_vec();
+        let step = match (command, status_of(&first)) {
+            (_, Status::Malformed) => self.backend_unavailable(),
+            (Command::AuthMechanism, Status::Continuation) => {
+                self.state = State::SaslResponse;
+                Step::to_client(relayed)
+            }
+            (_, Status::Continuation) => self.backend_unavailable(),
+            (Command::Quit, _) => {
+                self.state = State::Done;
+                Step::to_client(relayed).then(Next::Close)
+            }
+            (Command::AuthMechanism | Command::Login, Status::Ok) => {
+                self.state = State::Done;
+                Step::to_client(relayed).then(Next::Relay)
+            }
+            (Command::Capa | Command::Listing, Status::Ok) => {
+                let strip_stls = command == Command::Capa;
+                self.state = State::MultiLine { strip_stls };
+                return self.relay_list(strip_stls, input, relayed);
+            }
+            (_, Status::Ok | Status::Err) => {
+                self.state = State::Idle;
+                Step::to_client(relayed)
+            }
+        };
+        Some(step)
+    }
+
+    /// Relays the list lines buffered so far, up to and including the terminating `.`.
+    /// Memory stays bounded by what is already buffered: the list is never held whole.
+    fn relay_list(&mut self, strip_stls: bool, input: &mut BytesMut, mut relayed: Vec<u8>) -> Option<Step> {
+        let mut consumed = !relayed.is_empty();
+        loop {
+            match line::take_line(input, self.max_line) {
+                Line::Incomplete => break,
+                // Relay what came before the bad line first; the next call ends the session.
+                Line::TooLong if consumed => break,
+                Line::TooLong => return Some(self.backend_unavailable()),
+                Line::Complete(list_line) => {
+                    consumed = true;
+                    if is_terminator(&list_line) {
+                        self.state = State::Idle;
+                        relayed.extend_from_slice(&list_line);
+                        break;
+                    }
+                    if !(strip_stls && is_stls_capability(&list_line)) {
+                        relayed.extend_from_slice(&list_line);
+                    }
+                }
+            }
+        }
+        consumed.then(|| Step::to_client(relayed))
+    }
+
+    /// A status line nobody asked for (e.g. an idle timeout notice) is passed on; anything
+    /// else means the two sides no longer agree on where responses begin.
+    fn unsolicited(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let notice = match self.take_backend_line(input)? {
+            Ok(notice) => notice,
+            Err(step) => return Some(step),
+        };
+        Some(match status_of(&notice) {
+            Status::Ok | Status::Err => Step::to_client(notice.to_vec()),
+            Status::Continuation | Status::Malformed => self.backend_unavailable(),
+        })
+    }
+}
+
+impl Negotiation for Pop3Negotiation {
+    fn on_greeting(&mut self, input: &mut BytesMut) -> Option<Step> {
+        if self.state != State::Greeting {
+            return None;
+        }
+        let greeting = match self.take_backend_line(input)? {
+            Ok(greeting) => greeting,
+            Err(step) => return Some(step),
+        };
+        if status_of(&greeting) != Status::Ok {
+            return Some(self.backend_unavailable());
+        }
+        self.state = State::Idle;
+        // After STLS the client already has mailtls's greeting; a second one would be
+        // unsolicited data in the TLS session.
+        Some(match self.entry {
+            Entry::Implicit => Step::to_client(greeting.to_vec()),
+            Entry::AfterStartTls | Entry::Plaintext { .. } => Step::to_client(Vec::new()),
+        })
+    }
+
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
+        match self.state {
+            State::Idle => self.client_command(input),
+            State::SaslResponse => self.sasl_response(input),
+            _ => None,
+        }
+    }
+
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step> {
+        match self.state {
+            State::Greeting => self.on_greeting(input),
+            State::Idle => self.unsolicited(input),
+            State::Awaiting(command) => self.response(command, input),
+            // The backend may end a SASL exchange before the client answers (e.g. timeout).
+            State::SaslResponse => self.response(Command::AuthMechanism, input),
+            State::MultiLine { strip_stls } => self.relay_list(strip_stls, input, Vec::new()),
+            State::Done => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings { hostname: "mail.example.org".to_owned(), ..Settings::default() }
+    }
+
+    fn pre_tls() -> Pop3PreTls {
+        Pop3PreTls::new(&settings())
+    }
+
+    fn buf(bytes: &[u8]) -> BytesMut {
+        BytesMut::from(bytes)
+    }
+
+    fn reply(bytes: &[u8]) -> Option<PreTlsStep> {
+        Some(PreTlsStep::Reply(bytes.to_vec()))
+    }
+
+    /// A negotiation whose greeting has been consumed.
+    fn negotiating(entry: Entry) -> Pop3Negotiation {
+        let mut n = Pop3Negotiation::new(&settings(), entry);
+        let mut greeting = buf(b"+OK Dovecot ready.\r\n");
+        assert!(n.on_greeting(&mut greeting).is_some());
+        n
+    }
+
+    fn forwarded(n: &mut Pop3Negotiation, command: &[u8]) {
+        let mut input = buf(command);
+        assert_eq!(n.on_client(&mut input), Some(Step::to_backend(command)));
+        assert!(input.is_empty());
+    }
+
+    fn from_backend(n: &mut Pop3Negotiation, bytes: &[u8]) -> Option<Step> {
+        let mut input = buf(bytes);
+        let step = n.on_backend(&mut input);
+        assert!(input.is_empty(), "left over: {:?}", input);
+        step
+    }
+
+    // ---- before TLS ----
+
+    #[test]
+    fn greeting_names_host_and_carries_no_apop_timestamp() {
+        let greeting = pre_tls().greeting();
+        assert_eq!(greeting, b"+OK mail.example.org POP3 ready\r\n");
+        assert!(!greeting.contains(&b'<'));
+    }
+
+    #[test]
+    fn capa_before_tls_lists_stls_and_no_login() {
+        let mut p = pre_tls();
+        let mut input = buf(b"capa\r\n");
+        assert_eq!(p.on_client(&mut input), reply(CAPA_BEFORE_TLS));
+        let text = String::from_utf8_lossy(CAPA_BEFORE_TLS).to_string();
+        assert!(text.contains("\r\nSTLS\r\n"));
+        assert!(!text.contains("USER") && !text.contains("SASL"));
+    }
+
+    #[test]
+    fn stls_starts_tls_and_leaves_following_bytes_untouched() {
+        let mut p = pre_tls();
+        let mut input = buf(b"STLS\r\nCAPA\r\n");
+        assert_eq!(
+            p.on_client(&mut input),
+            Some(PreTlsStep::StartTls(b"+OK Begin TLS negotiation\r\n".to_vec()))
+        );
+        assert_eq!(&input[..], b"CAPA\r\n");
+    }
+
+    #[test]
+    fn stls_stops_reading_lines_even_when_more_arrive() {
+        let mut p = pre_tls();
+        let mut input = buf(b"STLS\r\n");
+        assert!(matches!(p.on_client(&mut input), Some(PreTlsStep::StartTls(_))));
+        input.extend_from_slice(b"USER evil\r\n");
+        assert_eq!(p.on_client(&mut input), None);
+        assert_eq!(&input[..], b"USER evil\r\n");
+    }
+
+    #[test]
+    fn stls_accepts_lower_case_bare_lf_and_trailing_blank() {
+        for command in [&b"stls\n"[..], b"StLs\r\n", b"STLS \r\n"] {
+            let mut input = buf(command);
+            input.extend_from_slice(b"\x16\x03\x01");
+            assert!(matches!(pre_tls().on_client(&mut input), Some(PreTlsStep::StartTls(_))));
+            assert_eq!(&input[..], b"\x16\x03\x01");
+        }
+    }
+
+    #[test]
+    fn stls_with_argument_is_refused() {
+        let mut input = buf(b"STLS x\r\n");
+        assert_eq!(pre_tls().on_client(&mut input), reply(b"-ERR STLS takes no arguments\r\n"));
+    }
+
+    #[test]
+    fn login_commands_before_tls_are_refused_without_continuation() {
+        let mut p = pre_tls();
+        for command in [
+            &b"USER alice\r\n"[..],
+            b"PASS secret\r\n",
+            b"APOP alice 0123456789abcdef0123456789abcdef\r\n",
+            b"AUTH PLAIN\r\n",
+            b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n",
+            b"AUTH\r\n",
+            b"user alice\n",
+        ] {
+            let mut input = buf(command);
+            assert_eq!(p.on_client(&mut input), reply(PLAINTEXT_AUTH_DISABLED));
+            assert!(input.is_empty());
+        }
+    }
+
+    #[test]
+    fn quit_before_tls_says_bye_and_closes() {
+        let mut input = buf(b"QUIT\r\n");
+        assert_eq!(pre_tls().on_client(&mut input), Some(PreTlsStep::Close(b"+OK Bye\r\n".to_vec())));
+    }
+
+    #[test]
+    fn unknown_command_before_tls_is_an_error() {
+        let mut p = pre_tls();
+        for command in [&b"NOOP\r\n"[..], b"\r\n", b"STARTTLS\r\n", b" STLS\r\n"] {
+            let mut input = buf(command);
+            assert_eq!(p.on_client(&mut input), reply(b"-ERR Unknown command\r\n"));
+        }
+    }
+
+    #[test]
+    fn incomplete_command_waits_for_more() {
+        let mut p = pre_tls();
+        let mut input = buf(b"STL");
+        assert_eq!(p.on_client(&mut input), None);
+        assert_eq!(&input[..], b"STL");
+    }
+
+    #[test]
+    fn pipelined_commands_are_answered_one_per_call() {
+        let mut p = pre_tls();
+        let mut input = buf(b"CAPA\r\nSTLS\r\nX");
+        assert_eq!(p.on_client(&mut input), reply(CAPA_BEFORE_TLS));
+        assert!(matches!(p.on_client(&mut input), Some(PreTlsStep::StartTls(_))));
+        assert_eq!(&input[..], b"X");
+    }
+
+    #[test]
+    fn overlong_line_closes_without_splitting() {
+        for total in [512usize, 1000, 2048, 4096, 8192] {
+            for tail in [&b"STLS\r\n"[..], b"STARTTLS\r\n"] {
+                let mut bytes = b"NOOP ".to_vec();
+                bytes.resize(total, b'A');
+                bytes.extend_from_slice(tail);
+                let mut p = pre_tls();
+                let mut input = buf(&bytes);
+                assert_eq!(p.on_client(&mut input), Some(PreTlsStep::Close(LINE_TOO_LONG.to_vec())));
+                assert_eq!(p.on_client(&mut input), None, "no line after the close");
+            }
+        }
+    }
+
+    #[test]
+    fn endless_line_without_terminator_closes() {
+        let mut input = buf(&[b'A'; 10_000]);
+        assert_eq!(pre_tls().on_client(&mut input), Some(PreTlsStep::Close(LINE_TOO_LONG.to_vec())));
+    }
+
+    #[test]
+    fn too_many_errors_before_tls_closes() {
+        let mut p = pre_tls();
+        let allowed = settings().max_errors;
+        for _ in 0..allowed {
+            let mut input = buf(b"USER a\r\n");
+            assert_eq!(p.on_client(&mut input), reply(PLAINTEXT_AUTH_DISABLED));
+        }
+        let mut input = buf(b"BOGUS\r\n");
+        assert_eq!(p.on_client(&mut input), Some(PreTlsStep::Close(TOO_MANY_ERRORS.to_vec())));
+    }
+
+    #[test]
+    fn too_many_commands_before_tls_closes() {
+        let mut p = Pop3PreTls::new(&Settings { max_pre_tls_commands: 3, ..settings() });
+        for _ in 0..3 {
+            let mut input = buf(b"CAPA\r\n");
+            assert_eq!(p.on_client(&mut input), reply(CAPA_BEFORE_TLS));
+        }
+        let mut input = buf(b"STLS\r\n");
+        assert_eq!(p.on_client(&mut input), Some(PreTlsStep::Close(TOO_MANY_COMMANDS.to_vec())));
+    }
+
+    // ---- after TLS ----
+
+    #[test]
+    fn implicit_tls_relays_backend_greeting_verbatim() {
+        let mut n = Pop3Negotiation::new(&settings(), Entry::Implicit);
+        let greeting = b"+OK Dovecot ready. <1.2@host>\r\n";
+        let mut input = buf(greeting);
+        assert_eq!(n.on_greeting(&mut input), Some(Step::to_client(&greeting[..])));
+    }
+
+    #[test]
+    fn greeting_after_stls_is_swallowed() {
+        let mut n = Pop3Negotiation::new(&settings(), Entry::AfterStartTls);
+        let mut input = buf(b"+OK Dovecot ready.\r\n");
+        assert_eq!(n.on_greeting(&mut input), Some(Step::to_client(Vec::new())));
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn client_waits_for_backend_greeting() {
+        let mut n = Pop3Negotiation::new(&settings(), Entry::AfterStartTls);
+        let mut input = buf(b"USER u\r\n");
+        assert_eq!(n.on_client(&mut input), None);
+        assert_eq!(&input[..], b"USER u\r\n");
+    }
+
+    #[test]
+    fn negative_or_malformed_greeting_closes_as_backend_unavailable() {
+        for greeting in [&b"-ERR go away\r\n"[..], b"220 smtp.example ESMTP\r\n", b"+ \r\n"] {
+            let mut n = Pop3Negotiation::new(&settings(), Entry::Implicit);
+            let mut input = buf(greeting);
+            assert_eq!(
+                n.on_greeting(&mut input),
+                Some(
+                    Step::to_client(b"-ERR [SYS/TEMP] Backend server unavailable\r\n".to_vec())
+                        .then(Next::Close)
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn stls_injected_before_tls_never_reaches_backend() {
+        // Matrix row 5: `STLS\r\nCAPA\r\n` in one write, TLS, then `USER u`.
+        let mut p = pre_tls();
+        let mut plaintext = buf(b"STLS\r\nCAPA\r\n");
+        assert!(matches!(p.on_client(&mut plaintext), Some(PreTlsStep::StartTls(_))));
+        assert_eq!(&plaintext[..], b"CAPA\r\n", "handed to rustls, not to us");
+
+        let mut n = Pop3Negotiation::new(&settings(), Entry::AfterStartTls);
+        let mut backend = buf(b"+OK ready\r\n");
+        assert_eq!(n.on_greeting(&mut backend), Some(Step::to_client(Vec::new())));
+        forwarded(&mut n, b"USER u\r\n");
+        assert_eq!(from_backend(&mut n, b"+OK\r\n"), Some(Step::to_client(&b"+OK\r\n"[..])));
+    }
+
+    #[test]
+    fn capa_after_tls_drops_stls_and_keeps_the_rest() {
+        let mut n = negotiating(Entry::AfterStartTls);
+        forwarded(&mut n, b"CAPA\r\n");
+        let response = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\nstls\r\nSTLS x\r\n.\r\n";
+        let expected = b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n";
+        assert_eq!(from_backend(&mut n, response), Some(Step::to_client(&expected[..])));
+        forwarded(&mut n, b"USER u\r\n");
+    }
+
+    #[test]
+    fn capa_is_relayed_in_pieces_as_it_arrives() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"CAPA\r\n");
+        let mut input = buf(b"+OK list\r\nUSER\r\nST");
+        assert_eq!(n.on_backend(&mut input), Some(Step::to_client(&b"+OK list\r\nUSER\r\n"[..])));
+        assert_eq!(n.on_backend(&mut input), None);
+        let mut idle = buf(b"NOOP\r\n");
+        assert_eq!(n.on_client(&mut idle), None, "list still outstanding");
+        input.extend_from_slice(b"LS\r\n");
+        assert_eq!(n.on_backend(&mut input), Some(Step::to_client(Vec::new())));
+        input.extend_from_slice(b".\r\n");
+        assert_eq!(n.on_backend(&mut input), Some(Step::to_client(&b".\r\n"[..])));
+        assert_eq!(n.on_client(&mut idle), Some(Step::to_backend(&b"NOOP\r\n"[..])));
+    }
+
+    #[test]
+    fn dot_stuffed_line_does_not_end_a_list() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"CAPA\r\n");
+        let step = from_backend(&mut n, b"+OK\r\n..\r\n.X\r\n");
+        assert_eq!(step, Some(Step::to_client(&b"+OK\r\n..\r\n.X\r\n"[..])));
+        assert_eq!(from_backend(&mut n, b"STLS\r\n.\n"), Some(Step::to_client(&b".\n"[..])));
+        forwarded(&mut n, b"USER u\r\n");
+    }
+
+    #[test]
+    fn list_response_stops_at_terminator_and_leaves_next_response() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"CAPA\r\n");
+        let mut input = buf(b"+OK\r\nUSER\r\n.\r\n-ERR later\r\n");
+        assert_eq!(n.on_backend(&mut input), Some(Step::to_client(&b"+OK\r\nUSER\r\n.\r\n"[..])));
+        assert_eq!(&input[..], b"-ERR later\r\n");
+    }
+
+    #[test]
+    fn capa_error_is_single_line() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"CAPA\r\n");
+        assert_eq!(from_backend(&mut n, b"-ERR no\r\n"), Some(Step::to_client(&b"-ERR no\r\n"[..])));
+        forwarded(&mut n, b"USER u\r\n");
+    }
+
+    #[test]
+    fn stls_after_tls_is_refused_locally() {
+        let mut n = negotiating(Entry::Implicit);
+        for command in [&b"STLS\r\n"[..], b"stls x\n"] {
+            let mut input = buf(command);
+            assert_eq!(n.on_client(&mut input), Some(Step::to_client(&b"-ERR TLS already active\r\n"[..])));
+            assert!(input.is_empty());
+        }
+        forwarded(&mut n, b"CAPA\r\n");
+    }
+
+    #[test]
+    fn repeated_stls_after_tls_closes_as_too_many_errors() {
+        let mut n = negotiating(Entry::Implicit);
+        for _ in 0..settings().max_errors {
+            let mut input = buf(b"STLS\r\n");
+            assert_eq!(n.on_client(&mut input), Some(Step::to_client(TLS_ALREADY_ACTIVE)));
+        }
+        let mut input = buf(b"STLS\r\n");
+        assert_eq!(
+            n.on_client(&mut input),
+            Some(Step::to_client(&b"-ERR Too many errors\r\n"[..]).then(Next::Close))
+        );
+    }
+
+    #[test]
+    fn client_waits_while_a_response_is_outstanding() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"USER u\r\n");
+        let mut input = buf(b"STLS\r\nPASS p\r\n");
+        assert_eq!(n.on_client(&mut input), None, "no local reply may overtake the +OK");
+        assert_eq!(from_backend(&mut n, b"+OK\r\n"), Some(Step::to_client(&b"+OK\r\n"[..])));
+        assert_eq!(n.on_client(&mut input), Some(Step::to_client(TLS_ALREADY_ACTIVE)));
+        assert_eq!(n.on_client(&mut input), Some(Step::to_backend(&b"PASS p\r\n"[..])));
+    }
+
+    #[test]
+    fn pass_accepted_switches_to_relay() {
+        let mut n = negotiating(Entry::AfterStartTls);
+        forwarded(&mut n, b"USER alice\r\n");
+        assert_eq!(from_backend(&mut n, b"+OK\r\n"), Some(Step::to_client(&b"+OK\r\n"[..])));
+        forwarded(&mut n, b"PASS secret\r\n");
+        let mut input = buf(b"+OK Logged in.\r\n+OK 2 messages\r\n");
+        assert_eq!(
+            n.on_backend(&mut input),
+            Some(Step::to_client(&b"+OK Logged in.\r\n"[..]).then(Next::Relay))
+        );
+        assert_eq!(&input[..], b"+OK 2 messages\r\n", "left for the opaque relay");
+        assert_eq!(n.on_backend(&mut input), None);
+    }
+
+    #[test]
+    fn apop_accepted_switches_to_relay() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"apop alice 0123456789abcdef0123456789abcdef\r\n");
+        assert_eq!(
+            from_backend(&mut n, b"+OK\r\n"),
+            Some(Step::to_client(&b"+OK\r\n"[..]).then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn failed_login_keeps_negotiating() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"PASS wrong\r\n");
+        let failure = b"-ERR [AUTH] Authentication failed.\r\n";
+        assert_eq!(from_backend(&mut n, failure), Some(Step::to_client(&failure[..])));
+        forwarded(&mut n, b"PASS right\r\n");
+    }
+
+    #[test]
+    fn auth_without_mechanism_lists_mechanisms() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"AUTH\r\n");
+        let list = b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n";
+        assert_eq!(from_backend(&mut n, list), Some(Step::to_client(&list[..])));
+        forwarded(&mut n, b"USER u\r\n");
+    }
+
+    #[test]
+    fn sasl_response_is_forwarded_verbatim_never_interpreted() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"AUTH LOGIN\r\n");
+        assert_eq!(
+            from_backend(&mut n, b"+ VXNlcm5hbWU6\r\n"),
+            Some(Step::to_client(&b"+ VXNlcm5hbWU6\r\n"[..]))
+        );
+        // The client's answer happens to read STLS: it is SASL data, not a command.
+        forwarded(&mut n, b"STLS\r\n");
+        assert_eq!(from_backend(&mut n, b"+\r\n"), Some(Step::to_client(&b"+\r\n"[..])));
+        forwarded(&mut n, b"c2VjcmV0\r\n");
+        assert_eq!(
+            from_backend(&mut n, b"+OK Logged in.\r\n"),
+            Some(Step::to_client(&b"+OK Logged in.\r\n"[..]).then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn sasl_cancel_is_forwarded_and_negotiation_continues() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"AUTH PLAIN\r\n");
+        assert!(from_backend(&mut n, b"+ \r\n").is_some());
+        forwarded(&mut n, b"*\r\n");
+        let cancelled = b"-ERR [AUTH] Authentication aborted\r\n";
+        assert_eq!(from_backend(&mut n, cancelled), Some(Step::to_client(&cancelled[..])));
+        let mut input = buf(b"STLS\r\n");
+        assert_eq!(n.on_client(&mut input), Some(Step::to_client(TLS_ALREADY_ACTIVE)));
+    }
+
+    #[test]
+    fn auth_with_initial_response_accepted_switches_to_relay() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        assert_eq!(
+            from_backend(&mut n, b"+OK\r\n"),
+            Some(Step::to_client(&b"+OK\r\n"[..]).then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn continuation_is_not_taken_for_ok_outside_auth() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"USER u\r\n");
+        assert_eq!(
+            from_backend(&mut n, b"+ OK\r\n"),
+            Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close))
+        );
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"PASS p\r\n");
+        assert_eq!(from_backend(&mut n, b"+OKAY\r\n").map(|s| s.next), Some(Next::Close));
+    }
+
+    #[test]
+    fn user_response_is_a_single_line() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"USER u\r\n");
+        let mut input = buf(b"+OK\r\n.\r\n");
+        assert_eq!(n.on_backend(&mut input), Some(Step::to_client(&b"+OK\r\n"[..])));
+        assert_eq!(&input[..], b".\r\n");
+    }
+
+    #[test]
+    fn quit_response_ends_the_session() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"QUIT\r\n");
+        assert_eq!(
+            from_backend(&mut n, b"+OK Logging out\r\n"),
+            Some(Step::to_client(&b"+OK Logging out\r\n"[..]).then(Next::Close))
+        );
+    }
+
+    #[test]
+    fn unsolicited_status_line_is_relayed() {
+        let mut n = negotiating(Entry::Implicit);
+        let notice = b"-ERR Disconnected for inactivity.\r\n";
+        assert_eq!(from_backend(&mut n, notice), Some(Step::to_client(&notice[..])));
+        forwarded(&mut n, b"USER u\r\n");
+    }
+
+    #[test]
+    fn overlong_client_line_after_tls_closes() {
+        let mut n = negotiating(Entry::Implicit);
+        let mut bytes = b"USER ".to_vec();
+        bytes.resize(settings().max_line, b'A');
+        bytes.extend_from_slice(b"STLS\r\n");
+        let mut input = buf(&bytes);
+        assert_eq!(n.on_client(&mut input), Some(Step::to_client(LINE_TOO_LONG).then(Next::Close)));
+    }
+
+    #[test]
+    fn long_sasl_line_within_bound_is_forwarded_intact() {
+        let mut n = negotiating(Entry::Implicit);
+        let mut command = b"AUTH PLAIN ".to_vec();
+        command.resize(12_000, b'Q');
+        command.extend_from_slice(b"\r\n");
+        forwarded(&mut n, &command);
+    }
+
+    #[test]
+    fn overlong_backend_line_closes_as_backend_unavailable() {
+        let closing = Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close));
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"USER u\r\n");
+        let mut input = buf(&vec![b'+'; settings().max_line]);
+        assert_eq!(n.on_backend(&mut input), closing);
+
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"CAPA\r\n");
+        let mut input = buf(b"+OK\r\nUSER\r\n");
+        input.extend_from_slice(&vec![b'A'; settings().max_line]);
+        assert_eq!(n.on_backend(&mut input), Some(Step::to_client(&b"+OK\r\nUSER\r\n"[..])));
+        assert_eq!(n.on_backend(&mut input), closing);
+    }
+
+    #[test]
+    fn farewells_have_pop3_words() {
+        assert_eq!(farewell(Farewell::BackendUnavailable), b"-ERR [SYS/TEMP] Backend server unavailable\r\n");
+        assert_eq!(farewell(Farewell::Timeout), b"-ERR Timeout, closing connection\r\n");
+        assert_eq!(farewell(Farewell::ShuttingDown), b"-ERR [SYS/TEMP] Server shutting down\r\n");
+    }
+
+    // ---- hostile input ----
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Random bytes salted with the tokens the state machines react to.
+    fn hostile_chunk(rng: &mut XorShift) -> Vec<u8> {
+        const TOKENS: &[&[u8]] = &[
+            b"STLS", b"CAPA", b"USER ", b"PASS ", b"APOP ", b"AUTH", b" PLAIN", b"QUIT", b"LIST", b"RETR 1",
+            b"+OK", b"-ERR", b"+ ", b"+", b".", b"..", b"\r\n", b"\n", b" ", b"*",
+        ];
+        let mut chunk = Vec::new();
+        for _ in 0..rng.below(12) {
+            if rng.below(3) == 0 {
+                for _ in 0..rng.below(40) {
+                    chunk.push(rng.next() as u8);
+                }
+            } else {
+                chunk.extend_from_slice(TOKENS[rng.below(TOKENS.len())]);
+            }
+        }
+        if rng.below(50) == 0 {
+            chunk.resize(chunk.len() + 700, b'A');
+        }
+        chunk
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic_and_stay_bounded() {
+        let small = Settings { max_pre_tls_line: 64, max_line: 256, ..settings() };
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for round in 0..4000 {
+            let mut p = Pop3PreTls::new(&small);
+            let mut client = BytesMut::new();
+            'pre: for _ in 0..8 {
+                client.extend_from_slice(&hostile_chunk(&mut rng));
+                loop {
+                    let before = client.clone();
+                    let Some(step) = p.on_client(&mut client) else {
+                        break;
+                    };
+                    if let PreTlsStep::StartTls(_) = step {
+                        assert!(before.ends_with(&client), "bytes behind STLS were touched");
+                    }
+                    if !matches!(step, PreTlsStep::Reply(_)) {
+                        break 'pre;
+                    }
+                }
+                assert!(client.len() < small.max_pre_tls_line, "an undecided line outgrew its bound");
+            }
+
+            let entry = if round % 2 == 0 { Entry::Implicit } else { Entry::AfterStartTls };
+            let mut n = Pop3Negotiation::new(&small, entry);
+            let mut client = BytesMut::new();
+            let mut backend = BytesMut::from(&b"+OK hi\r\n"[..]);
+            if round % 7 == 0 {
+                backend = BytesMut::from(&hostile_chunk(&mut rng)[..]);
+            }
+            let Some(step) = n.on_greeting(&mut backend) else {
+                continue;
+            };
+            if step.next != Next::Negotiate {
+                continue;
+            }
+            'negotiate: for _ in 0..16 {
+                client.extend_from_slice(&hostile_chunk(&mut rng));
+                backend.extend_from_slice(&hostile_chunk(&mut rng));
+                for _ in 0..10_000 {
+                    let before = (client.len(), backend.len());
+                    let from_client = n.on_client(&mut client);
+                    let from_backend = n.on_backend(&mut backend);
+                    for step in [&from_client, &from_backend].into_iter().flatten() {
+                        assert!(step.to_backend.len() <= small.max_line);
+                        assert!(step.to_client.len() <= before.1.max(64));
+                        if step.next != Next::Negotiate {
+                            break 'negotiate;
+                        }
+                    }
+                    if from_client.is_none() && from_backend.is_none() {
+                        break;
+                    }
+                }
+                assert!(backend.len() < small.max_line, "an undecided response outgrew its bound");
+                if n.state == State::Idle || n.state == State::SaslResponse {
+                    assert!(client.len() < small.max_line, "an undecided command outgrew its bound");
+                }
+            }
+        }
+    }
+}

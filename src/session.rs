@@ -1,0 +1,457 @@
+//! One client connection from accept to close, as a fixed sequence of phases:
+//! pre-TLS dialogue (STARTTLS listeners) -> handshake -> backend -> negotiation -> relay.
+//!
+//! The session knows no command names: the protocol state machines decide what bytes
+//! mean, the session moves them, enforces time, and writes one log line at the end.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{self, Peer};
+use crate::config::{ProxyProtocol, Timeouts, TlsMode};
+use crate::metrics::Metrics;
+use crate::protocol::{self, Entry, Farewell, Negotiation, Next, PreTlsStep, Protocol, Settings, Step};
+use crate::relay::{self, Ending, Engine};
+use crate::tls::prefixed::Prefixed;
+use crate::tls::TlsFacts;
+
+/// The first byte of a TLS handshake record; anything else behind STARTTLS is plaintext.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// Read granularity while lines are being examined.
+const READ_CHUNK: usize = 4096;
+
+/// Everything a session needs to know about the listener that accepted it.
+pub struct ListenerContext {
+    pub name: String,
+    pub protocol: Protocol,
+    pub tls_mode: TlsMode,
+    pub proxy_protocol: ProxyProtocol,
+    pub backend: String,
+    pub settings: Settings,
+    /// SMTP extensions last learned from the backend (opportunistic listeners).
+    pub backend_extensions: Mutex<Arc<[String]>>,
+    pub acceptor: TlsAcceptor,
+    pub timeouts: Timeouts,
+    pub metrics: Arc<Metrics>,
+}
+
+impl ListenerContext {
+    fn session_settings(&self) -> Settings {
+        let mut settings = self.settings.clone();
+        if let Ok(ext) = self.backend_extensions.lock() {
+            settings.backend_extensions = ext.clone();
+        }
+        settings
+    }
+}
+
+/// The two stages of stopping: `graceful` ends sessions still in their dialogue (with the
+/// protocol's farewell) and lets relays run; `hard` ends everything at the drain deadline.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    pub graceful: CancellationToken,
+    pub hard: CancellationToken,
+}
+
+/// How a session ended, for the log line.
+#[derive(Debug)]
+enum Outcome {
+    Relayed(Ending),
+    /// The protocol closed it (QUIT/LOGOUT, a bound exceeded, a refused greeting).
+    Closed,
+    ClientGone,
+    BackendClosed,
+    HandshakeFailed(String),
+    HandshakeTimeout,
+    IdleTimeout,
+    BackendUnavailable(String),
+    ShuttingDown,
+    Io(String),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Relayed(Ending::Closed) => f.write_str("relayed"),
+            Outcome::Relayed(Ending::Idle) => f.write_str("relay idle timeout"),
+            Outcome::Relayed(Ending::Failed) => f.write_str("relay failed"),
+            Outcome::Closed => f.write_str("closed by protocol"),
+            Outcome::ClientGone => f.write_str("client closed"),
+            Outcome::BackendClosed => f.write_str("backend closed"),
+            Outcome::HandshakeFailed(e) => write!(f, "handshake failed: {e}"),
+            Outcome::HandshakeTimeout => f.write_str("handshake timeout"),
+            Outcome::IdleTimeout => f.write_str("idle timeout"),
+            Outcome::BackendUnavailable(e) => write!(f, "backend unavailable: {e}"),
+            Outcome::ShuttingDown => f.write_str("shutting down"),
+            Outcome::Io(e) => write!(f, "i/o error: {e}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for Outcome {
+    fn from(e: std::io::Error) -> Self {
+        Outcome::Io(e.to_string())
+    }
+}
+
+/// The facts gathered along the way, logged once when the connection ends.
+struct Record {
+    client: SocketAddr,
+    started: Instant,
+    tls: Option<TlsFacts>,
+    engine: Option<Engine>,
+    to_backend: u64,
+    to_client: u64,
+}
+
+/// Serves one accepted connection to its end and logs it.
+pub async fn serve(stream: TcpStream, client: SocketAddr, ctx: Arc<ListenerContext>, stop: Shutdown) {
+    let _ = stream.set_nodelay(true);
+    let mut record =
+        Record { client, started: Instant::now(), tls: None, engine: None, to_backend: 0, to_client: 0 };
+    let outcome = tokio::select! {
+        outcome = run(stream, &ctx, &mut record, &stop) => outcome,
+        () = stop.hard.cancelled() => Outcome::ShuttingDown,
+    };
+    log_end(&ctx, &record, &outcome);
+}
+
+fn log_end(ctx: &ListenerContext, r: &Record, outcome: &Outcome) {
+    let tls = r.tls.as_ref();
+    tracing::info!(
+        listener = %ctx.name,
+        client = %r.client,
+        sni = tls.and_then(|t| t.sni.as_deref()).unwrap_or("-"),
+        tls_version = tls.map_or("none", |t| t.version),
+        cipher = tls.map_or("none", |t| t.cipher.as_str()),
+        engine = %r.engine.map_or("none".to_owned(), |e| e.to_string()),
+        bytes_in = r.to_backend,
+        bytes_out = r.to_client,
+        duration_ms = r.started.elapsed().as_millis() as u64,
+        outcome = %outcome,
+        "connection closed"
+    );
+}
+
+async fn run(mut stream: TcpStream, ctx: &ListenerContext, record: &mut Record, stop: &Shutdown) -> Outcome {
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(e) => return e.into(),
+    };
+    let settings = ctx.session_settings();
+    let prefix = match ctx.tls_mode {
+        TlsMode::Implicit => BytesMut::new(),
+        TlsMode::Starttls => match pre_tls(&mut stream, ctx, &settings, stop).await {
+            Ok(PreTlsEnd::StartTls(leftover)) => leftover,
+            Ok(PreTlsEnd::Plaintext { replay, buffered }) => {
+                let peer = Peer { client: record.client, local, tls: None };
+                let entry = Entry::Plaintext { replay };
+                return after_handshake(stream, buffered, peer, entry, ctx, &settings, record, stop).await;
+            }
+            Err(outcome) => return outcome,
+        },
+    };
+    let entry = match ctx.tls_mode {
+        TlsMode::Implicit => Entry::Implicit,
+        TlsMode::Starttls => Entry::AfterStartTls,
+    };
+    let tls = match handshake(stream, prefix, ctx).await {
+        Ok(tls) => tls,
+        Err(outcome) => {
+            Metrics::add(&ctx.metrics.handshakes_failed);
+            return outcome;
+        }
+    };
+    let facts = TlsFacts::of(tls.get_ref().1);
+    record.tls = Some(facts.clone());
+    let peer = Peer { client: record.client, local, tls: Some(facts) };
+    after_handshake(tls, BytesMut::new(), peer, entry, ctx, &settings, record, stop).await
+}
+
+// ---- phase 1: the dialogue before TLS --------------------------------------------------
+
+enum PreTlsEnd {
+    /// Bytes read behind the STARTTLS command: the first bytes of the handshake.
+    StartTls(BytesMut),
+    /// Opportunistic SMTP went on in plaintext; `buffered` starts with the MAIL command.
+    Plaintext { replay: Vec<u8>, buffered: BytesMut },
+}
+
+async fn pre_tls(
+    stream: &mut TcpStream,
+    ctx: &ListenerContext,
+    settings: &Settings,
+    stop: &Shutdown,
+) -> Result<PreTlsEnd, Outcome> {
+    let mut dialogue = protocol::pre_tls(ctx.protocol, settings);
+    stream.write_all(&dialogue.greeting()).await?;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        while let Some(step) = dialogue.on_client(&mut buf) {
+            match step {
+                PreTlsStep::Reply(reply) => stream.write_all(&reply).await?,
+                PreTlsStep::StartTls(reply) => {
+                    stream.write_all(&reply).await?;
+                    note_starttls(ctx, &buf, stream);
+                    return Ok(PreTlsEnd::StartTls(buf));
+                }
+                PreTlsStep::Close(reply) => {
+                    stream.write_all(&reply).await?;
+                    let _ = stream.shutdown().await;
+                    return Err(Outcome::Closed);
+                }
+                PreTlsStep::Plaintext { replay } => {
+                    return Ok(PreTlsEnd::Plaintext { replay, buffered: buf })
+                }
+            }
+        }
+        let read = tokio::select! {
+            read = read_some(stream, &mut buf, settings.max_line) => read?,
+            () = tokio::time::sleep(ctx.timeouts.pre_auth_idle) => {
+                return Err(say_farewell(stream, ctx.protocol, Farewell::Timeout, Outcome::IdleTimeout).await);
+            }
+            () = stop.graceful.cancelled() => {
+                return Err(say_farewell(stream, ctx.protocol, Farewell::ShuttingDown, Outcome::ShuttingDown).await);
+            }
+        };
+        if read == 0 {
+            return Err(Outcome::ClientGone);
+        }
+    }
+}
+
+/// Counts the upgrade, and logs and counts plaintext found behind the STARTTLS command.
+fn note_starttls(ctx: &ListenerContext, behind: &[u8], stream: &TcpStream) {
+    Metrics::add(&ctx.metrics.starttls_upgrades);
+    if behind.first().is_some_and(|&b| b != TLS_HANDSHAKE_RECORD) {
+        Metrics::add(&ctx.metrics.starttls_injection_attempts);
+        tracing::warn!(
+            listener = %ctx.name,
+            client = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            bytes = behind.len(),
+            "STARTTLS command injection attempt: plaintext followed the STARTTLS command; \
+             it is fed to the TLS handshake, never executed"
+        );
+    }
+}
+
+/// Reads what is available, refusing to grow the buffer past what the protocol's own
+/// bounds could need (the state machine reports an overlong line well before).
+async fn read_some<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    bound: usize,
+) -> std::io::Result<usize> {
+    if buf.len() > bound + READ_CHUNK {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "peer outran the line bound"));
+    }
+    buf.reserve(READ_CHUNK);
+    stream.read_buf(buf).await
+}
+
+async fn say_farewell<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    protocol: Protocol,
+    why: Farewell,
+    outcome: Outcome,
+) -> Outcome {
+    let _ = stream.write_all(&protocol::farewell(protocol, why)).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+    outcome
+}
+
+// ---- phase 2: the TLS handshake ----------------------------------------------------------
+
+async fn handshake(
+    stream: TcpStream,
+    prefix: BytesMut,
+    ctx: &ListenerContext,
+) -> Result<TlsStream<Prefixed<TcpStream>>, Outcome> {
+    let accept = ctx.acceptor.accept(Prefixed::new(stream, prefix));
+    match tokio::time::timeout(ctx.timeouts.handshake, accept).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(Outcome::HandshakeFailed(e.to_string())),
+        Err(_) => Err(Outcome::HandshakeTimeout),
+    }
+}
+
+// ---- phases 3-5: backend, negotiation, relay ---------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
+    mut client: C,
+    mut client_buf: BytesMut,
+    peer: Peer,
+    entry: Entry,
+    ctx: &ListenerContext,
+    settings: &Settings,
+    record: &mut Record,
+    stop: &Shutdown,
+) -> Outcome {
+    let mut negotiation = protocol::negotiation(ctx.protocol, settings, entry);
+    let (mut backend, mut backend_buf, greeting) = match open_backend(ctx, &peer, negotiation.as_mut()).await
+    {
+        Ok(opened) => opened,
+        Err(reason) => {
+            Metrics::add(&ctx.metrics.backend_failures);
+            tracing::warn!(listener = %ctx.name, client = %peer.client, backend = %ctx.backend, "{reason}");
+            let outcome = Outcome::BackendUnavailable(reason);
+            return say_farewell(&mut client, ctx.protocol, Farewell::BackendUnavailable, outcome).await;
+        }
+    };
+    let mut link = Link { client: &mut client, backend: &mut backend, record: &mut *record };
+    let mut next = match link.apply(greeting).await {
+        Ok(next) => next,
+        Err(outcome) => return outcome,
+    };
+    if next == Next::Negotiate {
+        next = match link
+            .negotiate(negotiation.as_mut(), &mut client_buf, &mut backend_buf, ctx, settings, stop)
+            .await
+        {
+            Ok(next) => next,
+            Err(outcome) => return outcome,
+        };
+    }
+    if next == Next::Close {
+        let _ = client.shutdown().await;
+        return Outcome::Closed;
+    }
+    record.engine = Some(Engine::Copy);
+    let report = relay::relay(client, backend, &client_buf, &backend_buf, ctx.timeouts.idle).await;
+    record.to_backend += report.totals.client_to_backend;
+    record.to_client += report.totals.backend_to_client;
+    Outcome::Relayed(report.ending)
+}
+
+/// Choose the backend, connect, send the PROXY header, consume the greeting: one unit, so
+/// it can run at whatever point a later phase decides which backend to use.
+async fn open_backend(
+    ctx: &ListenerContext,
+    peer: &Peer,
+    negotiation: &mut dyn Negotiation,
+) -> Result<(TcpStream, BytesMut, Step), String> {
+    let header = backend::proxy_header(ctx.proxy_protocol, peer);
+    let deadline = Instant::now() + ctx.timeouts.backend_connect;
+    let mut stream = backend::connect(&ctx.backend, header.as_deref(), ctx.timeouts.backend_connect)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if let Some(step) = negotiation.on_greeting(&mut buf) {
+            return Ok((stream, buf, step));
+        }
+        let read =
+            tokio::time::timeout_at(deadline, read_some(&mut stream, &mut buf, ctx.settings.max_line)).await;
+        match read {
+            Err(_) => {
+                return Err(format!(
+                    "backend {} sent no greeting within {:?}",
+                    ctx.backend, ctx.timeouts.backend_connect
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("reading the greeting of backend {}: {e}", ctx.backend)),
+            Ok(Ok(0)) => return Err(format!("backend {} closed before greeting", ctx.backend)),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The two connections during negotiation.
+struct Link<'a, C> {
+    client: &'a mut C,
+    backend: &'a mut TcpStream,
+    record: &'a mut Record,
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
+    /// Writes a step out: backend first, then client (flushed: TLS buffers inside rustls).
+    async fn apply(&mut self, step: Step) -> Result<Next, Outcome> {
+        if !step.to_backend.is_empty() {
+            self.backend.write_all(&step.to_backend).await?;
+            self.record.to_backend += step.to_backend.len() as u64;
+        }
+        if !step.to_client.is_empty() {
+            self.client.write_all(&step.to_client).await?;
+            self.client.flush().await?;
+            self.record.to_client += step.to_client.len() as u64;
+        }
+        Ok(step.next)
+    }
+
+    /// Feeds both sides' bytes to the state machine until it says relay or close.
+    async fn negotiate(
+        &mut self,
+        negotiation: &mut dyn Negotiation,
+        client_buf: &mut BytesMut,
+        backend_buf: &mut BytesMut,
+        ctx: &ListenerContext,
+        settings: &Settings,
+        stop: &Shutdown,
+    ) -> Result<Next, Outcome> {
+        let bound = settings.max_line + settings.max_literal as usize;
+        loop {
+            loop {
+                let step = match negotiation.on_backend(backend_buf) {
+                    Some(step) => step,
+                    None => match negotiation.on_client(client_buf) {
+                        Some(step) => step,
+                        None => break,
+                    },
+                };
+                match self.apply(step).await? {
+                    Next::Negotiate => {}
+                    next => return Ok(next),
+                }
+            }
+            self.read_either(client_buf, backend_buf, bound, ctx, stop).await?;
+        }
+    }
+
+    async fn read_either(
+        &mut self,
+        client_buf: &mut BytesMut,
+        backend_buf: &mut BytesMut,
+        bound: usize,
+        ctx: &ListenerContext,
+        stop: &Shutdown,
+    ) -> Result<(), Outcome> {
+        // A full buffer is not read further; the state machine drains it first.
+        let client_room = client_buf.len() <= bound;
+        let backend_room = backend_buf.len() <= bound;
+        tokio::select! {
+            read = read_some(self.client, client_buf, bound), if client_room => match read? {
+                0 => Err(Outcome::ClientGone),
+                _ => Ok(()),
+            },
+            read = read_some(self.backend, backend_buf, bound), if backend_room => match read? {
+                0 => {
+                    let _ = self.client.shutdown().await;
+                    Err(Outcome::BackendClosed)
+                }
+                _ => Ok(()),
+            },
+            () = idle(ctx.timeouts.pre_auth_idle) => {
+                Err(say_farewell(self.client, ctx.protocol, Farewell::Timeout, Outcome::IdleTimeout).await)
+            }
+            () = stop.graceful.cancelled() => {
+                Err(say_farewell(self.client, ctx.protocol, Farewell::ShuttingDown, Outcome::ShuttingDown).await)
+            }
+        }
+    }
+}
+
+async fn idle(after: Duration) {
+    tokio::time::sleep(after).await
+}

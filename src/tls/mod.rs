@@ -1,0 +1,128 @@
+//! TLS for the client side: the rustls server configuration (aws-lc-rs, TLS 1.2/1.3 only)
+//! over a reloadable certificate store, and the facts of a finished handshake.
+
+pub mod load;
+pub mod prefixed;
+pub mod store;
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::{ServerConfig, ServerConnection};
+
+use crate::config::{Config, TlsVersion};
+pub use load::LoadError;
+pub use store::CertStore;
+
+/// The crypto provider mailtls uses everywhere: aws-lc-rs, chosen explicitly so no other
+/// provider that a dependency might enable is ever picked by accident.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Errors building the TLS side.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Whether loading may create the self-signed trial pairs a config asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelfSigned {
+    /// Starting up: create missing pairs where `self_signed = true`.
+    Create,
+    /// `--check`: write nothing; a pair that would be created is skipped.
+    DryRun,
+}
+
+/// Loads every configured certificate (creating self-signed trial pairs only where the
+/// config asks), failing on the first entry that cannot be used.
+pub fn load_certificates(
+    config: &Config,
+    self_signed: SelfSigned,
+) -> Result<Vec<Arc<rustls::sign::CertifiedKey>>, TlsError> {
+    let provider = provider();
+    let names = vec![config.hostname.clone(), "localhost".to_owned()];
+    let mut out = Vec::with_capacity(config.tls.certificates.len());
+    for entry in &config.tls.certificates {
+        let missing = !entry.cert.exists() && !entry.key.exists();
+        if self_signed == SelfSigned::DryRun && entry.self_signed && missing {
+            continue;
+        }
+        if load::create_self_signed_if_missing(entry, &names)? {
+            tracing::warn!(
+                cert = %entry.cert.display(),
+                key = %entry.key.display(),
+                "created a SELF-SIGNED certificate because the config says self_signed = true; for trials only"
+            );
+        }
+        out.push(load::load_entry(entry, &provider)?);
+    }
+    Ok(out)
+}
+
+/// The rustls server configuration shared by every listener.
+pub fn server_config(config: &Config, store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match config.tls.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    Ok(Arc::new(server))
+}
+
+/// What a finished handshake established, for the PROXY header and the logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFacts {
+    /// "TLSv1.2" or "TLSv1.3", as OpenSSL (and so HAProxy and Dovecot) spell it.
+    pub version: &'static str,
+    /// The IANA name of the cipher suite, e.g. "TLS_AES_128_GCM_SHA256".
+    pub cipher: String,
+    /// The server name the client asked for, if any.
+    pub sni: Option<String>,
+}
+
+impl TlsFacts {
+    pub fn of(conn: &ServerConnection) -> TlsFacts {
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "unknown",
+        };
+        let cipher = conn
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .map(iana_suite_name)
+            .unwrap_or_else(|| "unknown".to_owned());
+        TlsFacts { version, cipher, sni: conn.server_name().map(str::to_owned) }
+    }
+}
+
+/// rustls names TLS 1.3 suites "TLS13_…"; the IANA registry (and the PROXY v2 spec's
+/// consumers) call them "TLS_…". TLS 1.2 names already match.
+fn iana_suite_name(rustls_name: &str) -> String {
+    match rustls_name.strip_prefix("TLS13_") {
+        Some(rest) => format!("TLS_{rest}"),
+        None => rustls_name.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suite_names_are_iana() {
+        assert_eq!(iana_suite_name("TLS13_AES_128_GCM_SHA256"), "TLS_AES_128_GCM_SHA256");
+        assert_eq!(
+            iana_suite_name("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"),
+            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
+        );
+    }
+}
