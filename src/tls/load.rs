@@ -86,7 +86,10 @@ pub fn create_self_signed_if_missing(entry: &CertificateConfig, names: &[String]
     }
     let fail = |reason: String| LoadError::SelfSigned { origin: entry.cert_origin.clone(), reason };
     let key_pair = rcgen::KeyPair::generate().map_err(|e| fail(e.to_string()))?;
-    let params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| fail(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| fail(e.to_string()))?;
+    if let Some(first) = names.first() {
+        params.distinguished_name.push(rcgen::DnType::CommonName, first.as_str());
+    }
     let cert = params.self_signed(&key_pair).map_err(|e| fail(e.to_string()))?;
     for dir in [entry.cert.parent(), entry.key.parent()].into_iter().flatten() {
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
