@@ -467,7 +467,8 @@ impl Validator<'_> {
                     ),
                 )
             })?;
-            if !seen.insert(addr) {
+            // Port 0 asks the kernel for any free port, so repeats never clash.
+            if addr.port() != 0 && !seen.insert(addr) {
                 return Err(self.invalid(
                     format!("{key}[{j}]"),
                     text.span(),

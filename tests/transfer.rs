@@ -1,0 +1,512 @@
+//! Bulk transfer through the relay: 1 MiB each way intact on every port role, half-close
+//! propagated, many concurrent sessions, and the idle timeouts before and after login.
+
+mod common;
+
+use common::*;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, Barrier};
+
+const MIB: usize = 1 << 20;
+/// How long one bulk exchange may take, however slow the build.
+const BULK_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Any byte stream a session may end up on: TLS or (plaintext MX) bare TCP.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type Stream = Box<dyn Io>;
+
+/// The seven port roles (port 25 twice: with STARTTLS and in plaintext).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// 465: implicit TLS, AUTH, then MAIL.
+    Submissions,
+    /// 587: STARTTLS required, AUTH, then MAIL.
+    Submission,
+    /// 25 with STARTTLS: no AUTH, MAIL ends negotiation.
+    MxStarttls,
+    /// 25 in plaintext: EHLO answered locally, MAIL connects the backend.
+    MxPlaintext,
+    /// 993
+    Imaps,
+    /// 143
+    Imap,
+    /// 995
+    Pop3s,
+    /// 110
+    Pop3,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Submissions => "submissions",
+            Role::Submission => "submission",
+            Role::MxStarttls | Role::MxPlaintext => "mx",
+            Role::Imaps => "imaps",
+            Role::Imap => "imap",
+            Role::Pop3s => "pop3s",
+            Role::Pop3 => "pop3",
+        }
+    }
+
+    fn script(self) -> Script {
+        match self {
+            Role::Submissions | Role::Submission | Role::MxStarttls | Role::MxPlaintext => Script::Smtp,
+            Role::Imaps | Role::Imap => Script::Imap,
+            Role::Pop3s | Role::Pop3 => Script::Pop3,
+        }
+    }
+
+    fn listener(self, backend: &Backend) -> Listener {
+        let (protocol, tls) = match self {
+            Role::Submissions => ("smtp", "implicit"),
+            Role::Submission | Role::MxStarttls | Role::MxPlaintext => ("smtp", "starttls"),
+            Role::Imaps => ("imap", "implicit"),
+            Role::Imap => ("imap", "starttls"),
+            Role::Pop3s => ("pop3", "implicit"),
+            Role::Pop3 => ("pop3", "starttls"),
+        };
+        let l = Listener::new(self.name(), protocol, tls, backend.addr);
+        match self {
+            Role::MxStarttls | Role::MxPlaintext => l.opportunistic(),
+            _ => l,
+        }
+    }
+}
+
+/// A proxy with one listener for `role` in front of a fresh scripted backend.
+async fn setup(role: Role, extra: &str) -> (Backend, Proxy) {
+    let backend = Backend::start(role.script()).await;
+    let proxy = Proxy::start_with(&[role.listener(&backend)], extra).await;
+    (backend, proxy)
+}
+
+/// Opens a session on `role`'s listener and logs in (or starts the transaction) so the
+/// backend echoes every further byte; returns the bare stream, nothing left unread.
+async fn open_echo(proxy: &Proxy, role: Role) -> Stream {
+    let name = role.name();
+    match role {
+        Role::Submissions => {
+            let mut c = proxy.tls(name).await;
+            assert!(c.smtp_reply().await[0].starts_with("220 "));
+            smtp_auth_and_echo_mail(c).await
+        }
+        Role::Submission => {
+            let c = smtp_starttls(proxy, name).await;
+            smtp_auth_and_echo_mail(c).await
+        }
+        Role::MxStarttls => {
+            let mut c = smtp_starttls(proxy, name).await;
+            c.send("EHLO client.test\r\n").await;
+            assert!(c.smtp_reply().await.last().unwrap().starts_with("250 "));
+            c.send("MAIL FROM:<echo@test>\r\n").await;
+            assert_eq!(c.line().await, "250 2.1.0 Ok\r\n");
+            Box::new(c.into_inner())
+        }
+        Role::MxPlaintext => {
+            let mut c = proxy.tcp(name).await;
+            assert!(c.smtp_reply().await[0].starts_with("220 "));
+            c.send("EHLO client.test\r\n").await;
+            assert!(c.smtp_reply().await.last().unwrap().starts_with("250 "));
+            c.send("MAIL FROM:<echo@test>\r\n").await;
+            assert_eq!(c.line().await, "250 2.1.0 Ok\r\n");
+            Box::new(c.into_inner())
+        }
+        Role::Imaps => {
+            let mut c = proxy.tls(name).await;
+            assert!(c.line().await.starts_with("* OK"));
+            imap_echo_login(c).await
+        }
+        Role::Imap => {
+            let mut c = proxy.tcp(name).await;
+            assert!(c.line().await.starts_with("* OK"));
+            c.send("a STARTTLS\r\n").await;
+            assert!(c.line().await.starts_with("a OK"));
+            let c = c.upgrade(&proxy.certs).await;
+            imap_echo_login(c).await
+        }
+        Role::Pop3s => {
+            let mut c = proxy.tls(name).await;
+            assert!(c.line().await.starts_with("+OK"));
+            pop3_echo_login(c).await
+        }
+        Role::Pop3 => {
+            let mut c = proxy.tcp(name).await;
+            assert!(c.line().await.starts_with("+OK"));
+            c.send("STLS\r\n").await;
+            assert!(c.line().await.starts_with("+OK"));
+            let c = c.upgrade(&proxy.certs).await;
+            pop3_echo_login(c).await
+        }
+    }
+}
+
+/// Pre-TLS greeting, EHLO, STARTTLS, handshake: a TLS session ready for its first command.
+async fn smtp_starttls(proxy: &Proxy, name: &str) -> Conn<TlsClient> {
+    let mut c = proxy.tcp(name).await;
+    assert!(c.smtp_reply().await[0].starts_with("220 "));
+    c.send("EHLO client.test\r\n").await;
+    assert!(c.smtp_reply().await.iter().any(|l| l.contains("STARTTLS")));
+    c.send("STARTTLS\r\n").await;
+    assert!(c.line().await.starts_with("220 "));
+    c.upgrade(&proxy.certs).await
+}
+
+async fn smtp_auth_and_echo_mail(mut c: Conn<TlsClient>) -> Stream {
+    c.send("EHLO client.test\r\n").await;
+    assert!(c.smtp_reply().await.last().unwrap().starts_with("250 "));
+    // PLAIN \0echo\0x
+    c.send("AUTH PLAIN AGVjaG8AeA==\r\n").await;
+    assert!(c.line().await.starts_with("235 "));
+    c.send("MAIL FROM:<echo@test>\r\n").await;
+    assert_eq!(c.line().await, "250 2.1.0 Ok\r\n");
+    Box::new(c.into_inner())
+}
+
+async fn imap_echo_login(mut c: Conn<TlsClient>) -> Stream {
+    c.send("a LOGIN echo x\r\n").await;
+    let ok = c.line().await;
+    assert!(ok.starts_with("a OK"), "{ok}");
+    Box::new(c.into_inner())
+}
+
+async fn pop3_echo_login(mut c: Conn<TlsClient>) -> Stream {
+    c.send("USER echo\r\n").await;
+    assert_eq!(c.line().await, "+OK\r\n");
+    c.send("PASS x\r\n").await;
+    assert!(c.line().await.starts_with("+OK Logged in"));
+    Box::new(c.into_inner())
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different per seed.
+fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Asserts `got` is `want` byte for byte, naming the first difference instead of dumping.
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return;
+    }
+    let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: got {} bytes (fnv {:016x}), want {} bytes (fnv {:016x}); first difference at offset {first}",
+        got.len(),
+        fnv1a(got),
+        want.len(),
+        fnv1a(want)
+    );
+}
+
+/// Writes `data` in odd-sized chunks while reading the echo concurrently; returns the
+/// echoed bytes (exactly `data.len()` of them) and the stream's halves, still open.
+async fn echo_round_trip(stream: Stream, data: Arc<Vec<u8>>) -> Vec<u8> {
+    let (mut rx, mut tx) = tokio::io::split(stream);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(7919) {
+            tx.write_all(chunk).await?;
+        }
+        tx.flush().await?;
+        Ok::<_, std::io::Error>(tx)
+    });
+    let mut got = vec![0u8; data.len()];
+    let read = tokio::time::timeout(BULK_PATIENCE, rx.read_exact(&mut got)).await;
+    let tx = writer.await.expect("writer task").expect("writing to the proxy");
+    match read {
+        Err(_) => panic!("echo of {} bytes did not come back within {BULK_PATIENCE:?}", data.len()),
+        Ok(Err(e)) => panic!("reading the echo: {e}"),
+        Ok(Ok(_)) => {}
+    }
+    drop(rx.unsplit(tx));
+    got
+}
+
+/// One role: log in as echo, 1 MiB through each way, the backend saw it all.
+async fn one_mib_each_way(role: Role) {
+    let (backend, proxy) = setup(role, "").await;
+    let stream = open_echo(&proxy, role).await;
+    let data = Arc::new(payload(MIB, role as u64 + 1));
+    let got = echo_round_trip(stream, data.clone()).await;
+    assert_same(&got, &data, &format!("{role:?} echo"));
+    // The backend recorded all of it after the login dialogue (the MX listener's EHLO
+    // probe may own another connection: look at the one that carried the session).
+    let carried = (0..backend.connections()).map(|i| backend.seen(i).data).find(|d| d.len() >= MIB);
+    let carried = carried.expect("a backend connection carried the payload");
+    assert_same(&carried[carried.len() - MIB..], &data, &format!("{role:?} bytes at the backend"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn submissions_465_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::Submissions).await;
+}
+
+#[tokio::test]
+async fn submission_587_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::Submission).await;
+}
+
+#[tokio::test]
+async fn mx_25_after_starttls_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::MxStarttls).await;
+}
+
+#[tokio::test]
+async fn mx_25_plaintext_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::MxPlaintext).await;
+}
+
+#[tokio::test]
+async fn imaps_993_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::Imaps).await;
+}
+
+#[tokio::test]
+async fn imap_143_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::Imap).await;
+}
+
+#[tokio::test]
+async fn pop3s_995_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::Pop3s).await;
+}
+
+#[tokio::test]
+async fn pop3_110_relays_one_mib_each_way_intact() {
+    one_mib_each_way(Role::Pop3).await;
+}
+
+// ---- half-close ---------------------------------------------------------------------------
+
+/// The tail of the echo the reader leaves unread until the client has shut down its write
+/// side: small enough to sit in socket buffers, so the writer can finish meanwhile.
+const TAIL: usize = 48 * 1024;
+
+/// Sends 1 MiB, then shuts down the write side (TLS close_notify + FIN) while the last
+/// TAIL bytes of the echo are still unread; those must still arrive, followed by EOF.
+async fn half_close_propagates(role: Role) {
+    let (backend, proxy) = setup(role, "").await;
+    let stream = open_echo(&proxy, role).await;
+    let data = Arc::new(payload(MIB, 0x4A1F + role as u64));
+    let (mut rx, mut tx) = tokio::io::split(stream);
+    let (shut_tx, shut_rx) = oneshot::channel::<()>();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(6007) {
+            tx.write_all(chunk).await?;
+        }
+        tx.shutdown().await?;
+        let _ = shut_tx.send(());
+        Ok::<_, std::io::Error>(tx)
+    });
+    let reading = async {
+        let mut head = vec![0u8; MIB - TAIL];
+        rx.read_exact(&mut head).await.expect("echo before the shutdown");
+        shut_rx.await.expect("the writer shut down its side");
+        // Everything from here on arrives after the client's own shutdown.
+        let mut tail = Vec::new();
+        rx.read_to_end(&mut tail).await.expect("echo after the shutdown, then a clean EOF");
+        (head, tail)
+    };
+    let (head, tail) = tokio::time::timeout(BULK_PATIENCE, reading)
+        .await
+        .unwrap_or_else(|_| panic!("{role:?}: echo or EOF missing after the client's half-close"));
+    let _tx = writer.await.expect("writer task").expect("writing and shutting down");
+    assert_eq!(tail.len(), TAIL, "{role:?}: bytes received after the client's shutdown");
+    let mut got = head;
+    got.extend_from_slice(&tail);
+    assert_same(&got, &data, &format!("{role:?} echo across the half-close"));
+    assert!(
+        (0..backend.connections()).any(|i| backend.seen(i).data.ends_with(&data)),
+        "{role:?}: the backend did not receive the whole payload"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn submissions_465_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::Submissions).await;
+}
+
+#[tokio::test]
+async fn submission_587_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::Submission).await;
+}
+
+#[tokio::test]
+async fn mx_25_after_starttls_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::MxStarttls).await;
+}
+
+#[tokio::test]
+async fn mx_25_plaintext_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::MxPlaintext).await;
+}
+
+#[tokio::test]
+async fn imaps_993_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::Imaps).await;
+}
+
+#[tokio::test]
+async fn imap_143_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::Imap).await;
+}
+
+#[tokio::test]
+async fn pop3s_995_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::Pop3s).await;
+}
+
+#[tokio::test]
+async fn pop3_110_half_close_still_delivers_echo_then_eof() {
+    half_close_propagates(Role::Pop3).await;
+}
+
+// ---- many at once ---------------------------------------------------------------------------
+
+/// Port 0 asks the kernel for a fresh port per socket: two listeners on "127.0.0.1:0" do
+/// not collide, and the harness (and the 100-session test below) depends on it.
+#[tokio::test]
+async fn two_listeners_on_port_zero_both_bind() {
+    let config = config_text(
+        &certs(),
+        &[
+            Listener::new("imaps", "imap", "implicit", Backend::unreachable().await),
+            Listener::new("submission", "smtp", "starttls", Backend::unreachable().await),
+        ],
+        "",
+    );
+    let parsed = mailtls::config::parse(std::path::Path::new("/tmp/mailtls.toml"), &config);
+    let parsed = parsed.unwrap_or_else(|e| panic!("two port-0 listeners refused: {e}"));
+    assert_eq!(parsed.listeners.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_concurrent_sessions_each_log_in_and_echo_64k() {
+    const SESSIONS: usize = 100;
+    let imap_backend = Backend::start(Script::Imap).await;
+    let smtp_backend = Backend::start(Script::Smtp).await;
+    let proxy = Arc::new(
+        Proxy::start(&[Role::Imaps.listener(&imap_backend), Role::Submission.listener(&smtp_backend)]).await,
+    );
+    // Every session logs in, then waits until all are logged in, so all 100 are open at once.
+    let all_in = Arc::new(Barrier::new(SESSIONS));
+    let mut tasks = Vec::new();
+    for i in 0..SESSIONS {
+        let (proxy, all_in) = (proxy.clone(), all_in.clone());
+        let role = if i % 2 == 0 { Role::Imaps } else { Role::Submission };
+        tasks.push(tokio::spawn(async move {
+            let stream = open_echo(&proxy, role).await;
+            tokio::time::timeout(BULK_PATIENCE, all_in.wait())
+                .await
+                .expect("all sessions logged in together");
+            let data = Arc::new(payload(64 * 1024, 1000 + i as u64));
+            let got = echo_round_trip(stream, data.clone()).await;
+            assert_same(&got, &data, &format!("session {i} ({role:?})"));
+        }));
+    }
+    let mut failed = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        if let Err(e) = tokio::time::timeout(BULK_PATIENCE, task).await.expect("session finished in time") {
+            failed.push(format!("session {i}: {e}"));
+        }
+    }
+    assert!(failed.is_empty(), "{} of {SESSIONS} sessions failed: {failed:#?}", failed.len());
+    assert_eq!(imap_backend.connections(), SESSIONS / 2);
+    assert_eq!(smtp_backend.connections(), SESSIONS / 2);
+    assert_eq!(imap_backend.connections() + smtp_backend.connections(), SESSIONS);
+    Arc::try_unwrap(proxy).ok().expect("sessions are done with the proxy").stop().await;
+}
+
+// ---- idle timeouts ----------------------------------------------------------------------------
+
+const SHORT_IDLE: &str = "[timeouts]\nidle = 1\ndrain = 1\n";
+
+#[tokio::test]
+async fn silent_echo_session_is_closed_by_idle_timeout() {
+    let (_backend, proxy) = setup(Role::Imaps, SHORT_IDLE).await;
+    let mut c = Conn::new(open_echo(&proxy, Role::Imaps).await);
+    c.send("still here\r\n").await;
+    assert_eq!(c.line().await, "still here\r\n");
+    assert!(c.closed_within(Duration::from_secs(3)).await, "an idle relay outlived idle = 1 s by 2 s");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn echo_session_with_traffic_outlives_idle_timeout() {
+    let (_backend, proxy) = setup(Role::Pop3s, SHORT_IDLE).await;
+    let mut c = Conn::new(open_echo(&proxy, Role::Pop3s).await);
+    // 2.4 s of traffic every 400 ms: longer than idle = 1 s in total, never silent that long.
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let line = format!("tick {i}\r\n");
+        c.send(&line).await;
+        assert_eq!(c.line().await, line, "the session was cut although it was busy");
+    }
+    assert!(c.closed_within(Duration::from_secs(3)).await, "silent at last, it should be closed");
+    proxy.stop().await;
+}
+
+const SHORT_PRE_AUTH: &str = "[timeouts]\npre_auth_idle = 1\ndrain = 1\n";
+
+/// A silent client on a STARTTLS listener gets the protocol's farewell and is closed; the
+/// backend is never contacted.
+async fn pre_tls_silence_gets_farewell(role: Role, farewell: &str) {
+    let (backend, proxy) = setup(role, SHORT_PRE_AUTH).await;
+    let mut c = proxy.tcp(role.name()).await;
+    c.line().await; // greeting
+    let bye = c.try_line(Duration::from_secs(3)).await;
+    let bye = bye.unwrap_or_else(|| panic!("{role:?}: no farewell within 3 s of silence"));
+    assert!(bye.starts_with(farewell), "{role:?}: {bye:?}");
+    assert!(c.closed_within(Duration::from_secs(1)).await, "{role:?}: not closed after the farewell");
+    assert_eq!(backend.connections(), 0, "{role:?}: the backend was contacted");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn silent_pre_tls_smtp_gets_421_4_4_2_after_pre_auth_idle() {
+    pre_tls_silence_gets_farewell(Role::Submission, "421 4.4.2").await;
+}
+
+#[tokio::test]
+async fn silent_pre_tls_imap_gets_bye_after_pre_auth_idle() {
+    pre_tls_silence_gets_farewell(Role::Imap, "* BYE").await;
+}
+
+#[tokio::test]
+async fn silent_pre_tls_pop3_gets_err_after_pre_auth_idle() {
+    pre_tls_silence_gets_farewell(Role::Pop3, "-ERR").await;
+}
+
+/// After TLS but before login (the negotiation phase) the same bound applies.
+#[tokio::test]
+async fn silent_imaps_before_login_gets_bye_after_pre_auth_idle() {
+    let (backend, proxy) = setup(Role::Imaps, SHORT_PRE_AUTH).await;
+    let mut c = proxy.tls("imaps").await;
+    assert!(c.line().await.starts_with("* OK"));
+    let bye = c.try_line(Duration::from_secs(3)).await.expect("a farewell within 3 s of silence");
+    assert!(bye.starts_with("* BYE"), "{bye:?}");
+    assert!(c.closed_within(Duration::from_secs(1)).await);
+    assert_eq!(backend.seen(0).text(), "", "nothing was sent for the silent client");
+    proxy.stop().await;
+}
