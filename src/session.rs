@@ -278,10 +278,25 @@ async fn handshake(
     prefix: BytesMut,
     ctx: &ListenerContext,
 ) -> Result<TlsStream<Prefixed<TcpStream>>, Outcome> {
-    let accept = ctx.acceptor.accept(Prefixed::new(stream, prefix));
+    let counted = prefix.first().is_some_and(|&b| b != TLS_HANDSHAKE_RECORD);
+    let accept = ctx.acceptor.accept(Prefixed::new(stream, prefix)).into_fallible();
     match tokio::time::timeout(ctx.timeouts.handshake, accept).await {
         Ok(Ok(tls)) => Ok(tls),
-        Ok(Err(e)) => Err(Outcome::HandshakeFailed(e.to_string())),
+        Ok(Err((e, io))) => {
+            let late_plaintext = io.first_byte().is_some_and(|b| b != TLS_HANDSHAKE_RECORD);
+            if ctx.tls_mode == TlsMode::Starttls && late_plaintext && !counted {
+                // Plaintext that arrived after the go-ahead (a second segment): the same
+                // attack as bytes behind the command, and just as harmless here.
+                Metrics::add(&ctx.metrics.starttls_injection_attempts);
+                tracing::warn!(
+                    listener = %ctx.name,
+                    client = %io.get_ref().peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    "STARTTLS command injection attempt: plaintext sent after the STARTTLS go-ahead \
+                     failed the handshake, never executed"
+                );
+            }
+            Err(Outcome::HandshakeFailed(e.to_string()))
+        }
         Err(_) => Err(Outcome::HandshakeTimeout),
     }
 }

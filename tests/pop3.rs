@@ -150,6 +150,9 @@ async fn stls_then_user_in_a_second_quick_write_is_injection_safe() {
         assert_stls_injection_safe(&proxy, &backend, &[b"STLS\r\n", b"USER evil\r\n"], "evil").await;
     }
     assert_eq!(backend.connections(), 0);
+    // Counted whether the second write arrived with the command or after the go-ahead.
+    let counter = &proxy.metrics.starttls_injection_attempts;
+    assert!(eventually(|| Metrics::get(counter) == 5).await, "counted {}", Metrics::get(counter));
     proxy.stop().await;
 }
 

@@ -13,15 +13,22 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Prefixed<S> {
     prefix: BytesMut,
     inner: S,
+    first: Option<u8>,
 }
 
 impl<S> Prefixed<S> {
     pub fn new(inner: S, prefix: BytesMut) -> Self {
-        Prefixed { prefix, inner }
+        Prefixed { first: prefix.first().copied(), prefix, inner }
     }
 
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The first byte this stream yielded (prefix or socket), if any: after a failed
+    /// handshake it tells injected plaintext (not 0x16) from a broken ClientHello.
+    pub fn first_byte(&self) -> Option<u8> {
+        self.first
     }
 }
 
@@ -37,7 +44,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             self.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.first.is_none() && buf.filled().len() > before {
+            self.first = Some(buf.filled()[before]);
+        }
+        polled
     }
 }
 
