@@ -365,6 +365,11 @@ async fn open_backend(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         if let Some(step) = negotiation.on_greeting(&mut buf) {
+            // A negative greeting is the backend refusing service, like a refused connect:
+            // the caller answers the client with the protocol's "unavailable" reply.
+            if step.next == Next::Close {
+                return Err(format!("backend {} refused service in its greeting", ctx.backend));
+            }
             return Ok((stream, buf, step));
         }
         let read =
