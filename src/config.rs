@@ -66,7 +66,23 @@ pub enum TlsVersion {
 pub struct TlsConfig {
     pub min_version: TlsVersion,
     pub certificates: Vec<CertificateConfig>,
+    /// Stateless TLS 1.3 session tickets (and TLS 1.2 tickets) for resumption.
+    pub session_tickets: bool,
+    /// Entries of the server-side session cache (TLS 1.2 session IDs); 0 disables it.
+    pub session_cache: usize,
+    /// rustls names of the cipher suites to offer (`None`: rustls' safe defaults).
+    pub cipher_suites: Option<Vec<String>>,
+    /// Names of the key-exchange groups to offer, in preference order (`None`: defaults,
+    /// which put the post-quantum hybrid X25519MLKEM768 first).
+    pub kx_groups: Option<Vec<String>>,
+    /// ALPN protocol names to accept; empty (the default) means no ALPN.
+    pub alpn: Vec<Vec<u8>>,
+    /// Watch the certificate directories and reload on change (default); SIGHUP always works.
+    pub watch: bool,
 }
+
+/// Default size of the TLS 1.2 session cache: a few MB at most.
+pub const DEFAULT_SESSION_CACHE: usize = 10_000;
 
 /// One `[[tls.certificates]]` entry.
 #[derive(Clone, Debug)]
@@ -75,6 +91,9 @@ pub struct CertificateConfig {
     pub key: PathBuf,
     pub cert_origin: Origin,
     pub key_origin: Origin,
+    /// A DER OCSP response to staple, re-read with the certificate on every reload.
+    pub ocsp: Option<PathBuf>,
+    pub ocsp_origin: Option<Origin>,
     /// Create a self-signed pair at `cert`/`key` when both are missing. For local trials
     /// only: it is off unless the config asks, and creation is logged as a warning.
     pub self_signed: bool,
@@ -182,6 +201,19 @@ struct RawTls {
     #[serde(default = "default_min_version")]
     min_version: TlsVersion,
     certificates: Spanned<Vec<RawCertificate>>,
+    #[serde(default = "yes")]
+    session_tickets: bool,
+    session_cache: Option<usize>,
+    cipher_suites: Option<Spanned<Vec<Spanned<String>>>>,
+    kx_groups: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    alpn: Vec<Spanned<String>>,
+    #[serde(default = "yes")]
+    watch: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_min_version() -> TlsVersion {
@@ -193,6 +225,7 @@ fn default_min_version() -> TlsVersion {
 struct RawCertificate {
     cert: Spanned<String>,
     key: Spanned<String>,
+    ocsp: Option<Spanned<String>>,
     #[serde(default)]
     self_signed: bool,
 }
@@ -306,7 +339,6 @@ impl Validator<'_> {
     }
 
     fn tls(&self, raw: Spanned<RawTls>) -> Result<TlsConfig, ConfigError> {
-        let span = raw.span();
         let raw = raw.into_inner();
         let certs_span = raw.certificates.span();
         let entries = raw.certificates.into_inner();
@@ -318,8 +350,102 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, c)| self.certificate(i, c))
             .collect::<Result<Vec<_>, _>>()?;
-        let _ = span;
-        Ok(TlsConfig { min_version: raw.min_version, certificates })
+        let cipher_suites = match &raw.cipher_suites {
+            None => None,
+            Some(list) => Some(self.cipher_suites(list, raw.min_version)?),
+        };
+        let kx_groups = match &raw.kx_groups {
+            None => None,
+            Some(list) => Some(self.kx_groups(list)?),
+        };
+        let mut alpn = Vec::new();
+        for (i, name) in raw.alpn.iter().enumerate() {
+            let n = name.get_ref();
+            if n.is_empty() || n.len() > 255 {
+                return Err(self.invalid(format!("tls.alpn[{i}]"), name.span(), "must be 1 to 255 bytes"));
+            }
+            alpn.push(n.as_bytes().to_vec());
+        }
+        Ok(TlsConfig {
+            min_version: raw.min_version,
+            certificates,
+            session_tickets: raw.session_tickets,
+            session_cache: raw.session_cache.unwrap_or(DEFAULT_SESSION_CACHE),
+            cipher_suites,
+            kx_groups,
+            alpn,
+            watch: raw.watch,
+        })
+    }
+
+    /// Only suites of the provider's own list are accepted: all of them are AEAD with
+    /// forward secrecy, so no configuration can weaken TLS below rustls' safe set.
+    fn cipher_suites(
+        &self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        min: TlsVersion,
+    ) -> Result<Vec<String>, ConfigError> {
+        let known: Vec<&str> =
+            rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES.iter().filter_map(|s| s.suite().as_str()).collect();
+        let mut out = Vec::new();
+        for (i, name) in list.get_ref().iter().enumerate() {
+            // Accept the IANA spelling of TLS 1.3 suites too ("TLS_AES_128_GCM_SHA256").
+            let wanted = name.get_ref().trim();
+            let canonical = known.iter().find(|k| {
+                k.eq_ignore_ascii_case(wanted)
+                    || k.strip_prefix("TLS13_").is_some_and(|rest| {
+                        wanted.len() > 4
+                            && wanted[..4].eq_ignore_ascii_case("TLS_")
+                            && rest.eq_ignore_ascii_case(&wanted[4..])
+                    })
+            });
+            match canonical {
+                Some(k) => out.push((*k).to_owned()),
+                None => {
+                    return Err(self.invalid(
+                        format!("tls.cipher_suites[{i}]"),
+                        name.span(),
+                        format!(
+                            "unknown or unsafe cipher suite {wanted:?}; choose from {}",
+                            known.join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
+        let has_tls13 = out.iter().any(|s| s.starts_with("TLS13_"));
+        let has_tls12 = out.iter().any(|s| !s.starts_with("TLS13_"));
+        if out.is_empty() || (min == TlsVersion::Tls13 && !has_tls13) || !(has_tls13 || has_tls12) {
+            return Err(self.invalid(
+                "tls.cipher_suites",
+                list.span(),
+                "leaves no cipher suite for the allowed TLS versions",
+            ));
+        }
+        Ok(out)
+    }
+
+    fn kx_groups(&self, list: &Spanned<Vec<Spanned<String>>>) -> Result<Vec<String>, ConfigError> {
+        let known: Vec<&str> =
+            rustls::crypto::aws_lc_rs::ALL_KX_GROUPS.iter().filter_map(|g| g.name().as_str()).collect();
+        let mut out = Vec::new();
+        for (i, name) in list.get_ref().iter().enumerate() {
+            let wanted = name.get_ref().trim();
+            match known.iter().find(|k| k.eq_ignore_ascii_case(wanted)) {
+                Some(k) => out.push((*k).to_owned()),
+                None => {
+                    return Err(self.invalid(
+                        format!("tls.kx_groups[{i}]"),
+                        name.span(),
+                        format!("unknown key-exchange group {wanted:?}; choose from {}", known.join(", ")),
+                    ))
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(self.invalid("tls.kx_groups", list.span(), "needs at least one group"));
+        }
+        Ok(out)
     }
 
     fn certificate(&self, index: usize, raw: RawCertificate) -> Result<CertificateConfig, ConfigError> {
@@ -335,6 +461,11 @@ impl Validator<'_> {
             key: self.resolve(raw.key.get_ref()),
             cert_origin: self.origin(cert_key, raw.cert.span()),
             key_origin: self.origin(key_key, raw.key.span()),
+            ocsp: raw.ocsp.as_ref().map(|o| self.resolve(o.get_ref())),
+            ocsp_origin: raw
+                .ocsp
+                .as_ref()
+                .map(|o| self.origin(format!("tls.certificates[{index}].ocsp"), o.span())),
             self_signed: raw.self_signed,
         })
     }
@@ -610,6 +741,33 @@ backend = "127.0.0.1:2525"
         assert!(e.contains(":5:"), "{e}");
         let e = error_of(&format!("{GOOD}\n[timeouts]\nhandshake = 0\n"));
         assert!(e.contains("timeouts.handshake"), "{e}");
+    }
+
+    #[test]
+    fn tls_policy_knobs_accept_only_the_safe_sets() {
+        let with =
+            |extra: &str| GOOD.replace("min_version = \"1.2\"", &format!("min_version = \"1.2\"\n{extra}"));
+        let c = parse_text(&with("cipher_suites = [\"TLS_AES_128_GCM_SHA256\", \"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\nkx_groups = [\"X25519MLKEM768\", \"x25519\"]\nalpn = [\"imap\"]")).expect("valid");
+        assert_eq!(
+            c.tls.cipher_suites.as_deref(),
+            Some(
+                &[
+                    "TLS13_AES_128_GCM_SHA256".to_owned(),
+                    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(c.tls.kx_groups.as_deref(), Some(&["X25519MLKEM768".to_owned(), "X25519".to_owned()][..]));
+        assert!(c.tls.session_tickets);
+        let e = error_of(&with("cipher_suites = [\"TLS_RSA_WITH_RC4_128_SHA\"]"));
+        assert!(e.contains(":6: tls.cipher_suites[0]") && e.contains("unknown or unsafe"), "{e}");
+        let e = error_of(&with("kx_groups = [\"ffdhe2048\"]"));
+        assert!(e.contains("tls.kx_groups[0]"), "{e}");
+        let only12 = GOOD.replace(
+            "min_version = \"1.2\"",
+            "min_version = \"1.3\"\ncipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]",
+        );
+        assert!(error_of(&only12).contains("leaves no cipher suite"));
     }
 
     #[test]

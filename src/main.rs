@@ -57,18 +57,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Explicitly aws-lc-rs, whatever other provider a dependency might compile in.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if args.check {
-        let certs = tls::load_certificates(&config, tls::SelfSigned::DryRun)?;
-        println!(
-            "{}: OK ({} listeners, {} certificates)",
-            config.path.display(),
-            config.listeners.len(),
-            certs.len()
-        );
-        return Ok(());
+        return check(&config);
     }
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(serve(config))
+}
+
+/// `--check`: everything a start would load, loaded; a report of each certificate.
+fn check(config: &config::Config) -> anyhow::Result<()> {
+    let certs = tls::load_certificates(config, tls::SelfSigned::DryRun)?;
+    let now = tls::load::now();
+    for cert in &certs {
+        let days = cert.days_left(now);
+        println!(
+            "certificate {}: names {}; key {}; expires {} ({days} days){}{}",
+            cert.source,
+            cert.names.join(", "),
+            cert.key_type,
+            cert.not_after_date,
+            if cert.certified.ocsp.is_some() { "; OCSP stapled" } else { "" },
+            if days < tls::EXPIRY_WARNING_DAYS { " -- WARNING: renew soon" } else { "" },
+        );
+    }
+    let pending = config.tls.certificates.len() - certs.len();
+    if pending > 0 {
+        println!("{pending} self-signed trial certificate(s) will be created at start (self_signed = true)");
+    }
+    println!(
+        "{}: OK ({} listeners, {} certificates)",
+        config.path.display(),
+        config.listeners.len(),
+        certs.len()
+    );
+    Ok(())
 }
 
 async fn serve(config: config::Config) -> anyhow::Result<()> {

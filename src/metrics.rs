@@ -2,6 +2,9 @@
 //! path pays one relaxed add; exposition (Prometheus) reads them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::tls::LoadedCert;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -11,6 +14,10 @@ pub struct Metrics {
     /// Plaintext bytes found behind a STARTTLS command (the command-injection class).
     pub starttls_injection_attempts: AtomicU64,
     pub backend_failures: AtomicU64,
+    pub cert_reloads_ok: AtomicU64,
+    pub cert_reloads_failed: AtomicU64,
+    /// notAfter (Unix seconds) of each certificate in service, by file.
+    pub cert_not_after: Mutex<Vec<(String, i64)>>,
 }
 
 impl Metrics {
@@ -20,5 +27,11 @@ impl Metrics {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub fn set_certificates(&self, certs: &[LoadedCert]) {
+        if let Ok(mut slot) = self.cert_not_after.lock() {
+            *slot = certs.iter().map(|c| (c.source.clone(), c.not_after)).collect();
+        }
     }
 }

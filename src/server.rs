@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::protocol::smtp::{Probe, ProbeStep, PROBE_QUIT};
 use crate::protocol::{Protocol, Settings};
 use crate::session::{self, ListenerContext, Shutdown};
-use crate::tls::{self, CertStore};
+use crate::tls::{self, Certificates};
 
 /// How often an opportunistic SMTP listener re-learns its backend's EHLO extensions.
 const PROBE_EVERY: Duration = Duration::from_secs(60);
@@ -47,7 +47,7 @@ pub enum Control {
 /// A server with every listener bound and every certificate loaded, not yet accepting.
 pub struct Server {
     config: Config,
-    store: Arc<CertStore>,
+    certificates: Arc<Certificates>,
     metrics: Arc<Metrics>,
     listeners: Vec<(Arc<ListenerContext>, Vec<TcpListener>)>,
 }
@@ -55,9 +55,9 @@ pub struct Server {
 impl Server {
     /// Loads certificates and binds every listener; must run inside the tokio runtime.
     pub fn bind(config: Config) -> Result<Server, StartError> {
-        let store = Arc::new(CertStore::new(tls::load_certificates(&config, tls::SelfSigned::Create)?));
-        let acceptor = TlsAcceptor::from(tls::server_config(&config, store.clone())?);
         let metrics = Arc::new(Metrics::default());
+        let certificates = Arc::new(Certificates::load(&config, metrics.clone())?);
+        let acceptor = TlsAcceptor::from(tls::server_config(&config, certificates.store())?);
         let mut listeners = Vec::new();
         for lc in &config.listeners {
             let ctx = Arc::new(listener_context(&config, lc, acceptor.clone(), metrics.clone()));
@@ -74,7 +74,7 @@ impl Server {
                 .collect::<Result<Vec<_>, _>>()?;
             listeners.push((ctx, sockets));
         }
-        Ok(Server { config, store, metrics, listeners })
+        Ok(Server { config, certificates, metrics, listeners })
     }
 
     /// The addresses actually bound (useful with port 0), per listener name.
@@ -87,6 +87,24 @@ impl Server {
             .collect()
     }
 
+    /// Reloads certificates when their directories change, unless `tls.watch = false`.
+    fn watch_certificates(&self) -> Option<tls::watch::Watch> {
+        if !self.config.tls.watch {
+            return None;
+        }
+        let certificates = self.certificates.clone();
+        let on_change = move || {
+            certificates.reload("file change");
+        };
+        match tls::watch::spawn(&self.certificates.directories(), on_change) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("certificate files are not watched (reload with SIGHUP): {e}");
+                None
+            }
+        }
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }
@@ -95,6 +113,7 @@ impl Server {
     pub async fn run(self, mut control: tokio::sync::mpsc::Receiver<Control>) {
         let stop = Shutdown::default();
         let sessions = TaskTracker::new();
+        let _watch = self.watch_certificates();
         let mut loops = Vec::new();
         for (ctx, sockets) in self.listeners {
             if ctx.protocol == Protocol::Smtp && !ctx.settings.require_tls {
@@ -109,7 +128,9 @@ impl Server {
         }
         while let Some(request) = control.recv().await {
             match request {
-                Control::Reload => reload_certificates(&self.config, &self.store),
+                Control::Reload => {
+                    self.certificates.reload("SIGHUP");
+                }
                 Control::Stop => break,
             }
         }
@@ -194,17 +215,6 @@ async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerContext>, stop: Shutd
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
-}
-
-/// Loads every certificate again and swaps the set in only if all of them load.
-pub fn reload_certificates(config: &Config, store: &CertStore) {
-    match tls::load_certificates(config, tls::SelfSigned::Create) {
-        Ok(certs) => {
-            store.replace(certs);
-            tracing::info!("certificates reloaded");
-        }
-        Err(e) => tracing::error!("certificate reload refused, the previous certificates stay in use: {e}"),
     }
 }
 

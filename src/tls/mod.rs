@@ -4,14 +4,17 @@
 pub mod load;
 pub mod prefixed;
 pub mod store;
+pub mod watch;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
 use rustls::{ServerConfig, ServerConnection};
 
 use crate::config::{Config, TlsVersion};
-pub use load::LoadError;
+use crate::metrics::Metrics;
+pub use load::{LoadError, LoadedCert};
 pub use store::CertStore;
 
 /// The crypto provider mailtls uses everywhere: aws-lc-rs, chosen explicitly so no other
@@ -40,10 +43,7 @@ pub enum SelfSigned {
 
 /// Loads every configured certificate (creating self-signed trial pairs only where the
 /// config asks), failing on the first entry that cannot be used.
-pub fn load_certificates(
-    config: &Config,
-    self_signed: SelfSigned,
-) -> Result<Vec<Arc<rustls::sign::CertifiedKey>>, TlsError> {
+pub fn load_certificates(config: &Config, self_signed: SelfSigned) -> Result<Vec<LoadedCert>, TlsError> {
     let provider = provider();
     let names = vec![config.hostname.clone(), "localhost".to_owned()];
     let mut out = Vec::with_capacity(config.tls.certificates.len());
@@ -64,16 +64,131 @@ pub fn load_certificates(
     Ok(out)
 }
 
+/// The certificates in service and how they are renewed: by the directory watcher and on
+/// demand (SIGHUP), always all-or-nothing.
+pub struct Certificates {
+    config: Config,
+    store: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Certificates {
+    /// Loads every configured certificate; fails on the first one that cannot be used.
+    pub fn load(config: &Config, metrics: Arc<Metrics>) -> Result<Certificates, TlsError> {
+        let certs = load_certificates(config, SelfSigned::Create)?;
+        for cert in &certs {
+            log_loaded(cert, "loaded");
+        }
+        metrics.set_certificates(&certs);
+        Ok(Certificates { config: config.clone(), store: Arc::new(CertStore::new(certs)), metrics })
+    }
+
+    pub fn store(&self) -> Arc<CertStore> {
+        self.store.clone()
+    }
+
+    /// Every directory holding a configured file.
+    pub fn directories(&self) -> Vec<PathBuf> {
+        let files = self.config.tls.certificates.iter().flat_map(|c| {
+            [Some(c.cert.as_path()), Some(c.key.as_path()), c.ocsp.as_deref()].into_iter().flatten()
+        });
+        watch::directories(files)
+    }
+
+    /// Loads the whole set again and swaps it in only if every entry loads; otherwise the
+    /// set in service stays. Returns whether the new set was taken.
+    pub fn reload(&self, trigger: &str) -> bool {
+        match load_certificates(&self.config, SelfSigned::Create) {
+            Ok(certs) => {
+                let current = self.store.current();
+                let unchanged = certs.len() == current.len()
+                    && certs.iter().zip(current.iter()).all(|(new, old)| same_cert(new, old));
+                if unchanged {
+                    tracing::debug!(trigger, "certificates unchanged");
+                    return true;
+                }
+                for cert in &certs {
+                    log_loaded(cert, "reloaded");
+                }
+                self.metrics.set_certificates(&certs);
+                self.store.replace(certs);
+                Metrics::add(&self.metrics.cert_reloads_ok);
+                true
+            }
+            Err(e) => {
+                Metrics::add(&self.metrics.cert_reloads_failed);
+                tracing::error!(trigger, "certificate reload refused, the certificates in service stay: {e}");
+                false
+            }
+        }
+    }
+}
+
+fn same_cert(a: &LoadedCert, b: &LoadedCert) -> bool {
+    a.certified.cert == b.certified.cert && a.certified.ocsp == b.certified.ocsp
+}
+
+fn log_loaded(cert: &LoadedCert, what: &str) {
+    let days = cert.days_left(load::now());
+    tracing::info!(
+        file = %cert.source,
+        names = %cert.names.join(","),
+        key = %cert.key_type,
+        not_after = %cert.not_after_date,
+        days_left = days,
+        ocsp = cert.certified.ocsp.is_some(),
+        "certificate {what}"
+    );
+    if days < EXPIRY_WARNING_DAYS {
+        tracing::warn!(file = %cert.source, not_after = %cert.not_after_date, "certificate expires in {days} days");
+    }
+}
+
+/// Below this many days to expiry, loading and `--check` warn.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
 /// The rustls server configuration shared by every listener.
 pub fn server_config(config: &Config, store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
-    let versions: &[&rustls::SupportedProtocolVersion] = match config.tls.min_version {
+    let tls = &config.tls;
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
-    let server = ServerConfig::builder_with_provider(provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if let Some(names) = &tls.cipher_suites {
+        provider.cipher_suites = rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+            .iter()
+            .filter(|s| names.iter().any(|n| Some(n.as_str()) == s.suite().as_str()))
+            .copied()
+            .collect();
+    }
+    if let Some(names) = &tls.kx_groups {
+        // In the configured order: the first is the server's preference.
+        provider.kx_groups = names
+            .iter()
+            .filter_map(|n| {
+                rustls::crypto::aws_lc_rs::ALL_KX_GROUPS
+                    .iter()
+                    .find(|g| g.name().as_str() == Some(n.as_str()))
+            })
+            .copied()
+            .collect();
+    }
+    let mut server = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(store);
+    // Resumption state lives in the ServerConfig, not with the certificates, so it
+    // survives certificate reloads.
+    server.session_storage = if tls.session_cache == 0 {
+        Arc::new(rustls::server::NoServerSessionStorage {})
+    } else {
+        rustls::server::ServerSessionMemoryCache::new(tls.session_cache)
+    };
+    if tls.session_tickets {
+        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    }
+    server.alpn_protocols = tls.alpn.clone();
     Ok(Arc::new(server))
 }
 
