@@ -314,6 +314,12 @@ async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
     record: &mut Record,
     stop: &Shutdown,
 ) -> Outcome {
+    // A guarded plaintext SMTP session stays in negotiation for whole mail transactions, so
+    // it gets the session's idle time; everyone else must authenticate within the shorter one.
+    let silence = match entry {
+        Entry::Plaintext { .. } => ctx.timeouts.idle,
+        _ => ctx.timeouts.pre_auth_idle,
+    };
     let mut negotiation = protocol::negotiation(ctx.protocol, settings, entry);
     let (mut backend, mut backend_buf, greeting) = match open_backend(ctx, &peer, negotiation.as_mut()).await
     {
@@ -332,7 +338,7 @@ async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
     };
     if next == Next::Negotiate {
         next = match link
-            .negotiate(negotiation.as_mut(), &mut client_buf, &mut backend_buf, ctx, settings, stop)
+            .negotiate(negotiation.as_mut(), &mut client_buf, &mut backend_buf, ctx, settings, silence, stop)
             .await
         {
             Ok(next) => next,
@@ -410,7 +416,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         Ok(step.next)
     }
 
-    /// Feeds both sides' bytes to the state machine until it says relay or close.
+    /// Feeds both sides' bytes to the state machine until it says relay or close; ends the
+    /// session after `silence` without a byte from either side.
+    #[allow(clippy::too_many_arguments)]
     async fn negotiate(
         &mut self,
         negotiation: &mut dyn Negotiation,
@@ -418,6 +426,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         backend_buf: &mut BytesMut,
         ctx: &ListenerContext,
         settings: &Settings,
+        silence: Duration,
         stop: &Shutdown,
     ) -> Result<Next, Outcome> {
         let bound = settings.max_line + settings.max_literal as usize;
@@ -435,7 +444,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
                     next => return Ok(next),
                 }
             }
-            self.read_either(client_buf, backend_buf, bound, ctx, stop).await?;
+            self.read_either(client_buf, backend_buf, bound, silence, ctx, stop).await?;
         }
     }
 
@@ -444,6 +453,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         client_buf: &mut BytesMut,
         backend_buf: &mut BytesMut,
         bound: usize,
+        silence: Duration,
         ctx: &ListenerContext,
         stop: &Shutdown,
     ) -> Result<(), Outcome> {
@@ -462,7 +472,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
                 }
                 _ => Ok(()),
             },
-            () = idle(ctx.timeouts.pre_auth_idle) => {
+            () = idle(silence) => {
                 Err(say_farewell(self.client, ctx.protocol, Farewell::Timeout, Outcome::IdleTimeout).await)
             }
             () = stop.graceful.cancelled() => {

@@ -121,7 +121,10 @@ pub enum Entry {
     AfterStartTls,
     /// Opportunistic plaintext SMTP: the greeting is swallowed, `replay` (the client's own
     /// EHLO/HELO line, from [`PreTlsStep::Plaintext`]) is sent to the backend and its reply
-    /// swallowed; then the session relays ([`Next::Relay`]).
+    /// swallowed. Then the session relays opaquely ([`Next::Relay`]) only if the backend is
+    /// known to offer no AUTH, XCLIENT or XFORWARD; otherwise the session stays in a guarded
+    /// negotiation for its whole life, so that no plaintext AUTH or forged client address
+    /// can reach the backend after the first transaction.
     Plaintext { replay: Vec<u8> },
 }
 
@@ -130,7 +133,8 @@ pub enum Entry {
 pub enum Next {
     /// Stay in the negotiation phase.
     Negotiate,
-    /// Negotiation is over (authenticated, or a mail transaction began): relay opaquely.
+    /// Negotiation is over (authenticated, or a mail transaction began where nothing more
+    /// needs watching): relay opaquely.
     /// Bytes still buffered on either side are relayed first, unexamined.
     Relay,
     /// Close both connections.

@@ -1,5 +1,15 @@
 //! SMTP for mailtls: the pre-TLS dialogue mailtls speaks itself, the negotiation relay with
 //! its EHLO filter and local refusals, and the probe that learns a backend's extensions.
+//!
+//! The opportunistic plaintext path (port 25 without STARTTLS) ends in one of two ways once
+//! the replayed EHLO/HELO is answered:
+//! - opaque relay, only when the probe showed a backend that offers nothing a plaintext
+//!   client must not reach (no AUTH, XCLIENT or XFORWARD): it refuses those itself, and the
+//!   relay can stay opaque (splice(2));
+//! - otherwise a *guarded* session that never leaves the negotiation: commands are relayed
+//!   lock-step, AUTH/STARTTLS/XCLIENT/XFORWARD are answered locally, EHLO replies lose those
+//!   extensions, and message content (DATA bodies, BDAT chunks) is streamed unexamined, so
+//!   nothing in a body is ever taken for a command and no body is ever held whole.
 
 use std::sync::Arc;
 
@@ -27,6 +37,13 @@ const UNRECOGNIZED: &[u8] = b"500 5.5.2 Error: command not recognized\r\n";
 const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Error: line too long\r\n";
 const TLS_ALREADY_ACTIVE: &[u8] = b"503 5.5.1 Error: TLS already active\r\n";
 const NOT_AUTHORIZED: &[u8] = b"550 5.7.0 Error: not authorized\r\n";
+/// RFC 3207: STARTTLS is not available at this point (the plaintext session already began).
+const TLS_NOT_AVAILABLE: &[u8] = b"454 4.7.0 TLS not available now\r\n";
+const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n";
+
+/// The end of a DATA body (RFC 5321 4.1.1.4): CRLF "." CRLF. The CRLF that ends the DATA
+/// command counts as the first two octets, so a body of just ".\r\n" is empty.
+const END_OF_DATA: &[u8; 5] = b"\r\n.\r\n";
 
 /// A probe reads replies from a backend we configured ourselves; these bounds only stop a
 /// broken one from growing our memory.
@@ -181,16 +198,105 @@ fn hidden_after_tls(extension: &[u8]) -> bool {
     is_keyword(extension, &[b"STARTTLS", b"XCLIENT", b"XFORWARD"])
 }
 
-/// Before TLS on an opportunistic listener: as after TLS, and no AUTH in the clear.
-fn offered_before_tls(extension: &[u8]) -> bool {
+/// `AUTH mechanisms` or the old `AUTH=mechanisms` form some clients still look for.
+fn is_auth(extension: &[u8]) -> bool {
     let word = keyword(extension);
-    let is_auth = word.eq_ignore_ascii_case(b"AUTH")
-        || word.get(..5).is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"AUTH="));
-    !extension.trim_ascii().is_empty()
-        && !has_control_bytes(extension)
-        && !is_auth
-        && !hidden_after_tls(extension)
+    word.eq_ignore_ascii_case(b"AUTH")
+        || word.get(..5).is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"AUTH="))
 }
+
+/// In plaintext: as after TLS, and no AUTH in the clear.
+fn hidden_in_plaintext(extension: &[u8]) -> bool {
+    is_auth(extension) || hidden_after_tls(extension)
+}
+
+/// Before TLS on an opportunistic listener: what the backend has, minus what is hidden in
+/// plaintext, minus lines no client should be shown.
+fn offered_before_tls(extension: &[u8]) -> bool {
+    !extension.trim_ascii().is_empty() && !has_control_bytes(extension) && !hidden_in_plaintext(extension)
+}
+
+/// An opaque plaintext relay is safe only with a backend known (from the probe) to offer
+/// neither AUTH nor the XCLIENT/XFORWARD trust: it then refuses them itself, whatever the
+/// client sends through the relay. Unknown extensions are not known to be safe.
+fn opaque_plaintext_is_safe(extensions: &[String]) -> bool {
+    !extensions.is_empty()
+        && !extensions.iter().any(|extension| {
+            let extension = extension.as_bytes();
+            is_auth(extension) || is_keyword(extension, &[b"XCLIENT", b"XFORWARD"])
+        })
+}
+
+/// Whether a (positive) EHLO reply announces CHUNKING (RFC 3030).
+fn announces_chunking(reply: &Reply) -> bool {
+    reply.is_positive() && reply.texts().skip(1).any(|extension| is_keyword(extension, &[b"CHUNKING"]))
+}
+
+/// The size of a `BDAT <size> [LAST]` command, parsed strictly (digits, single spaces):
+/// the backend must count exactly the bytes mailtls counts, or the rest of a chunk would
+/// become commands there. `None` for anything else, overflow included.
+fn bdat_size(argument: Option<&[u8]>) -> Option<u64> {
+    let argument = argument?;
+    let digits = match argument.iter().position(|&b| b == b' ') {
+        Some(sp) => {
+            let (digits, last) = argument.split_at(sp);
+            if !last.get(1..).is_some_and(|word| word.eq_ignore_ascii_case(b"LAST")) {
+                return None;
+            }
+            digits
+        }
+        None => argument,
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |size, &b| {
+        let digit = if b.is_ascii_digit() { u64::from(b - b'0') } else { return None };
+        size.checked_mul(10)?.checked_add(digit)
+    })
+}
+
+/// What scanning a piece of a DATA body found.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyScan {
+    /// The end-of-data marker ends just before this offset.
+    End(usize),
+    /// A CR or LF outside a CRLF pair at this offset (the octet that revealed it).
+    BareNewline(usize),
+    /// Neither: all of the piece is body.
+    More,
+}
+
+/// Advances the end-of-data matcher over `bytes`. `matched` is how many octets of
+/// [`END_OF_DATA`] the body so far ends with, kept across pieces. A bare CR or LF is
+/// reported: RFC 5321 allows neither in content, and every "non-standard end of data"
+/// (`\n.\n`, `\r\n.\n`, `\r.\r`...) that a lenient backend might honour needs one. Were
+/// such a body forwarded, the backend could end the message where mailtls does not and
+/// read what follows as commands mailtls never checked (SMTP smuggling).
+fn scan_body(matched: &mut u8, bytes: &[u8]) -> BodyScan {
+    for (i, &b) in bytes.iter().enumerate() {
+        let after_cr = *matched == 1 || *matched == 4;
+        if (b == b'\n') != after_cr {
+            return BodyScan::BareNewline(i);
+        }
+        // The only proper prefix of the marker that is also a suffix of a matched part is
+        // "\r", so on a mismatch a CR restarts the match at one octet and anything else at 0.
+        *matched = if END_OF_DATA.get(usize::from(*matched)) == Some(&b) {
+            *matched + 1
+        } else if b == b'\r' {
+            1
+        } else {
+            0
+        };
+        if usize::from(*matched) == END_OF_DATA.len() {
+            return BodyScan::End(i + 1);
+        }
+    }
+    BodyScan::More
+}
+
+/// Sent before closing when a guarded DATA body holds a bare CR or LF.
+const BARE_NEWLINE: &[u8] = b"521 5.5.2 Error: bare <CR> or <LF> in message content; closing\r\n";
 
 // ---------------------------------------------------------------------------------------
 // Backend replies
@@ -276,16 +382,15 @@ fn take_reply(input: &mut BytesMut, max_line: usize, max_reply: usize) -> Frame 
     }
 }
 
-/// An EHLO reply without the extensions the client must not see; unchanged bytes when
-/// nothing is dropped. The first line is the server's name, never an extension.
-fn filter_capabilities(reply: &Reply) -> Vec<u8> {
+/// An EHLO reply without the extensions the client must not see (`hidden`); unchanged
+/// bytes when nothing is dropped. The first line is the server's name, never an extension.
+fn filter_capabilities(reply: &Reply, hidden: fn(&[u8]) -> bool) -> Vec<u8> {
     let mut texts = reply.texts();
     let Some(first) = texts.next() else {
         return reply.raw.to_vec();
     };
     let extensions: Vec<&[u8]> = texts.collect();
-    let kept: Vec<&[u8]> =
-        extensions.iter().copied().filter(|extension| !hidden_after_tls(extension)).collect();
+    let kept: Vec<&[u8]> = extensions.iter().copied().filter(|extension| !hidden(extension)).collect();
     if kept.len() == extensions.len() {
         return reply.raw.to_vec();
     }
@@ -449,6 +554,8 @@ impl PreTls for SmtpPreTls {
 enum Pending {
     Ehlo,
     Auth,
+    /// Guarded plaintext only: 354 starts the body, anything else ends the command.
+    Data,
     Other,
 }
 
@@ -464,11 +571,29 @@ enum Phase {
     Awaiting(Pending),
     /// The backend sent a 334 challenge: the next client line is a SASL response.
     SaslResponse,
+    /// Guarded plaintext: after the 354, client bytes go to the backend unexamined until
+    /// the end-of-data marker; `matched` is how much of it the bytes so far end with.
+    DataBody { matched: u8, answered: bool },
+    /// Guarded plaintext: the `remaining` octets of a BDAT chunk go to the backend unexamined.
+    Chunk { remaining: u64, answered: bool },
     /// Relay or close was decided; nothing more is read.
     Over,
 }
 
-/// The SMTP line-by-line phase between client and backend, until AUTH succeeds or MAIL.
+/// How the session reached the backend, which decides what the negotiation may allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Inside TLS: AUTH is relayed; the first MAIL or a 235 ends the negotiation.
+    Tls,
+    /// Opportunistic plaintext in front of a backend known to offer no AUTH, XCLIENT or
+    /// XFORWARD: the replayed EHLO's reply ends the negotiation (opaque relay).
+    PlaintextOpaque,
+    /// Opportunistic plaintext otherwise: the negotiation never ends in a relay.
+    PlaintextGuarded,
+}
+
+/// The SMTP line-by-line phase between client and backend, until AUTH succeeds or MAIL
+/// (inside TLS), or for the whole session (guarded plaintext).
 pub struct SmtpNegotiation {
     hostname: String,
     max_line: usize,
@@ -476,16 +601,28 @@ pub struct SmtpNegotiation {
     max_errors: u32,
     replay: Option<Vec<u8>>,
     entry_is_implicit: bool,
+    mode: Mode,
+    /// Guarded plaintext: the backend's last EHLO reply in this session announced CHUNKING.
+    /// BDAT is forwarded only then: a backend without it would answer the BDAT line with
+    /// an error and read the chunk's bytes as commands (XCLIENT, AUTH...) mailtls never saw.
+    chunking: bool,
     phase: Phase,
     errors: u32,
 }
 
 impl SmtpNegotiation {
     pub fn new(settings: &Settings, entry: Entry) -> Self {
-        let (replay, entry_is_implicit) = match entry {
-            Entry::Implicit => (None, true),
-            Entry::AfterStartTls => (None, false),
-            Entry::Plaintext { replay } => (Some(replay), false),
+        let (replay, entry_is_implicit, mode) = match entry {
+            Entry::Implicit => (None, true, Mode::Tls),
+            Entry::AfterStartTls => (None, false, Mode::Tls),
+            Entry::Plaintext { replay } => {
+                let mode = if opaque_plaintext_is_safe(&settings.backend_extensions) {
+                    Mode::PlaintextOpaque
+                } else {
+                    Mode::PlaintextGuarded
+                };
+                (Some(replay), false, mode)
+            }
         };
         SmtpNegotiation {
             hostname: settings.hostname.clone(),
@@ -495,6 +632,8 @@ impl SmtpNegotiation {
             max_errors: settings.max_errors,
             replay,
             entry_is_implicit,
+            mode,
+            chunking: false,
             phase: Phase::Greeting,
             errors: 0,
         }
@@ -528,10 +667,21 @@ impl SmtpNegotiation {
         Step::to_backend(with_crlf(line)).then(Next::Relay)
     }
 
+    /// What a capability reply may show the client in this mode.
+    fn hidden(&self) -> fn(&[u8]) -> bool {
+        match self.mode {
+            Mode::Tls => hidden_after_tls,
+            Mode::PlaintextOpaque | Mode::PlaintextGuarded => hidden_in_plaintext,
+        }
+    }
+
     fn command(&mut self, line: &[u8]) -> Step {
         let command = Command::parse(line);
         if command.has_control_bytes {
             return self.refuse(UNRECOGNIZED);
+        }
+        if self.mode == Mode::PlaintextGuarded {
+            return self.guarded_command(&command, line);
         }
         match command.verb {
             Verb::StartTls => self.refuse(TLS_ALREADY_ACTIVE),
@@ -542,6 +692,74 @@ impl SmtpNegotiation {
             Verb::Ehlo => self.forward(line, Pending::Ehlo),
             _ => self.forward(line, Pending::Other),
         }
+    }
+
+    /// A command of a guarded plaintext session: everything the backend may see goes to it
+    /// one command at a time; what it must never see is answered here.
+    fn guarded_command(&mut self, command: &Command, line: &[u8]) -> Step {
+        match command.verb {
+            // Never a credential in the clear, whatever the backend would say.
+            Verb::Auth => self.refuse(TLS_FIRST),
+            // The client already had mailtls's plaintext reply to EHLO; TLS now would not
+            // be mailtls's to give (and the backend's STARTTLS is hidden from it).
+            Verb::StartTls => self.refuse(TLS_NOT_AVAILABLE),
+            // They would let the client tell the backend a forged address or identity.
+            Verb::Xclient | Verb::Xforward => self.refuse(NOT_AUTHORIZED),
+            // HELO too: its reply resets what the backend announced (no CHUNKING).
+            Verb::Ehlo | Verb::Helo => self.forward(line, Pending::Ehlo),
+            Verb::Data => self.forward(line, Pending::Data),
+            Verb::Bdat => self.bdat(command, line),
+            _ => self.forward(line, Pending::Other),
+        }
+    }
+
+    /// BDAT: the line, then exactly `size` octets that are message content, not commands.
+    fn bdat(&mut self, command: &Command, line: &[u8]) -> Step {
+        if !self.chunking {
+            return self.refuse(NOT_IMPLEMENTED);
+        }
+        let Some(size) = bdat_size(command.argument) else {
+            return self.refuse(BDAT_SYNTAX);
+        };
+        let step = self.forward(line, Pending::Other);
+        if size > 0 {
+            self.phase = Phase::Chunk { remaining: size, answered: false };
+        }
+        step
+    }
+
+    /// Guarded plaintext, inside a DATA body or a BDAT chunk: hands on everything buffered
+    /// (up to the end of the content), never waiting for lines, so the buffer never grows.
+    fn stream(&mut self, input: &mut BytesMut) -> Option<Step> {
+        if input.is_empty() {
+            return None;
+        }
+        let (taken, answered, done) = match &mut self.phase {
+            Phase::DataBody { matched, answered } => match scan_body(matched, input) {
+                BodyScan::End(end) => (end, *answered, true),
+                BodyScan::More => (input.len(), *answered, false),
+                BodyScan::BareNewline(at) => {
+                    // Nothing from the offending octet on reaches the backend, which never
+                    // sees an end of data and drops the unfinished message when we close.
+                    self.phase = Phase::Over;
+                    let step = Step { to_backend: input.split_to(at).to_vec(), to_client: BARE_NEWLINE.to_vec(), next: Next::Close };
+                    input.clear();
+                    return Some(step);
+                }
+            },
+            Phase::Chunk { remaining, answered } => {
+                // A chunk larger than the address space simply takes all that is buffered.
+                let taken = usize::try_from(*remaining).map_or(input.len(), |r| r.min(input.len()));
+                *remaining = remaining.saturating_sub(taken as u64);
+                (taken, *answered, *remaining == 0)
+            }
+            _ => return None,
+        };
+        if done {
+            // Lock-step again: the content's reply is owed, unless it already came early.
+            self.phase = if answered { Phase::Idle } else { Phase::Awaiting(Pending::Other) };
+        }
+        Some(Step::to_backend(input.split_to(taken).to_vec()))
     }
 
     /// 334 keeps the SASL exchange going, 235 ends negotiation, anything else ends AUTH.
@@ -557,6 +775,17 @@ impl SmtpNegotiation {
             self.phase = Phase::Idle;
             step
         }
+    }
+
+    /// The reply to the replayed EHLO/HELO; the client already had mailtls's.
+    fn replay_reply(&mut self, reply: &Reply) -> Step {
+        if self.mode == Mode::PlaintextOpaque {
+            self.phase = Phase::Over;
+            return Step::to_client(Vec::new()).then(Next::Relay);
+        }
+        self.chunking = announces_chunking(reply);
+        self.phase = Phase::Idle;
+        Step::to_client(Vec::new())
     }
 }
 
@@ -586,8 +815,10 @@ impl Negotiation for SmtpNegotiation {
     }
 
     fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
-        if !matches!(self.phase, Phase::Idle | Phase::SaslResponse) {
-            return None;
+        match self.phase {
+            Phase::DataBody { .. } | Phase::Chunk { .. } => return self.stream(input),
+            Phase::Idle | Phase::SaslResponse => {}
+            _ => return None,
         }
         let line = match line::take_line(input, self.max_line) {
             Line::Incomplete => return None,
@@ -610,23 +841,40 @@ impl Negotiation for SmtpNegotiation {
             Frame::Bad(_) => return Some(self.backend_unavailable()),
             Frame::Complete(reply) => reply,
         };
-        let step = match self.phase {
-            Phase::Replay => {
-                // The client already had our EHLO reply; the backend now answers MAIL.
-                self.phase = Phase::Over;
-                Step::to_client(Vec::new()).then(Next::Relay)
-            }
+        let hidden = self.hidden();
+        let step = match &mut self.phase {
+            Phase::Replay => self.replay_reply(&reply),
             Phase::Awaiting(Pending::Auth) | Phase::SaslResponse => self.auth_reply(&reply),
             Phase::Awaiting(Pending::Ehlo) => {
                 self.phase = Phase::Idle;
-                Step::to_client(filter_capabilities(&reply))
+                if self.mode == Mode::PlaintextGuarded {
+                    self.chunking = announces_chunking(&reply);
+                }
+                Step::to_client(filter_capabilities(&reply, hidden))
+            }
+            Phase::Awaiting(Pending::Data) => {
+                // The CRLF ending the DATA line is the start of the end-of-data marker.
+                self.phase = if reply.is(b"354") {
+                    Phase::DataBody { matched: 2, answered: false }
+                } else {
+                    Phase::Idle
+                };
+                Step::to_client(reply.raw.to_vec())
             }
             Phase::Awaiting(Pending::Other) => {
                 self.phase = Phase::Idle;
                 Step::to_client(reply.raw.to_vec())
             }
+            // A reply before the content is complete (a 552 for a chunk too large, a 421
+            // before closing) is the content's reply: relayed, and none is awaited after it.
+            Phase::DataBody { answered, .. } | Phase::Chunk { answered, .. } => {
+                *answered = true;
+                Step::to_client(filter_capabilities(&reply, hidden))
+            }
             // Unsolicited (a 421 before closing, say): relayed, capabilities filtered.
-            Phase::Idle | Phase::Greeting | Phase::Over => Step::to_client(filter_capabilities(&reply)),
+            Phase::Idle | Phase::Greeting | Phase::Over => {
+                Step::to_client(filter_capabilities(&reply, hidden))
+            }
         };
         Some(step)
     }
@@ -1068,10 +1316,19 @@ mod tests {
         }
     }
 
+    /// A backend the probe showed to offer no AUTH, XCLIENT or XFORWARD.
+    fn safe_backend() -> Settings {
+        Settings {
+            require_tls: false,
+            backend_extensions: Arc::from(vec!["PIPELINING".to_owned(), "SIZE 10240000".to_owned()]),
+            ..settings()
+        }
+    }
+
     #[test]
     fn plaintext_entry_replays_helo_swallows_reply_then_relays() {
         let replay = b"EHLO client.example\r\n".to_vec();
-        let mut neg = SmtpNegotiation::new(&settings(), Entry::Plaintext { replay: replay.clone() });
+        let mut neg = SmtpNegotiation::new(&safe_backend(), Entry::Plaintext { replay: replay.clone() });
         let mut mail = buf(b"MAIL FROM:<a@b>\r\n");
         assert_eq!(neg.on_client(&mut mail), None, "nothing before the replay is answered");
         assert_eq!(neg.on_greeting(&mut buf(b"220 backend ESMTP\r\n")), Some(Step::to_backend(replay)));
@@ -1082,7 +1339,8 @@ mod tests {
 
     #[test]
     fn plaintext_entry_relays_even_after_negative_replay_reply() {
-        let mut neg = SmtpNegotiation::new(&settings(), Entry::Plaintext { replay: b"HELO x\r\n".to_vec() });
+        let mut neg =
+            SmtpNegotiation::new(&safe_backend(), Entry::Plaintext { replay: b"HELO x\r\n".to_vec() });
         neg.on_greeting(&mut buf(b"220 b\r\n"));
         assert_eq!(backend(&mut neg, b"501 no\r\n").next, Next::Relay);
     }
@@ -1278,6 +1536,359 @@ mod tests {
         assert_eq!(farewell(Farewell::ShuttingDown), b"421 4.3.2 Server shutting down\r\n");
     }
 
+    // --- guarded plaintext ------------------------------------------------------------
+
+    const GUARDED_EHLO: &[u8] = b"250-backend.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n\
+        250-AUTH PLAIN LOGIN\r\n250-auth=login\r\n250-XCLIENT NAME ADDR\r\n250-CHUNKING\r\n250 xforward name\r\n";
+
+    /// A plaintext session in front of `settings`'s backend, past the replayed EHLO (its
+    /// reply `replay_reply`), ready for the client's commands.
+    fn plaintext_with(settings: &Settings, replay_reply: &[u8]) -> SmtpNegotiation {
+        let mut neg = SmtpNegotiation::new(settings, Entry::Plaintext { replay: b"EHLO c\r\n".to_vec() });
+        assert_eq!(
+            neg.on_greeting(&mut buf(b"220 b ESMTP\r\n")),
+            Some(Step::to_backend(b"EHLO c\r\n".to_vec()))
+        );
+        assert_eq!(neg.on_backend(&mut buf(replay_reply)), Some(Step::to_client(Vec::new())), "guarded");
+        assert_eq!(neg.phase, Phase::Idle);
+        neg
+    }
+
+    /// Guarded: the backend offers AUTH (and CHUNKING, for BDAT).
+    fn guarded() -> SmtpNegotiation {
+        plaintext_with(&opportunistic(), GUARDED_EHLO)
+    }
+
+    /// Feeds `pieces` one at a time as they would arrive, collecting every step; the input
+    /// buffer is left as it ends.
+    fn feed(neg: &mut SmtpNegotiation, input: &mut BytesMut, pieces: &[&[u8]]) -> Vec<Step> {
+        let mut steps = Vec::new();
+        for piece in pieces {
+            input.extend_from_slice(piece);
+            while let Some(step) = neg.on_client(input) {
+                steps.push(step);
+            }
+        }
+        steps
+    }
+
+    fn sent_to_backend(steps: &[Step]) -> Vec<u8> {
+        steps.iter().flat_map(|s| s.to_backend.iter().copied()).collect()
+    }
+
+    #[test]
+    fn plaintext_mode_choice_follows_backend_extensions() {
+        // Opaque only when the backend is known and offers none of AUTH, XCLIENT, XFORWARD.
+        let relay = |extensions: &[&str]| {
+            let settings = Settings {
+                require_tls: false,
+                backend_extensions: Arc::from(extensions.iter().map(|e| e.to_string()).collect::<Vec<_>>()),
+                ..settings()
+            };
+            let mut neg =
+                SmtpNegotiation::new(&settings, Entry::Plaintext { replay: b"EHLO c\r\n".to_vec() });
+            neg.on_greeting(&mut buf(b"220 b\r\n"));
+            neg.on_backend(&mut buf(b"250 b\r\n")).map(|step| step.next)
+        };
+        assert_eq!(relay(&["SIZE 1", "8BITMIME", "STARTTLS", "CHUNKING"]), Some(Next::Relay));
+        assert_eq!(relay(&["SIZE 1", "AUTHX"]), Some(Next::Relay), "not an AUTH keyword");
+        for guarded in [
+            &[][..],
+            &["SIZE 1", "AUTH PLAIN"][..],
+            &["auth=login"][..],
+            &["AUTH"][..],
+            &["8BITMIME", "xclient ADDR"][..],
+            &["XFORWARD NAME"][..],
+        ] {
+            assert_eq!(relay(guarded), Some(Next::Negotiate), "{guarded:?}");
+        }
+    }
+
+    #[test]
+    fn guarded_refuses_auth_starttls_xclient_locally() {
+        let mut neg = guarded();
+        for line in [&b"AUTH PLAIN AGxhdGVtYXJrZXIAc2VjcmV0\r\n"[..], b"auth login\n", b"AUTH\r\n"] {
+            assert_eq!(client(&mut neg, line), Step::to_client(TLS_FIRST.to_vec()), "{line:?}");
+        }
+        assert_eq!(
+            client(&mut neg, b"STARTTLS\r\n"),
+            Step::to_client(b"454 4.7.0 TLS not available now\r\n".to_vec())
+        );
+        for line in [&b"XCLIENT ADDR=6.6.6.6\r\n"[..], b"xforward ADDR=6.6.6.6\r\n"] {
+            assert_eq!(client(&mut neg, line), Step::to_client(NOT_AUTHORIZED.to_vec()));
+        }
+        assert_eq!(neg.errors, 6, "each refusal counts");
+        assert_eq!(client(&mut neg, b"NOOP\r\n"), Step::to_backend(b"NOOP\r\n".to_vec()));
+    }
+
+    #[test]
+    fn guarded_auth_refusals_are_bounded() {
+        let settings = Settings { max_errors: 2, ..opportunistic() };
+        let mut neg = plaintext_with(&settings, GUARDED_EHLO);
+        client(&mut neg, b"AUTH LOGIN\r\n");
+        client(&mut neg, b"AUTH LOGIN\r\n");
+        assert_eq!(client(&mut neg, b"AUTH LOGIN\r\n").next, Next::Close);
+    }
+
+    #[test]
+    fn guarded_ehlo_reply_loses_auth_starttls_and_proxy_extensions() {
+        let mut neg = guarded();
+        assert_eq!(client(&mut neg, b"EHLO again\r\n"), Step::to_backend(b"EHLO again\r\n".to_vec()));
+        assert_eq!(
+            backend(&mut neg, GUARDED_EHLO),
+            Step::to_client(b"250-backend.test\r\n250-PIPELINING\r\n250 CHUNKING\r\n".to_vec())
+        );
+        // The last line dropped: the marker moves; nothing left but the name.
+        client(&mut neg, b"EHLO again\r\n");
+        assert_eq!(
+            backend(&mut neg, b"250-b\r\n250-AUTH=PLAIN\r\n250 AUTH PLAIN\r\n"),
+            Step::to_client(b"250 b\r\n".to_vec())
+        );
+        // Unsolicited replies are filtered the same way.
+        assert_eq!(backend(&mut neg, b"250-b\r\n250 AUTH X\r\n"), Step::to_client(b"250 b\r\n".to_vec()));
+    }
+
+    #[test]
+    fn guarded_never_relays_and_forwards_commands_lock_step() {
+        let mut neg = guarded();
+        let mut input = buf(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nAUTH PLAIN x\r\nRSET\r\n");
+        let mail = neg.on_client(&mut input);
+        assert_eq!(mail, Some(Step::to_backend(b"MAIL FROM:<a@b>\r\n".to_vec())), "no Next::Relay");
+        assert_eq!(neg.on_client(&mut input), None, "RCPT waits for MAIL's reply");
+        assert_eq!(backend(&mut neg, b"250 2.1.0 Ok\r\n"), Step::to_client(b"250 2.1.0 Ok\r\n".to_vec()));
+        assert_eq!(neg.on_client(&mut input), Some(Step::to_backend(b"RCPT TO:<c@d>\r\n".to_vec())));
+        assert_eq!(neg.on_client(&mut input), None, "the AUTH refusal would overtake RCPT's reply");
+        assert_eq!(backend(&mut neg, b"250 2.1.5 Ok\r\n").next, Next::Negotiate);
+        assert_eq!(neg.on_client(&mut input), Some(Step::to_client(TLS_FIRST.to_vec())));
+        assert_eq!(neg.on_client(&mut input), Some(Step::to_backend(b"RSET\r\n".to_vec())));
+        assert_eq!(backend(&mut neg, b"250 2.0.0 Ok\r\n").next, Next::Negotiate);
+        for line in [&b"QUIT\r\n"[..], b"NOOP\r\n", b"VRFY a\r\n", b"HELP\r\n", b"BOGUS x\r\n"] {
+            assert_eq!(client(&mut neg, line), Step::to_backend(line.to_vec()));
+            assert_eq!(backend(&mut neg, b"250 ok\r\n"), Step::to_client(b"250 ok\r\n".to_vec()));
+        }
+    }
+
+    #[test]
+    fn guarded_after_negative_replay_reply_still_guards() {
+        let mut neg = plaintext_with(&opportunistic(), b"554 5.7.1 go away\r\n");
+        assert_eq!(client(&mut neg, b"MAIL FROM:<a@b>\r\n").next, Next::Negotiate);
+        assert_eq!(backend(&mut neg, b"503 5.5.1 no\r\n").next, Next::Negotiate);
+        assert_eq!(client(&mut neg, b"AUTH PLAIN x\r\n").to_client, TLS_FIRST.to_vec());
+    }
+
+    /// DATA through to the 354, ready for the body.
+    fn in_data(neg: &mut SmtpNegotiation) {
+        assert_eq!(client(neg, b"DATA\r\n"), Step::to_backend(b"DATA\r\n".to_vec()));
+        assert_eq!(backend(neg, b"354 go ahead\r\n"), Step::to_client(b"354 go ahead\r\n".to_vec()));
+        assert_eq!(neg.phase, Phase::DataBody { matched: 2, answered: false });
+    }
+
+    #[test]
+    fn guarded_data_body_is_streamed_unexamined_up_to_the_marker() {
+        let body: &[u8] = b"Subject: x\r\n\r\nAUTH PLAIN eHh4\r\nXCLIENT ADDR=6.6.6.6\r\n..\r\n.dot\r\n\
+            STARTTLS\r\n.\r\n";
+        let after: &[u8] = b"QUIT\r\n";
+        let mut whole = body.to_vec();
+        whole.extend_from_slice(after);
+        // Every split of body+QUIT into two pieces, the marker's five octets included.
+        for cut in 0..=whole.len() {
+            let mut neg = guarded();
+            in_data(&mut neg);
+            let mut input = BytesMut::new();
+            let steps = feed(&mut neg, &mut input, &[&whole[..cut], &whole[cut..]]);
+            assert!(steps.iter().all(|s| s.to_client.is_empty() && s.next == Next::Negotiate), "cut {cut}");
+            assert_eq!(sent_to_backend(&steps), body, "cut {cut}");
+            assert_eq!(&input[..], after, "cut {cut}: QUIT waits for the reply to the body");
+            assert_eq!(neg.phase, Phase::Awaiting(Pending::Other), "cut {cut}");
+            assert_eq!(backend(&mut neg, b"250 queued\r\n"), Step::to_client(b"250 queued\r\n".to_vec()));
+            assert_eq!(neg.on_client(&mut input), Some(Step::to_backend(after.to_vec())), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn guarded_data_body_streamed_octet_by_octet() {
+        let body: &[u8] = b"a\r\n..\r\n\r\n.x\r\n.\r\n";
+        let mut neg = guarded();
+        in_data(&mut neg);
+        let pieces: Vec<&[u8]> = body.chunks(1).chain([&b"NOOP\r\n"[..]]).collect();
+        let mut input = BytesMut::new();
+        let steps = feed(&mut neg, &mut input, &pieces);
+        assert_eq!(steps.len(), body.len(), "one step per octet: nothing held back");
+        assert_eq!(sent_to_backend(&steps), body);
+        assert_eq!(&input[..], b"NOOP\r\n");
+    }
+
+    #[test]
+    fn guarded_data_with_bare_newline_closes_before_the_backend_could_end_the_message() {
+        // Each of these is an end of data to some lenient server (SMTP smuggling); none may
+        // reach the backend with what follows it, in one piece or octet by octet.
+        let smuggles: [&[u8]; 6] = [
+            b"x\n.\nAUTH PLAIN eHh4\r\n",
+            b"x\r\n.\nAUTH PLAIN eHh4\r\n",
+            b"x\n.\r\nAUTH PLAIN eHh4\r\n",
+            b"x\r.\rAUTH PLAIN eHh4\r\n",
+            b"x\r\n.\r\r\nAUTH PLAIN eHh4\r\n",
+            b"\n.\r\nXCLIENT ADDR=1.2.3.4\r\n",
+        ];
+        for smuggle in smuggles {
+            for octet_by_octet in [false, true] {
+                let mut neg = guarded();
+                in_data(&mut neg);
+                let mut input = BytesMut::new();
+                let pieces: Vec<&[u8]> = if octet_by_octet { smuggle.chunks(1).collect() } else { vec![smuggle] };
+                let steps = feed(&mut neg, &mut input, &pieces);
+                let sent = sent_to_backend(&steps);
+                let last = steps.last().expect("a closing step");
+                assert_eq!(last.next, Next::Close, "{smuggle:?}");
+                assert_eq!(last.to_client, BARE_NEWLINE, "{smuggle:?}");
+                let text = String::from_utf8_lossy(&sent);
+                assert!(!text.contains("AUTH") && !text.contains("XCLIENT"), "{smuggle:?} sent {text:?}");
+                assert!(!sent.ends_with(b"\n"), "no line end after the bare octet: {smuggle:?} sent {text:?}");
+                assert_eq!(neg.on_client(&mut buf(b"NOOP\r\n")), None, "nothing read after the close");
+            }
+        }
+    }
+
+    #[test]
+    fn guarded_data_marker_right_after_354_and_dot_stuffing() {
+        // An empty body: the DATA line's CRLF begins the marker.
+        let mut neg = guarded();
+        in_data(&mut neg);
+        let mut input = buf(b".\r\nAUTH PLAIN x\r\n");
+        assert_eq!(neg.on_client(&mut input), Some(Step::to_backend(b".\r\n".to_vec())));
+        assert_eq!(neg.on_client(&mut input), None);
+        assert_eq!(backend(&mut neg, b"250 ok\r\n").next, Next::Negotiate);
+        assert_eq!(neg.on_client(&mut input), Some(Step::to_client(TLS_FIRST.to_vec())));
+
+        // "..": a dot-stuffed line, not the end; ".\r\n" split after the dot.
+        let mut neg = guarded();
+        in_data(&mut neg);
+        let mut input = BytesMut::new();
+        let steps = feed(&mut neg, &mut input, &[b"..\r\nAUTH PLAIN x\r\n", b"..", b"\r\n.", b"\r\n"]);
+        assert_eq!(sent_to_backend(&steps), b"..\r\nAUTH PLAIN x\r\n..\r\n.\r\n");
+        assert!(steps.iter().all(|s| s.to_client.is_empty()), "nothing in the body was answered");
+        assert_eq!(neg.phase, Phase::Awaiting(Pending::Other));
+    }
+
+    #[test]
+    fn guarded_data_refused_by_backend_ends_the_command() {
+        let mut neg = guarded();
+        client(&mut neg, b"DATA\r\n");
+        assert_eq!(backend(&mut neg, b"503 5.5.1 need RCPT\r\n").next, Next::Negotiate);
+        assert_eq!(neg.phase, Phase::Idle);
+        assert_eq!(client(&mut neg, b"AUTH PLAIN x\r\n").to_client, TLS_FIRST.to_vec());
+    }
+
+    #[test]
+    fn guarded_body_longer_than_any_line_bound_is_streamed() {
+        let settings = Settings { max_line: 64, ..opportunistic() };
+        let mut neg = plaintext_with(&settings, GUARDED_EHLO);
+        in_data(&mut neg);
+        let mut input = BytesMut::new();
+        let long = vec![b'x'; 10_000];
+        let steps = feed(&mut neg, &mut input, &[&long, &long, b"\r\n.\r\n"]);
+        assert_eq!(sent_to_backend(&steps).len(), 20_005);
+        assert!(input.is_empty());
+        assert_eq!(neg.phase, Phase::Awaiting(Pending::Other));
+    }
+
+    #[test]
+    fn guarded_early_reply_inside_content_is_the_contents_reply() {
+        let mut neg = guarded();
+        in_data(&mut neg);
+        let mut input = buf(b"part");
+        neg.on_client(&mut input);
+        assert_eq!(backend(&mut neg, b"554 5.6.0 no\r\n"), Step::to_client(b"554 5.6.0 no\r\n".to_vec()));
+        input.extend_from_slice(b"\r\n.\r\nNOOP\r\n");
+        assert_eq!(neg.on_client(&mut input), Some(Step::to_backend(b"\r\n.\r\n".to_vec())));
+        assert_eq!(neg.on_client(&mut input), Some(Step::to_backend(b"NOOP\r\n".to_vec())), "no reply owed");
+    }
+
+    #[test]
+    fn guarded_bdat_chunk_is_never_interpreted() {
+        let chunk: &[u8] = b"Subject: x\r\n\r\n.\r\nAUTH PLAIN x\r\n";
+        let line = format!("BDAT {} LAST\r\n", chunk.len());
+        for cut in 0..=chunk.len() {
+            let mut neg = guarded();
+            let mut input = BytesMut::new();
+            let mut first = line.as_bytes().to_vec();
+            first.extend_from_slice(&chunk[..cut]);
+            let mut second = chunk[cut..].to_vec();
+            second.extend_from_slice(b"AUTH PLAIN y\r\n");
+            let steps = feed(&mut neg, &mut input, &[&first, &second]);
+            let mut expected = line.as_bytes().to_vec();
+            expected.extend_from_slice(chunk);
+            assert_eq!(sent_to_backend(&steps), expected, "cut {cut}");
+            assert!(steps.iter().all(|s| s.to_client.is_empty()), "cut {cut}: nothing answered locally");
+            assert_eq!(&input[..], b"AUTH PLAIN y\r\n", "cut {cut}: held until the chunk's reply");
+            assert_eq!(backend(&mut neg, b"250 2.0.0 queued\r\n").next, Next::Negotiate);
+            assert_eq!(neg.on_client(&mut input), Some(Step::to_client(TLS_FIRST.to_vec())), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn guarded_bdat_sizes_and_syntax() {
+        assert_eq!(bdat_size(Some(b"0")), Some(0));
+        assert_eq!(bdat_size(Some(b"12 last")), Some(12));
+        assert_eq!(bdat_size(Some(b"18446744073709551615")), Some(u64::MAX));
+        for bad in [
+            &b"18446744073709551616"[..],
+            b"",
+            b"-1",
+            b"+1",
+            b"1 LAST x",
+            b"1  LAST",
+            b"1 MORE",
+            b" 1",
+            b"0x10",
+        ] {
+            assert_eq!(bdat_size(Some(bad)), None, "{bad:?}");
+        }
+        assert_eq!(bdat_size(None), None);
+
+        let mut neg = guarded();
+        assert_eq!(client(&mut neg, b"BDAT x\r\n"), Step::to_client(BDAT_SYNTAX.to_vec()));
+        assert_eq!(client(&mut neg, b"BDAT 99999999999999999999\r\n"), Step::to_client(BDAT_SYNTAX.to_vec()));
+        // An empty last chunk: the line alone, then its reply.
+        assert_eq!(client(&mut neg, b"BDAT 0 LAST\r\n"), Step::to_backend(b"BDAT 0 LAST\r\n".to_vec()));
+        assert_eq!(neg.phase, Phase::Awaiting(Pending::Other));
+        // A huge chunk streams whatever comes, never buffered.
+        backend(&mut neg, b"250 ok\r\n");
+        client(&mut neg, b"BDAT 18446744073709551615\r\n");
+        let mut input = buf(&[b'z'; 5000]);
+        assert_eq!(neg.on_client(&mut input).map(|s| s.to_backend.len()), Some(5000));
+        assert!(input.is_empty());
+        assert_eq!(neg.phase, Phase::Chunk { remaining: u64::MAX - 5000, answered: false });
+    }
+
+    #[test]
+    fn guarded_bdat_only_when_the_backend_announced_chunking() {
+        // Without CHUNKING the backend would read the chunk as commands: refused here.
+        let mut neg = plaintext_with(&opportunistic(), b"250-b\r\n250 AUTH PLAIN\r\n");
+        assert_eq!(client(&mut neg, b"BDAT 14 LAST\r\n"), Step::to_client(NOT_IMPLEMENTED.to_vec()));
+        assert_eq!(client(&mut neg, b"AUTH PLAIN x\r\n"), Step::to_client(TLS_FIRST.to_vec()));
+        // A later EHLO reply decides anew; HELO's announces nothing.
+        client(&mut neg, b"EHLO c\r\n");
+        backend(&mut neg, b"250-b\r\n250 CHUNKING\r\n");
+        assert_eq!(client(&mut neg, b"BDAT 1\r\n").to_backend, b"BDAT 1\r\n".to_vec());
+        assert_eq!(neg.on_client(&mut buf(b"x")).map(|s| s.to_backend), Some(b"x".to_vec()));
+        backend(&mut neg, b"250 ok\r\n");
+        client(&mut neg, b"HELO c\r\n");
+        backend(&mut neg, b"250 b\r\n");
+        assert_eq!(client(&mut neg, b"BDAT 1\r\n").to_client, NOT_IMPLEMENTED.to_vec());
+    }
+
+    #[test]
+    fn guarded_command_line_bound_still_applies() {
+        let settings = Settings { max_line: 64, ..opportunistic() };
+        let mut neg = plaintext_with(&settings, GUARDED_EHLO);
+        let mut input = buf(&[b'A'; 100]);
+        assert_eq!(
+            neg.on_client(&mut input),
+            Some(Step::to_client(LINE_TOO_LONG.to_vec()).then(Next::Close))
+        );
+    }
+
     // --- probe ------------------------------------------------------------------------
 
     #[test]
@@ -1331,7 +1942,7 @@ mod tests {
 
         /// Mostly SMTP-shaped pieces, so the fuzzing reaches past the parsers.
         fn chunk(&mut self) -> Vec<u8> {
-            const PIECES: [&[u8]; 20] = [
+            const PIECES: [&[u8]; 25] = [
                 b"EHLO x",
                 b"HELO",
                 b"STARTTLS",
@@ -1352,6 +1963,11 @@ mod tests {
                 b"XCLIENT",
                 b"*",
                 b"\xff\xfe",
+                b"DATA",
+                b"BDAT 7",
+                b"BDAT 3 LAST",
+                b".",
+                b"\r\n.\r\n",
             ];
             let mut out = Vec::new();
             for _ in 0..self.below(8) {
@@ -1366,9 +1982,26 @@ mod tests {
     }
 
     impl XorShift {
+        /// Client bytes for the negotiation: sometimes whole commands, so the guarded
+        /// session's DATA bodies and BDAT chunks are reached too.
+        fn client_chunk(&mut self) -> Vec<u8> {
+            const LINES: [&[u8]; 6] = [
+                b"DATA\r\n",
+                b"BDAT 7\r\n",
+                b"BDAT 3 LAST\r\n",
+                b"MAIL FROM:<>\r\n",
+                b"x\r\n.\r\n",
+                b"AUTH PLAIN eHh4\r\n",
+            ];
+            match self.below(3) {
+                0 => LINES[self.below(LINES.len())].to_vec(),
+                _ => self.chunk(),
+            }
+        }
+
         /// Backend bytes: mostly well-formed replies, so sessions live long enough to matter.
         fn backend_chunk(&mut self) -> Vec<u8> {
-            const REPLIES: [&[u8]; 8] = [
+            const REPLIES: [&[u8]; 10] = [
                 b"250-b\r\n250-STARTTLS\r\n250 AUTH PLAIN\r\n",
                 b"250-b\r\n250 XCLIENT\r\n",
                 b"250 ok\r\n",
@@ -1377,6 +2010,8 @@ mod tests {
                 b"235 2.7.0 ok\r\n",
                 b"535 no\r\n",
                 b"214-a\r\n",
+                b"354 go ahead\r\n",
+                b"250-b\r\n250-CHUNKING\r\n250 AUTH LOGIN\r\n",
             ];
             match self.below(4) {
                 0 => self.chunk(),
@@ -1386,13 +2021,21 @@ mod tests {
     }
 
     fn fuzz_settings(rng: &mut XorShift) -> Settings {
+        // Guarded (AUTH offered, or nothing known) and opaque plaintext sessions alike.
+        let backend_extensions: &[&str] = match rng.below(3) {
+            0 => &["SIZE 1", "AUTH X"],
+            1 => &["SIZE 1", "CHUNKING"],
+            _ => &[],
+        };
         Settings {
             require_tls: rng.below(2) == 0,
             max_pre_tls_line: 64,
             max_line: 96,
             max_pre_tls_commands: 20,
             max_errors: 5,
-            backend_extensions: Arc::from(vec!["SIZE 1".to_owned(), "AUTH X".to_owned()]),
+            backend_extensions: Arc::from(
+                backend_extensions.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ),
             ..settings()
         }
     }
@@ -1400,6 +2043,7 @@ mod tests {
     #[test]
     fn random_bytes_never_panic_and_buffers_stay_bounded() {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let (mut guarded_sessions, mut bodies, mut chunks) = (0, 0, 0);
         for _ in 0..3000 {
             let settings = fuzz_settings(&mut rng);
 
@@ -1424,16 +2068,22 @@ mod tests {
                     from_backend.extend_from_slice(b"220 ok\r\n");
                 }
                 from_backend.extend_from_slice(&rng.backend_chunk());
-                from_client.extend_from_slice(&rng.chunk());
+                from_client.extend_from_slice(&rng.client_chunk());
                 while neg.on_greeting(&mut from_backend).is_some() {}
                 while neg.on_backend(&mut from_backend).is_some() {}
                 while neg.on_client(&mut from_client).is_some() {}
+                guarded_sessions += usize::from(round == 0 && neg.mode == Mode::PlaintextGuarded);
+                bodies += usize::from(matches!(neg.phase, Phase::DataBody { .. }));
+                chunks += usize::from(matches!(neg.phase, Phase::Chunk { .. }));
                 if neg.phase == Phase::Over {
                     break;
                 }
                 assert!(from_backend.len() < reply_bound);
                 if matches!(neg.phase, Phase::Idle | Phase::SaslResponse) {
                     assert!(from_client.len() < settings.max_line);
+                }
+                if matches!(neg.phase, Phase::DataBody { .. } | Phase::Chunk { .. }) {
+                    assert!(from_client.is_empty(), "content is streamed, never held");
                 }
             }
 
@@ -1444,5 +2094,6 @@ mod tests {
                 while probe.on_backend(&mut input).is_some() {}
             }
         }
+        assert!(guarded_sessions > 100 && bodies > 5 && chunks > 5, "{guarded_sessions} {bodies} {chunks}");
     }
 }

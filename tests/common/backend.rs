@@ -15,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Script {
     Smtp,
+    /// SMTP whose EHLO offers no AUTH, XCLIENT or XFORWARD, as an MX smtpd should: the
+    /// opportunistic plaintext path may then relay opaquely.
+    SmtpNoAuth,
     Imap,
     Pop3,
     /// Accepts and never says anything.
@@ -207,7 +210,8 @@ async fn serve(stream: TcpStream, script: Script, header: bool, record: Arc<Mute
         return;
     }
     match script {
-        Script::Smtp => smtp(c).await,
+        Script::Smtp => smtp(c, SMTP_EHLO).await,
+        Script::SmtpNoAuth => smtp(c, SMTP_EHLO_NO_AUTH).await,
         Script::Imap => imap(c).await,
         Script::Pop3 => pop3(c).await,
         Script::Silent => while c.fill().await {},
@@ -223,13 +227,16 @@ fn verb(line: &str) -> String {
 
 pub const SMTP_EHLO: &str = "250-backend.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
 
-async fn smtp(mut c: Conn) {
+pub const SMTP_EHLO_NO_AUTH: &str =
+    "250-backend.test\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n";
+
+async fn smtp(mut c: Conn, ehlo: &str) {
     if !c.say("220 backend.test ESMTP Postfix\r\n").await {
         return;
     }
     while let Some(line) = c.line().await {
         let reply = match verb(&line).as_str() {
-            "EHLO" => SMTP_EHLO.to_owned(),
+            "EHLO" => ehlo.to_owned(),
             "HELO" => "250 backend.test\r\n".to_owned(),
             "AUTH" => {
                 if line.split(' ').count() < 3 {
