@@ -196,8 +196,12 @@ async fn pre_tls(
     let mut dialogue = protocol::pre_tls(ctx.protocol, settings);
     stream.write_all(&dialogue.greeting()).await?;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    // The clock restarts when a command completes, not when a byte arrives: a client that
+    // drips bytes (slowloris) gets no more time for a line than one that sends nothing.
+    let mut deadline = Instant::now() + ctx.timeouts.pre_auth_idle;
     loop {
         while let Some(step) = dialogue.on_client(&mut buf) {
+            deadline = Instant::now() + ctx.timeouts.pre_auth_idle;
             match step {
                 PreTlsStep::Reply(reply) => stream.write_all(&reply).await?,
                 PreTlsStep::StartTls(reply) => {
@@ -217,7 +221,7 @@ async fn pre_tls(
         }
         let read = tokio::select! {
             read = read_some(stream, &mut buf, settings.max_line) => read?,
-            () = tokio::time::sleep(ctx.timeouts.pre_auth_idle) => {
+            () = tokio::time::sleep_until(deadline) => {
                 return Err(say_farewell(stream, ctx.protocol, Farewell::Timeout, Outcome::IdleTimeout).await);
             }
             () = stop.graceful.cancelled() => {
@@ -430,6 +434,8 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         stop: &Shutdown,
     ) -> Result<Next, Outcome> {
         let bound = settings.max_line + settings.max_literal as usize;
+        // As before TLS, only progress (a unit consumed on either side) restarts the clock.
+        let mut deadline = Instant::now() + silence;
         loop {
             loop {
                 let step = match negotiation.on_backend(backend_buf) {
@@ -439,12 +445,13 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
                         None => break,
                     },
                 };
+                deadline = Instant::now() + silence;
                 match self.apply(step).await? {
                     Next::Negotiate => {}
                     next => return Ok(next),
                 }
             }
-            self.read_either(client_buf, backend_buf, bound, silence, ctx, stop).await?;
+            self.read_either(client_buf, backend_buf, bound, deadline, ctx, stop).await?;
         }
     }
 
@@ -453,7 +460,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         client_buf: &mut BytesMut,
         backend_buf: &mut BytesMut,
         bound: usize,
-        silence: Duration,
+        deadline: Instant,
         ctx: &ListenerContext,
         stop: &Shutdown,
     ) -> Result<(), Outcome> {
@@ -472,7 +479,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
                 }
                 _ => Ok(()),
             },
-            () = idle(silence) => {
+            () = tokio::time::sleep_until(deadline) => {
                 Err(say_farewell(self.client, ctx.protocol, Farewell::Timeout, Outcome::IdleTimeout).await)
             }
             () = stop.graceful.cancelled() => {
@@ -480,8 +487,4 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
             }
         }
     }
-}
-
-async fn idle(after: Duration) {
-    tokio::time::sleep(after).await
 }

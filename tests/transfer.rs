@@ -525,3 +525,39 @@ async fn silent_imaps_before_login_gets_bye_after_pre_auth_idle() {
     assert_eq!(backend.seen(0).text(), "", "nothing was sent for the silent client");
     proxy.stop().await;
 }
+
+/// Sends one byte of an endless line every 300 ms until the connection closes; the time
+/// it took. A slowloris client must not buy time byte by byte.
+async fn drip_until_closed<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Conn<S>) -> Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        if c.stream.write_all(b"A").await.is_err() || c.stream.flush().await.is_err() {
+            return started.elapsed();
+        }
+        if c.closed_within(Duration::from_millis(300)).await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(6), "a dripping client was kept for 6 s");
+    }
+}
+
+#[tokio::test]
+async fn dripping_bytes_before_tls_do_not_extend_pre_auth_idle() {
+    let (backend, proxy) = setup(Role::Submission, SHORT_PRE_AUTH).await;
+    let mut c = proxy.tcp("submission").await;
+    assert!(c.line().await.starts_with("220 "));
+    let held = drip_until_closed(&mut c).await;
+    assert!(held < Duration::from_secs(4), "held {held:?} with pre_auth_idle = 1 s");
+    assert_eq!(backend.connections(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn dripping_bytes_after_tls_do_not_extend_pre_auth_idle() {
+    let (_backend, proxy) = setup(Role::Imaps, SHORT_PRE_AUTH).await;
+    let mut c = proxy.tls("imaps").await;
+    assert!(c.line().await.starts_with("* OK"));
+    let held = drip_until_closed(&mut c).await;
+    assert!(held < Duration::from_secs(4), "held {held:?} with pre_auth_idle = 1 s");
+    proxy.stop().await;
+}
