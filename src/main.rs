@@ -94,27 +94,44 @@ fn check(config: &config::Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: config::Config) -> anyhow::Result<()> {
+    // Handlers first: once a port accepts, a SIGHUP (certbot hook, systemctl reload) must
+    // reload, and SIGHUP's default action would kill the process.
+    let signals = Signals::install().context("installing signal handlers")?;
     let server = Server::bind(config)?;
     let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(forward_signals(tx));
+    tokio::spawn(signals.forward(tx));
     server.run(rx).await;
     Ok(())
 }
 
 /// SIGHUP reloads certificates; SIGTERM and SIGINT stop (a second one is not needed:
 /// the drain time bounds the stop).
-async fn forward_signals(tx: mpsc::Sender<Control>) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        let control = tokio::select! {
-            _ = term.recv() => Control::Stop,
-            _ = int.recv() => Control::Stop,
-            _ = hup.recv() => Control::Reload,
-        };
-        if tx.send(control).await.is_err() {
-            return Ok(());
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn forward(self, tx: mpsc::Sender<Control>) {
+        let Signals { mut term, mut int, mut hup } = self;
+        loop {
+            let control = tokio::select! {
+                _ = term.recv() => Control::Stop,
+                _ = int.recv() => Control::Stop,
+                _ = hup.recv() => Control::Reload,
+            };
+            if tx.send(control).await.is_err() {
+                return;
+            }
         }
     }
 }
