@@ -971,3 +971,41 @@ fn sighup_right_after_start_does_not_kill_the_process() {
         assert!(exited.is_none(), "run {runs}: SIGHUP after the port was open killed mailtls: {exited:?}");
     }
 }
+
+/// A client that offers ALPN "imap" and accepts any certificate.
+fn alpn_client() -> Arc<rustls::ClientConfig> {
+    let mut config = (*accept_any()).clone();
+    config.alpn_protocols = vec![b"imap".to_vec()];
+    Arc::new(config)
+}
+
+#[tokio::test]
+async fn policy_knobs_decide_suite_group_and_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    install(dir.path(), &ca.leaf(&["mail.example.org"], Alg::Ecdsa), "mail");
+
+    // Defaults: the post-quantum hybrid first, no ALPN even when the client offers one.
+    let proxy = TestProxy::start(dir.path(), &format!("[tls]\n{}", entry("mail.pem", "mail.key"))).await;
+    let tls = connect(proxy.addr, Some("mail.example.org"), alpn_client()).await;
+    let conn = tls.get_ref().1;
+    let group = conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
+    assert_eq!(group.as_deref(), Some("X25519MLKEM768"));
+    assert_eq!(conn.alpn_protocol(), None, "ALPN is off by default");
+    proxy.stop().await;
+
+    // Narrowed: only the suite and the group configured are negotiated; ALPN when asked.
+    let tls_table = format!(
+        "[tls]\ncipher_suites = [\"TLS_CHACHA20_POLY1305_SHA256\"]\nkx_groups = [\"secp384r1\"]\nalpn = [\"imap\"]\n{}",
+        entry("mail.pem", "mail.key")
+    );
+    let proxy = TestProxy::start(dir.path(), &tls_table).await;
+    let tls = connect(proxy.addr, Some("mail.example.org"), alpn_client()).await;
+    let conn = tls.get_ref().1;
+    let suite = conn.negotiated_cipher_suite().and_then(|s| s.suite().as_str());
+    assert_eq!(suite, Some("TLS13_CHACHA20_POLY1305_SHA256"));
+    let group = conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
+    assert_eq!(group.as_deref(), Some("secp384r1"));
+    assert_eq!(conn.alpn_protocol(), Some(&b"imap"[..]));
+    proxy.stop().await;
+}
