@@ -69,7 +69,10 @@ async fn one_direction(mib: usize) -> (Duration, f64) {
 }
 
 fn main() {
-    let mib: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1024);
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a quick smoke test.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let mib: usize =
+        std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(if benching { 1024 } else { 8 });
     // One worker thread: the figure is the relay's cost, comparable with one-worker peers.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (elapsed, cpu) = rt.block_on(one_direction(mib));
