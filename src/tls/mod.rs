@@ -9,6 +9,8 @@ pub mod watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use rustls::crypto::CryptoProvider;
 use rustls::{ServerConfig, ServerConnection};
 
@@ -67,7 +69,8 @@ pub fn load_certificates(config: &Config, self_signed: SelfSigned) -> Result<Vec
 /// The certificates in service and how they are renewed: by the directory watcher and on
 /// demand (SIGHUP), always all-or-nothing.
 pub struct Certificates {
-    config: Config,
+    /// The config whose `[tls]` entries are in service; replaced by a config reload.
+    config: ArcSwap<Config>,
     store: Arc<CertStore>,
     metrics: Arc<Metrics>,
 }
@@ -80,7 +83,8 @@ impl Certificates {
             log_loaded(cert, "loaded");
         }
         metrics.set_certificates(&certs);
-        Ok(Certificates { config: config.clone(), store: Arc::new(CertStore::new(certs)), metrics })
+        let config = ArcSwap::from_pointee(config.clone());
+        Ok(Certificates { config, store: Arc::new(CertStore::new(certs)), metrics })
     }
 
     pub fn store(&self) -> Arc<CertStore> {
@@ -89,7 +93,8 @@ impl Certificates {
 
     /// Every directory holding a configured file.
     pub fn directories(&self) -> Vec<PathBuf> {
-        let files = self.config.tls.certificates.iter().flat_map(|c| {
+        let config = self.config.load();
+        let files = config.tls.certificates.iter().flat_map(|c| {
             [Some(c.cert.as_path()), Some(c.key.as_path()), c.ocsp.as_deref()].into_iter().flatten()
         });
         watch::directories(files)
@@ -98,7 +103,7 @@ impl Certificates {
     /// Loads the whole set again and swaps it in only if every entry loads; otherwise the
     /// set in service stays. Returns whether the new set was taken.
     pub fn reload(&self, trigger: &str) -> bool {
-        match load_certificates(&self.config, SelfSigned::Create) {
+        match load_certificates(&self.config.load(), SelfSigned::Create) {
             Ok(certs) => {
                 let current = self.store.current();
                 let unchanged = certs.len() == current.len()
@@ -112,15 +117,26 @@ impl Certificates {
                 }
                 self.metrics.set_certificates(&certs);
                 self.store.replace(certs);
-                Metrics::add(&self.metrics.cert_reloads_ok);
+                self.metrics.cert_reload(true);
                 true
             }
             Err(e) => {
-                Metrics::add(&self.metrics.cert_reloads_failed);
+                self.metrics.cert_reload(false);
                 tracing::error!(trigger, "certificate reload refused, the certificates in service stay: {e}");
                 false
             }
         }
+    }
+
+    /// Adopts a reloaded config whose certificates the caller has loaded and checked
+    /// (all of them: a config that fails to load never gets here).
+    pub fn adopt(&self, config: &Config, certs: Vec<LoadedCert>) {
+        for cert in &certs {
+            log_loaded(cert, "in service");
+        }
+        self.metrics.set_certificates(&certs);
+        self.store.replace(certs);
+        self.config.store(Arc::new(config.clone()));
     }
 }
 
