@@ -4,6 +4,7 @@
 //! systemd's sockets are taken here, before the runtime starts any thread: adopting them
 //! clears LISTEN_FDS, which is only sound while the process is single-threaded.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -152,14 +153,15 @@ async fn forward_signals(tx: mpsc::Sender<Control>) -> anyhow::Result<()> {
 fn init_logging(format: LogFormat, target: LogTarget, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let writer = match target {
-        LogTarget::Stderr => BoxMakeWriter::new(std::io::stderr),
-        LogTarget::Stdout => BoxMakeWriter::new(std::io::stdout),
+    let (writer, terminal) = match target {
+        LogTarget::Stderr => (BoxMakeWriter::new(std::io::stderr), std::io::stderr().is_terminal()),
+        LogTarget::Stdout => (BoxMakeWriter::new(std::io::stdout), std::io::stdout().is_terminal()),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    // Colour codes only for a person at a terminal: journald, files and container log
+    // collectors would store them as escape-sequence noise.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(terminal);
     match format {
         LogFormat::Text => builder.init(),
-        // Colours make no sense in a log collector; text keeps them only on a terminal.
-        LogFormat::Json => builder.json().flatten_event(true).with_ansi(false).init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
