@@ -7,7 +7,7 @@
 //! address (127.0.0.1, a pod-local port): it has no authentication.
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,6 +158,12 @@ async fn respond(
 /// `mailtls --healthcheck`: GET /healthz from the admin endpoint; Ok when it says 200.
 /// Blocking and runtime-free, so a container HEALTHCHECK costs one short process.
 pub fn check_health(addr: SocketAddr, timeout: Duration) -> Result<(), AdminError> {
+    // A wildcard listen address ("0.0.0.0:9925" in a container) is reached on loopback.
+    let addr = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        _ => addr,
+    };
     let io = |source| AdminError::Io { addr, source };
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| AdminError::Connect { addr, source })?;

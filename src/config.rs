@@ -897,6 +897,46 @@ backend = "127.0.0.1:2525"
     }
 
     #[test]
+    fn operations_keys_parse_and_bad_values_are_named() {
+        let text = GOOD.replace(
+            "proxy_protocol = \"v2\"",
+            "proxy_protocol = \"v2\"\nmax_connections = 5\naccept_proxy_protocol = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]",
+        ) + "\nlog_level = \"mailtls=debug\"\n[admin]\nlisten = \"127.0.0.1:9925\"\n[limits]\nmax_connections_per_address = 3\nmax_new_connections_per_address_per_minute = 60\n";
+        let text = text.replacen("\nlog_level = \"mailtls=debug\"\n", "\n", 1);
+        let text = format!("log_level = \"mailtls=debug\"\n{text}");
+        let c = parse_text(&text).expect("valid");
+        assert_eq!(c.admin, Some(AdminConfig { listen: "127.0.0.1:9925".parse().unwrap() }));
+        assert_eq!(c.log_level, "mailtls=debug");
+        assert_eq!(c.limits.max_connections_per_address, 3);
+        assert_eq!(c.limits.max_new_connections_per_address_per_minute, Some(60));
+        assert_eq!(c.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        let l = &c.listeners[0];
+        assert_eq!(l.max_connections, Some(5));
+        assert_eq!(l.accept_proxy_protocol.len(), 3);
+        assert!(l.accept_proxy_protocol[1].contains(&"192.0.2.7".parse::<IpAddr>().unwrap()));
+        assert!(c.listeners[1].accept_proxy_protocol.is_empty());
+
+        let e = error_of(&text.replace("\"192.0.2.7\"", "\"192.0.2.300\""));
+        assert!(e.contains("listeners[0].accept_proxy_protocol[1]"), "{e}");
+        let e = error_of(&text.replace("127.0.0.1:9925", "localhost"));
+        assert!(e.contains("admin.listen"), "{e}");
+        let e = error_of(&text.replace("max_connections_per_address = 3", "max_connections_per_address = 0"));
+        assert!(e.contains("limits.max_connections_per_address"), "{e}");
+        let e = error_of(&text.replace("max_connections = 5", "max_connections = 0"));
+        assert!(e.contains("listeners[0].max_connections"), "{e}");
+        let e = error_of(&text.replace("mailtls=debug", "mailtls=loud"));
+        assert!(e.contains("log_level") && e.contains(":1:"), "{e}");
+    }
+
+    #[test]
+    fn container_example_parses() {
+        let text = include_str!("../config/mailtls.container.toml");
+        let c = parse_text(text).expect("the container example is valid");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.admin.is_some());
+    }
+
+    #[test]
     fn missing_key_is_reported() {
         let e = error_of(&GOOD.replace("backend = \"127.0.0.1:143\"\n", ""));
         assert!(e.contains("backend"), "{e}");
