@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::net::{TcpStream, UnixDatagram};
 
 /// systemd-socket-activate listening on `ports` with `names`, running mailtls on `config`,
-/// with notifications sent to `notify`.
+/// with notifications sent to `notify` and a 200 ms watchdog (as WatchdogSec= would set).
 fn socket_activate(ports: &[u16], names: &[&str], config: &Path, notify: &Path) -> Running {
     let mut cmd = Command::new("systemd-socket-activate");
     for p in ports {
@@ -22,6 +22,7 @@ fn socket_activate(ports: &[u16], names: &[&str], config: &Path, notify: &Path) 
     }
     cmd.arg(format!("--fdname={}", names.join(":")))
         .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.display()))
+        .arg("--setenv=WATCHDOG_USEC=200000")
         .arg(BIN)
         .arg("--config")
         .arg(config);
@@ -118,8 +119,13 @@ async fn socket_activated_binary_serves_tls_on_named_sockets_and_notifies_system
     let usec = reloading.lines().find_map(|l| l.strip_prefix("MONOTONIC_USEC=")).expect("MONOTONIC_USEC");
     assert!(usec.parse::<u64>().is_ok_and(|u| u > 0), "{reloading:?}");
 
+    // Half the watchdog interval apart: several pings within a second.
+    tokio::time::sleep(Duration::from_millis(700)).await;
     run.signal("TERM");
-    notifications_until(&notify, "STOPPING=1", &run).await;
+    let last = notifications_until(&notify, "STOPPING=1", &run).await;
+    let pings =
+        ready.iter().chain(&reload).chain(&last).filter(|m| m.lines().any(|l| l == "WATCHDOG=1")).count();
+    assert!(pings >= 4, "{pings} watchdog pings: {ready:?} {reload:?} {last:?}");
     drop((imap, smtp));
     let status = run.exit_within(Duration::from_secs(10)).await.expect("mailtls exits");
     assert!(status.success(), "{}", run.log());
