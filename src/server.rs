@@ -1,6 +1,5 @@
-//! The process's listeners: binding (socket2) or adopting systemd's sockets, one accept
-//! loop each with connection limits, and the life of the whole server: config reload on
-//! demand, systemd notifications, the admin endpoint, graceful stop with a bounded drain.
+//! The listeners (bound with socket2 or inherited from systemd) with their limited accept
+//! loops, and the server's life: config reload, notifications, graceful bounded stop.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
