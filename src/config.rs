@@ -6,11 +6,12 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -51,7 +52,17 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log_format: LogFormat,
+    /// A tracing filter ("info", "mailtls=debug"); `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// The admin endpoint (/metrics, /healthz); off when `None`.
+    pub admin: Option<AdminConfig>,
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// `[admin]`: where Prometheus and health checks reach mailtls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -135,11 +146,31 @@ pub struct Limits {
     pub max_line: usize,
     /// Largest IMAP literal before authentication.
     pub max_literal: u64,
+    /// Connections open at once, every listener together.
+    pub max_connections: u32,
+    /// Connections open at once from one client address.
+    pub max_connections_per_address: u32,
+    /// New connections one client address may open per minute; `None`: no rate limit.
+    pub max_new_connections_per_address_per_minute: Option<u32>,
 }
+
+/// Default total: two descriptors per session, well inside the unit's LimitNOFILE=65536.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 20_000;
+/// Default per address: room for several devices of a household or office behind one NAT,
+/// each with a few IMAP connections, but not for one host to take the whole server.
+pub const DEFAULT_MAX_PER_ADDRESS: u32 = 100;
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_pre_tls_commands: 100, max_errors: 10, max_line: 16 * 1024, max_literal: 64 * 1024 }
+        Limits {
+            max_pre_tls_commands: 100,
+            max_errors: 10,
+            max_line: 16 * 1024,
+            max_literal: 64 * 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_PER_ADDRESS,
+            max_new_connections_per_address_per_minute: None,
+        }
     }
 }
 
@@ -177,6 +208,18 @@ pub struct ListenerConfig {
     pub listen: Vec<SocketAddr>,
     pub backend: String,
     pub proxy_protocol: ProxyProtocol,
+    /// Connections open at once on this listener; `None`: only the total bound applies.
+    pub max_connections: Option<u32>,
+    /// Sources that must open with a PROXY header (a load balancer); empty: none may.
+    pub accept_proxy_protocol: Vec<IpNet>,
+}
+
+/// A v4 client on a dual-stack socket appears as `::ffff:a.b.c.d`; rules are written in v4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
 }
 
 // ---- the file as written -------------------------------------------------------------
@@ -192,7 +235,15 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log_format: LogFormat,
+    log_level: Option<Spanned<String>>,
+    admin: Option<RawAdmin>,
     listeners: Spanned<Vec<Spanned<RawListener>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +298,9 @@ struct RawLimits {
     max_errors: Option<Spanned<u32>>,
     max_line: Option<Spanned<usize>>,
     max_literal: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u32>>,
+    max_connections_per_address: Option<Spanned<u32>>,
+    max_new_connections_per_address_per_minute: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +314,9 @@ struct RawListener {
     #[serde(default)]
     proxy_protocol: ProxyProtocol,
     require_tls: Option<Spanned<bool>>,
+    max_connections: Option<Spanned<u32>>,
+    #[serde(default)]
+    accept_proxy_protocol: Vec<Spanned<String>>,
 }
 
 // ---- loading and validation ----------------------------------------------------------
@@ -312,6 +369,8 @@ impl Validator<'_> {
         let timeouts = self.timeouts(&raw.timeouts)?;
         let limits = self.limits(&raw.limits)?;
         let listeners = self.listeners(raw.listeners)?;
+        let log_level = self.log_level(raw.log_level.as_ref())?;
+        let admin = raw.admin.as_ref().map(|a| self.admin(a)).transpose()?;
         Ok(Config {
             path: self.path.to_owned(),
             hostname,
@@ -319,8 +378,33 @@ impl Validator<'_> {
             timeouts,
             limits,
             log_format: raw.log_format,
+            log_level,
+            admin,
             listeners,
         })
+    }
+
+    fn log_level(&self, raw: Option<&Spanned<String>>) -> Result<String, ConfigError> {
+        let Some(raw) = raw else { return Ok("info".to_owned()) };
+        tracing_subscriber::EnvFilter::try_new(raw.get_ref()).map_err(|e| {
+            self.invalid(
+                "log_level",
+                raw.span(),
+                format!("not a log filter like \"info\" or \"mailtls=debug\": {e}"),
+            )
+        })?;
+        Ok(raw.get_ref().clone())
+    }
+
+    fn admin(&self, raw: &RawAdmin) -> Result<AdminConfig, ConfigError> {
+        let listen = raw.listen.get_ref().parse().map_err(|_| {
+            self.invalid(
+                "admin.listen",
+                raw.listen.span(),
+                format!("{:?} is not an address:port like \"127.0.0.1:9925\"", raw.listen.get_ref()),
+            )
+        })?;
+        Ok(AdminConfig { listen })
     }
 
     fn hostname(&self, raw: &Spanned<String>) -> Result<String, ConfigError> {
@@ -515,6 +599,15 @@ impl Validator<'_> {
         if let Some(v) = &raw.max_errors {
             at_least("max_errors", v.span(), *v.get_ref() >= 1, "1")?;
         }
+        for (key, v) in [
+            ("max_connections", &raw.max_connections),
+            ("max_connections_per_address", &raw.max_connections_per_address),
+            ("max_new_connections_per_address_per_minute", &raw.max_new_connections_per_address_per_minute),
+        ] {
+            if let Some(v) = v {
+                at_least(key, v.span(), *v.get_ref() >= 1, "1")?;
+            }
+        }
         Ok(Limits {
             max_pre_tls_commands: raw
                 .max_pre_tls_commands
@@ -523,6 +616,15 @@ impl Validator<'_> {
             max_errors: raw.max_errors.as_ref().map_or(d.max_errors, |v| *v.get_ref()),
             max_line: raw.max_line.as_ref().map_or(d.max_line, |v| *v.get_ref()),
             max_literal: raw.max_literal.as_ref().map_or(d.max_literal, |v| *v.get_ref()),
+            max_connections: raw.max_connections.as_ref().map_or(d.max_connections, |v| *v.get_ref()),
+            max_connections_per_address: raw
+                .max_connections_per_address
+                .as_ref()
+                .map_or(d.max_connections_per_address, |v| *v.get_ref()),
+            max_new_connections_per_address_per_minute: raw
+                .max_new_connections_per_address_per_minute
+                .as_ref()
+                .map(|v| *v.get_ref()),
         })
     }
 
@@ -566,6 +668,11 @@ impl Validator<'_> {
         let listen = self.listen_addresses(&key("listen"), raw.listen, addresses)?;
         let backend = self.backend(&key("backend"), &raw.backend)?;
         let require_tls = self.require_tls(&key("require_tls"), raw.protocol, raw.tls, &raw.require_tls)?;
+        if let Some(v) = raw.max_connections.as_ref().filter(|v| *v.get_ref() == 0) {
+            return Err(self.invalid(key("max_connections"), v.span(), "must be at least 1"));
+        }
+        let accept_proxy_protocol =
+            self.networks(&key("accept_proxy_protocol"), &raw.accept_proxy_protocol)?;
         Ok(ListenerConfig {
             name,
             protocol: raw.protocol,
@@ -574,7 +681,26 @@ impl Validator<'_> {
             listen,
             backend,
             proxy_protocol: raw.proxy_protocol,
+            max_connections: raw.max_connections.map(|v| v.into_inner()),
+            accept_proxy_protocol,
         })
+    }
+
+    /// CIDR networks ("10.0.0.0/8"); a bare address means that host alone.
+    fn networks(&self, key: &str, raw: &[Spanned<String>]) -> Result<Vec<IpNet>, ConfigError> {
+        raw.iter()
+            .enumerate()
+            .map(|(j, text)| {
+                let t = text.get_ref().trim();
+                t.parse::<IpNet>().or_else(|_| t.parse::<IpAddr>().map(IpNet::from)).map_err(|_| {
+                    self.invalid(
+                        format!("{key}[{j}]"),
+                        text.span(),
+                        format!("{t:?} is not a network like \"10.0.0.0/8\" or an address"),
+                    )
+                })
+            })
+            .collect()
     }
 
     fn listen_addresses(
@@ -768,6 +894,46 @@ backend = "127.0.0.1:2525"
             "min_version = \"1.3\"\ncipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]",
         );
         assert!(error_of(&only12).contains("leaves no cipher suite"));
+    }
+
+    #[test]
+    fn operations_keys_parse_and_bad_values_are_named() {
+        let text = GOOD.replace(
+            "proxy_protocol = \"v2\"",
+            "proxy_protocol = \"v2\"\nmax_connections = 5\naccept_proxy_protocol = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]",
+        ) + "\nlog_level = \"mailtls=debug\"\n[admin]\nlisten = \"127.0.0.1:9925\"\n[limits]\nmax_connections_per_address = 3\nmax_new_connections_per_address_per_minute = 60\n";
+        let text = text.replacen("\nlog_level = \"mailtls=debug\"\n", "\n", 1);
+        let text = format!("log_level = \"mailtls=debug\"\n{text}");
+        let c = parse_text(&text).expect("valid");
+        assert_eq!(c.admin, Some(AdminConfig { listen: "127.0.0.1:9925".parse().unwrap() }));
+        assert_eq!(c.log_level, "mailtls=debug");
+        assert_eq!(c.limits.max_connections_per_address, 3);
+        assert_eq!(c.limits.max_new_connections_per_address_per_minute, Some(60));
+        assert_eq!(c.limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        let l = &c.listeners[0];
+        assert_eq!(l.max_connections, Some(5));
+        assert_eq!(l.accept_proxy_protocol.len(), 3);
+        assert!(l.accept_proxy_protocol[1].contains(&"192.0.2.7".parse::<IpAddr>().unwrap()));
+        assert!(c.listeners[1].accept_proxy_protocol.is_empty());
+
+        let e = error_of(&text.replace("\"192.0.2.7\"", "\"192.0.2.300\""));
+        assert!(e.contains("listeners[0].accept_proxy_protocol[1]"), "{e}");
+        let e = error_of(&text.replace("127.0.0.1:9925", "localhost"));
+        assert!(e.contains("admin.listen"), "{e}");
+        let e = error_of(&text.replace("max_connections_per_address = 3", "max_connections_per_address = 0"));
+        assert!(e.contains("limits.max_connections_per_address"), "{e}");
+        let e = error_of(&text.replace("max_connections = 5", "max_connections = 0"));
+        assert!(e.contains("listeners[0].max_connections"), "{e}");
+        let e = error_of(&text.replace("mailtls=debug", "mailtls=loud"));
+        assert!(e.contains("log_level") && e.contains(":1:"), "{e}");
+    }
+
+    #[test]
+    fn container_example_parses() {
+        let text = include_str!("../config/mailtls.container.toml");
+        let c = parse_text(text).expect("the container example is valid");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.admin.is_some());
     }
 
     #[test]

@@ -6,11 +6,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod inbound;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod systemd;
 pub mod tls;

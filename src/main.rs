@@ -1,17 +1,24 @@
 //! The `mailtls` command: parses the command line, sets up logging and signals, and runs
 //! the server from the library. Errors end here as one readable message and exit 1.
+//!
+//! systemd's sockets are taken here, before the runtime starts any thread: adopting them
+//! clears LISTEN_FDS, which is only sound while the process is single-threaded.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use mailtls::config::{self, LogFormat};
 use mailtls::server::{Control, Server};
-use mailtls::tls;
+use mailtls::systemd::Inherited;
+use mailtls::{admin, tls};
 
 /// A TLS front door for mail servers (SMTP, IMAP, POP3).
 #[derive(Parser, Debug)]
@@ -24,9 +31,22 @@ struct Args {
     /// parse) and exit: 0 when fine, 1 with a message naming the key and line otherwise.
     #[arg(long)]
     check: bool,
-    /// Log format on stderr; overrides `log_format` in the config.
+    /// Log format; overrides `log_format` in the config.
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
+    /// Where logs go. Containers conventionally collect stdout.
+    #[arg(long, value_enum, default_value = "stderr")]
+    log_target: LogTarget,
+    /// Ask the running instance's admin endpoint (`[admin] listen`) for /healthz and exit
+    /// 0 when it is serving, 1 otherwise: a HEALTHCHECK that needs no curl in the image.
+    #[arg(long, conflicts_with = "check")]
+    healthcheck: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogTarget {
+    Stderr,
+    Stdout,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -48,20 +68,30 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = config::load(&args.config)?;
+    if args.healthcheck {
+        return healthcheck(&config);
+    }
     let format = match args.log_format {
         Some(LogFormatArg::Text) => LogFormat::Text,
         Some(LogFormatArg::Json) => LogFormat::Json,
         None => config.log_format,
     };
-    init_logging(format);
+    init_logging(format, args.log_target, &config.log_level);
     // Explicitly aws-lc-rs, whatever other provider a dependency might compile in.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if args.check {
         return check(&config);
     }
+    let inherited = Inherited::from_env().context("taking the sockets systemd passed")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, inherited))
+}
+
+fn healthcheck(config: &config::Config) -> anyhow::Result<()> {
+    let admin = config.admin.as_ref().context("--healthcheck needs [admin] listen in the config")?;
+    admin::check_health(admin.listen, Duration::from_secs(3))?;
+    Ok(())
 }
 
 /// `--check`: everything a start would load, loaded; a report of each certificate.
@@ -93,18 +123,18 @@ fn check(config: &config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: config::Config) -> anyhow::Result<()> {
+async fn serve(config: config::Config, inherited: Inherited) -> anyhow::Result<()> {
     // Handlers first: once a port accepts, a SIGHUP (certbot hook, systemctl reload) must
     // reload, and SIGHUP's default action would kill the process.
     let signals = Signals::install().context("installing signal handlers")?;
-    let server = Server::bind(config)?;
+    let server = Server::bind_with(config, inherited)?;
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(signals.forward(tx));
     server.run(rx).await;
     Ok(())
 }
 
-/// SIGHUP reloads certificates; SIGTERM and SIGINT stop (a second one is not needed:
+/// SIGHUP reloads the config (certificates included); SIGTERM and SIGINT stop (a second one is not needed:
 /// the drain time bounds the stop).
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -136,10 +166,17 @@ impl Signals {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// RUST_LOG, when set, overrides the config's `log_level`.
+fn init_logging(format: LogFormat, target: LogTarget, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let (writer, terminal) = match target {
+        LogTarget::Stderr => (BoxMakeWriter::new(std::io::stderr), std::io::stderr().is_terminal()),
+        LogTarget::Stdout => (BoxMakeWriter::new(std::io::stdout), std::io::stdout().is_terminal()),
+    };
+    // Colour codes only for a person at a terminal: journald, files and container log
+    // collectors would store them as escape-sequence noise.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(terminal);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -1,23 +1,29 @@
-//! The process's listeners: binding (socket2), one accept loop each, and the life of the
-//! whole server: certificate reload on demand, graceful stop with a bounded drain.
+//! The listeners (bound with socket2 or inherited from systemd) with their limited accept
+//! loops, and the server's life: config reload, notifications, graceful bounded stop.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, Health};
 use crate::backend;
-use crate::config::{Config, ListenerConfig};
-use crate::metrics::Metrics;
+use crate::config::{self, Config, ConfigError, ListenerConfig, TlsMode};
+use crate::inbound::{self, Ends};
+use crate::limits::{Limiter, ListenerSlot};
+use crate::metrics::{Limit, Metrics};
 use crate::protocol::smtp::{Probe, ProbeStep, PROBE_QUIT};
-use crate::protocol::{Protocol, Settings};
+use crate::protocol::{self, Farewell, Protocol, Settings};
 use crate::session::{self, ListenerContext, Shutdown};
+use crate::systemd::{self, Inherited, SystemdError};
 use crate::tls::{self, Certificates};
 
 /// How often an opportunistic SMTP listener re-learns its backend's EHLO extensions.
@@ -26,65 +32,140 @@ const PROBE_EVERY: Duration = Duration::from_secs(60);
 const PROBE_RETRY: Duration = Duration::from_secs(5);
 /// Pending connections the kernel may queue per listening socket.
 const BACKLOG: i32 = 1024;
+/// Refusals in progress at once; past this a refused connection is just closed, so a
+/// flood cannot turn the refusals themselves into the load the limits exist to prevent.
+const MAX_REFUSALS: usize = 64;
+/// Longest a refusal may take (handshake included on implicit-TLS listeners).
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(3);
+/// How often the systemd STATUS line is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
     #[error("listener {listener:?}: cannot listen on {addr}: {source}")]
     Bind { listener: String, addr: SocketAddr, source: std::io::Error },
+    #[error("listener {listener:?}: cannot use the socket systemd passed: {source}")]
+    Inherited { listener: String, source: std::io::Error },
+    #[error(
+        "systemd passed sockets named {names:?} but no listener has that name \
+         (FileDescriptorName= must match a [[listeners]] name, or \"admin\")"
+    )]
+    Unclaimed { names: Vec<String> },
+    #[error("admin.listen: cannot listen on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Why a reload was refused; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Requests from the outside world (signals) to the running server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Control {
-    /// Reload certificates (SIGHUP).
+    /// Re-read the config file: certificates, backends, limits (SIGHUP, systemd reload).
     Reload,
     /// Stop accepting, drain, exit (SIGTERM / SIGINT).
     Stop,
+}
+
+/// One configured listener: its sockets and the context new sessions get, swapped whole
+/// by a reload while sessions already open keep the one they started with.
+struct Listener {
+    /// The listener as started: its socket role (addresses, protocol, TLS mode) is fixed.
+    config: ListenerConfig,
+    current: Arc<ArcSwap<ListenerContext>>,
+    sockets: Vec<TcpListener>,
+    /// Wakes the EHLO probe when a reload changed the backend.
+    reprobe: Arc<Notify>,
+}
+
+/// What every accept loop shares.
+struct Shared {
+    limiter: Arc<Limiter>,
+    refusals: Arc<Semaphore>,
+}
+
+/// What the systemd STATUS line is made of.
+struct Status {
+    listeners: Vec<String>,
+    certificates: Arc<Certificates>,
+    limiter: Arc<Limiter>,
+    last_reload_error: Mutex<Option<String>>,
 }
 
 /// A server with every listener bound and every certificate loaded, not yet accepting.
 pub struct Server {
     config: Config,
     certificates: Arc<Certificates>,
+    resumption: tls::Resumption,
     metrics: Arc<Metrics>,
-    listeners: Vec<(Arc<ListenerContext>, Vec<TcpListener>)>,
+    limiter: Arc<Limiter>,
+    listeners: Vec<Listener>,
+    admin: Option<TcpListener>,
+    health: Arc<Health>,
 }
 
 impl Server {
     /// Loads certificates and binds every listener; must run inside the tokio runtime.
     pub fn bind(config: Config) -> Result<Server, StartError> {
-        let metrics = Arc::new(Metrics::default());
+        Server::bind_with(config, Inherited::none())
+    }
+
+    /// Like [`Server::bind`], adopting systemd's sockets for the listeners they are named
+    /// after; the others bind their `listen` addresses.
+    pub fn bind_with(config: Config, mut inherited: Inherited) -> Result<Server, StartError> {
+        let metrics = Arc::new(Metrics::new());
         let certificates = Arc::new(Certificates::load(&config, metrics.clone())?);
-        let acceptor = TlsAcceptor::from(tls::server_config(&config, certificates.store())?);
+        let resumption = tls::Resumption::new(&config.tls)?;
+        let acceptor = TlsAcceptor::from(tls::server_config(&config, certificates.store(), &resumption)?);
         let mut listeners = Vec::new();
         for lc in &config.listeners {
-            let ctx = Arc::new(listener_context(&config, lc, acceptor.clone(), metrics.clone()));
-            let sockets = lc
-                .listen
-                .iter()
-                .map(|&addr| {
-                    bind_socket(addr).map_err(|source| StartError::Bind {
-                        listener: lc.name.clone(),
-                        addr,
-                        source,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            listeners.push((ctx, sockets));
+            let extensions = Arc::new(Mutex::new(Arc::from(Vec::new())));
+            let ctx = listener_context(&config, lc, acceptor.clone(), metrics.clone(), extensions);
+            let sockets = sockets_for(lc, inherited.take(&lc.name))?;
+            listeners.push(Listener {
+                config: lc.clone(),
+                current: Arc::new(ArcSwap::from_pointee(ctx)),
+                sockets,
+                reprobe: Arc::new(Notify::new()),
+            });
         }
-        Ok(Server { config, certificates, metrics, listeners })
+        let admin = admin_socket(&config, inherited.take(systemd::ADMIN_SOCKET_NAME))?;
+        let unclaimed = inherited.names();
+        if !unclaimed.is_empty() {
+            return Err(StartError::Unclaimed { names: unclaimed });
+        }
+        let limiter = Limiter::new(config.limits);
+        let health = Arc::new(Health::default());
+        Ok(Server { config, certificates, resumption, metrics, limiter, listeners, admin, health })
     }
 
     /// The addresses actually bound (useful with port 0), per listener name.
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .flat_map(|(ctx, socks)| {
-                socks.iter().filter_map(|s| s.local_addr().ok()).map(|a| (ctx.name.clone(), a))
+            .flat_map(|l| {
+                l.sockets.iter().filter_map(|s| s.local_addr().ok()).map(|a| (l.config.name.clone(), a))
             })
             .collect()
+    }
+
+    /// The admin endpoint's address, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Reloads certificates when their directories change, unless `tls.watch = false`.
@@ -105,36 +186,48 @@ impl Server {
         }
     }
 
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
-    }
-
     /// Accepts until told to stop, then drains open sessions for at most the drain time.
-    pub async fn run(self, mut control: tokio::sync::mpsc::Receiver<Control>) {
+    pub async fn run(mut self, mut control: tokio::sync::mpsc::Receiver<Control>) {
         let stop = Shutdown::default();
         let sessions = TaskTracker::new();
-        let _watch = self.watch_certificates();
-        let mut loops = Vec::new();
-        for (ctx, sockets) in self.listeners {
-            if ctx.protocol == Protocol::Smtp && !ctx.settings.require_tls {
-                tokio::spawn(probe_loop(ctx.clone(), self.config.hostname.clone(), stop.clone()));
-            }
-            for socket in sockets {
-                if let Ok(addr) = socket.local_addr() {
-                    tracing::info!(listener = %ctx.name, %addr, protocol = ctx.protocol.name(), "listening");
-                }
-                loops.push(tokio::spawn(accept_loop(socket, ctx.clone(), stop.clone(), sessions.clone())));
-            }
+        let mut watch = self.watch_certificates();
+        let loops = self.start_listeners(&stop, &sessions);
+        if let Some(socket) = self.admin.take() {
+            tokio::spawn(admin::serve(
+                socket,
+                self.metrics.clone(),
+                self.health.clone(),
+                stop.graceful.clone(),
+            ));
         }
+        let status = Arc::new(Status {
+            listeners: self.listeners.iter().map(|l| l.config.name.clone()).collect(),
+            certificates: self.certificates.clone(),
+            limiter: self.limiter.clone(),
+            last_reload_error: Mutex::new(None),
+        });
+        spawn_status_and_watchdog(status.clone(), stop.graceful.clone());
+        self.health.set_serving(true);
+        systemd::ready(&status.line());
         while let Some(request) = control.recv().await {
             match request {
                 Control::Reload => {
-                    self.certificates.reload("SIGHUP");
+                    systemd::reloading();
+                    if self.reload_config(&status) {
+                        // The certificate files may live elsewhere now.
+                        drop(watch.take());
+                        watch = self.watch_certificates();
+                    }
+                    systemd::ready(&status.line());
                 }
                 Control::Stop => break,
             }
         }
-        tracing::info!(open = sessions.len(), drain = ?self.config.timeouts.drain, "stopping: no new connections");
+        self.health.set_serving(false);
+        let open = sessions.len();
+        systemd::stopping(&format!("stopping: draining {open} sessions"));
+        tracing::info!(open, drain = ?self.config.timeouts.drain, "stopping: no new connections");
+        drop(watch);
         stop.graceful.cancel();
         for l in loops {
             let _ = l.await;
@@ -147,6 +240,173 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+
+    fn start_listeners(
+        &mut self,
+        stop: &Shutdown,
+        sessions: &TaskTracker,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let shared = Arc::new(Shared {
+            limiter: self.limiter.clone(),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+        });
+        let mut loops = Vec::new();
+        for l in &mut self.listeners {
+            if l.config.protocol == Protocol::Smtp && !l.config.require_tls {
+                tokio::spawn(probe_loop(l.current.clone(), l.reprobe.clone(), stop.clone()));
+            }
+            for socket in std::mem::take(&mut l.sockets) {
+                if let Ok(addr) = socket.local_addr() {
+                    tracing::info!(listener = %l.config.name, %addr, protocol = l.config.protocol.name(), "listening");
+                }
+                let (current, shared, stop) = (l.current.clone(), shared.clone(), stop.clone());
+                loops.push(tokio::spawn(accept_loop(socket, current, shared, stop, sessions.clone())));
+            }
+        }
+        loops
+    }
+
+    /// Re-reads the config file and applies what can change for new sessions. Returns
+    /// whether the new config was taken.
+    fn reload_config(&mut self, status: &Status) -> bool {
+        match self.try_reload() {
+            Ok(()) => {
+                self.metrics.config_reload(true);
+                set_reload_error(status, None);
+                true
+            }
+            Err(e) => {
+                self.metrics.config_reload(false);
+                tracing::error!("configuration reload refused, the running configuration stays: {e}");
+                set_reload_error(status, Some(format!("last reload refused: {e}")));
+                false
+            }
+        }
+    }
+
+    /// Everything is loaded and checked before anything is swapped: a reload applies
+    /// whole or not at all.
+    fn try_reload(&mut self) -> Result<(), ReloadError> {
+        let new = config::load(&self.config.path)?;
+        let certs = tls::load_certificates(&new, tls::SelfSigned::Create)
+            .inspect_err(|_| self.certificates.refused())?;
+        let resumption = self.resumption.for_config(&new.tls)?;
+        let acceptor = TlsAcceptor::from(tls::server_config(&new, self.certificates.store(), &resumption)?);
+        for change in restart_needed(&self.config, &new) {
+            tracing::warn!("configuration reload: {change} needs a restart; ignored until then");
+        }
+        self.certificates.adopt(&new, certs);
+        self.resumption = resumption;
+        self.limiter.set_limits(new.limits);
+        for l in &self.listeners {
+            let Some(lc) = new.listeners.iter().find(|n| n.name == l.config.name) else { continue };
+            let old = l.current.load();
+            let effective = ListenerConfig {
+                listen: l.config.listen.clone(),
+                protocol: l.config.protocol,
+                tls: l.config.tls,
+                require_tls: l.config.require_tls,
+                ..lc.clone()
+            };
+            let ctx = listener_context(
+                &new,
+                &effective,
+                acceptor.clone(),
+                self.metrics.clone(),
+                old.backend_extensions.clone(),
+            );
+            if ctx.backend != old.backend {
+                l.reprobe.notify_one();
+            }
+            l.current.store(Arc::new(ctx));
+        }
+        tracing::info!(config = %new.path.display(), "configuration reloaded: new sessions use it");
+        self.config = new;
+        Ok(())
+    }
+}
+
+fn set_reload_error(status: &Status, error: Option<String>) {
+    if let Ok(mut slot) = status.last_reload_error.lock() {
+        *slot = error;
+    }
+}
+
+/// What differs between `old` and `new` that only a restart can apply.
+fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in &old.listeners {
+        match new.listeners.iter().find(|n| n.name == l.name) {
+            None => out.push(format!("removing listener {:?}", l.name)),
+            Some(n) => {
+                if n.listen != l.listen {
+                    out.push(format!("listeners {:?}: a new listen address", l.name));
+                }
+                if n.protocol != l.protocol || n.tls != l.tls || n.require_tls != l.require_tls {
+                    out.push(format!("listeners {:?}: a new protocol, tls or require_tls", l.name));
+                }
+            }
+        }
+    }
+    for n in &new.listeners {
+        if !old.listeners.iter().any(|l| l.name == n.name) {
+            out.push(format!("adding listener {:?}", n.name));
+        }
+    }
+    if old.admin != new.admin {
+        out.push("a new admin.listen".to_owned());
+    }
+    if old.log_format != new.log_format || old.log_level != new.log_level {
+        out.push("a new log_format or log_level".to_owned());
+    }
+    out
+}
+
+impl Status {
+    /// What an admin wants at a glance in `systemctl status`.
+    fn line(&self) -> String {
+        let certs = self.certificates.store().current();
+        let expiry = certs.iter().min_by_key(|c| c.not_after).map_or_else(String::new, |c| {
+            format!(
+                "; soonest certificate expiry {} ({} days)",
+                c.not_after_date,
+                c.days_left(tls::load::now())
+            )
+        });
+        let reload = match self.last_reload_error.lock() {
+            Ok(slot) => slot.as_ref().map(|e| format!("; {e}")).unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        format!(
+            "{} listeners ({}); {} connections open{expiry}{reload}",
+            self.listeners.len(),
+            self.listeners.join(", "),
+            self.limiter.open()
+        )
+    }
+}
+
+/// Keeps the STATUS line current and, when systemd set WatchdogSec, pings the watchdog.
+/// Both run on the runtime, so a wedged runtime stops the pings and systemd restarts us.
+fn spawn_status_and_watchdog(status: Arc<Status>, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(STATUS_EVERY) => systemd::status(&status.line()),
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+    if let Some(every) = systemd::watchdog_interval() {
+        tracing::info!(?every, "systemd watchdog enabled");
+        // Pings go on while draining too: the drain is bounded by its own timer.
+        tokio::spawn(async move {
+            loop {
+                systemd::watchdog();
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
 }
 
 fn listener_context(
@@ -154,6 +414,7 @@ fn listener_context(
     lc: &ListenerConfig,
     acceptor: TlsAcceptor,
     metrics: Arc<Metrics>,
+    backend_extensions: Arc<Mutex<Arc<[String]>>>,
 ) -> ListenerContext {
     let settings = Settings {
         hostname: config.hostname.clone(),
@@ -177,11 +438,52 @@ fn listener_context(
         proxy_protocol: lc.proxy_protocol,
         backend: lc.backend.clone(),
         settings,
-        backend_extensions: Mutex::new(Arc::from(Vec::new())),
+        backend_extensions,
         acceptor,
         timeouts: config.timeouts,
         metrics,
+        max_connections: lc.max_connections,
+        accept_proxy_protocol: lc.accept_proxy_protocol.clone(),
     }
+}
+
+/// The listener's inherited sockets if systemd passed any under its name (its `listen`
+/// addresses are then systemd's business), else its own bound ones.
+fn sockets_for(
+    lc: &ListenerConfig,
+    inherited: Vec<std::net::TcpListener>,
+) -> Result<Vec<TcpListener>, StartError> {
+    if !inherited.is_empty() {
+        tracing::info!(listener = %lc.name, sockets = inherited.len(), "using sockets passed by systemd");
+        return inherited
+            .into_iter()
+            .map(|s| adopt(s).map_err(|source| StartError::Inherited { listener: lc.name.clone(), source }))
+            .collect();
+    }
+    lc.listen
+        .iter()
+        .map(|&addr| {
+            bind_socket(addr).map_err(|source| StartError::Bind { listener: lc.name.clone(), addr, source })
+        })
+        .collect()
+}
+
+fn admin_socket(
+    config: &Config,
+    mut inherited: Vec<std::net::TcpListener>,
+) -> Result<Option<TcpListener>, StartError> {
+    if let Some(socket) = inherited.pop() {
+        let listener = systemd::ADMIN_SOCKET_NAME.to_owned();
+        return adopt(socket).map(Some).map_err(|source| StartError::Inherited { listener, source });
+    }
+    let Some(admin) = &config.admin else { return Ok(None) };
+    bind_socket(admin.listen).map(Some).map_err(|source| StartError::Admin { addr: admin.listen, source })
+}
+
+/// systemd hands sockets over blocking; tokio needs them non-blocking.
+fn adopt(socket: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket)
 }
 
 /// Binds with SO_REUSEADDR (restarts must not wait out TIME_WAIT) and IPV6_V6ONLY on v6
@@ -198,35 +500,163 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(socket: TcpListener, ctx: Arc<ListenerContext>, stop: Shutdown, sessions: TaskTracker) {
+async fn accept_loop(
+    socket: TcpListener,
+    current: Arc<ArcSwap<ListenerContext>>,
+    shared: Arc<Shared>,
+    stop: Shutdown,
+    sessions: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
             () = stop.graceful.cancelled() => return,
         };
         match accepted {
-            Ok((stream, client)) => {
-                Metrics::add(&ctx.metrics.connections_accepted);
-                sessions.spawn(session::serve(stream, client, ctx.clone(), stop.clone()));
+            Ok((stream, peer)) => {
+                let ctx = current.load_full();
+                ctx.metrics.accepted(&ctx.name);
+                match shared.limiter.admit_listener(&ctx.name, ctx.max_connections) {
+                    Ok(slot) => {
+                        let (shared, stop) = (shared.clone(), stop.clone());
+                        sessions.spawn(connection(stream, peer, ctx, slot, shared, stop));
+                    }
+                    Err(limit) => refuse_later(stream, peer, ctx, limit, &shared),
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::error!(listener = %ctx.name, "accept failed: {e}");
+                tracing::error!(listener = %current.load().name, "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
+/// Counts a connection as open for exactly as long as this value lives.
+struct Open(Arc<ListenerContext>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.metrics.closed(&self.0.name);
+    }
+}
+
+/// One admitted connection: the inbound PROXY header (trusted sources), the per-address
+/// limits against the real client, then the session.
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerContext>,
+    _slot: ListenerSlot,
+    shared: Arc<Shared>,
+    stop: Shutdown,
+) {
+    ctx.metrics.opened(&ctx.name);
+    let _open = Open(ctx.clone());
+    let Some(ends) = real_ends(&mut stream, peer, &ctx).await else { return };
+    let _address_slot = match shared.limiter.admit_address(ends.client.ip()) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            ctx.metrics.refused(&ctx.name, limit);
+            log_refusal(&ctx, ends.client, limit);
+            let _ = tokio::time::timeout(REFUSAL_DEADLINE, refuse(stream, &ctx)).await;
+            return;
+        }
+    };
+    session::serve(stream, ends, ctx, stop).await;
+}
+
+/// The client's addresses: from the PROXY header when the source is a trusted balancer
+/// (which must send one), else the socket's own. `None`: the header was bad; the
+/// connection is over.
+async fn real_ends(stream: &mut TcpStream, peer: SocketAddr, ctx: &ListenerContext) -> Option<Ends> {
+    let local = stream.local_addr().ok()?;
+    let socket_ends = Ends { client: peer, local };
+    if !trusts(ctx, peer) {
+        return Some(socket_ends);
+    }
+    match inbound::read_header(stream, ctx.timeouts.handshake).await {
+        Ok(ends) => {
+            ctx.metrics.proxy_header(&ctx.name, "ok");
+            Some(ends.unwrap_or(socket_ends))
+        }
+        Err(e) => {
+            ctx.metrics.proxy_header(&ctx.name, e.outcome());
+            tracing::warn!(listener = %ctx.name, source = %peer, "inbound PROXY header refused: {e}");
+            None
+        }
+    }
+}
+
+fn trusts(ctx: &ListenerContext, source: SocketAddr) -> bool {
+    let source = config::canonical_ip(source.ip());
+    ctx.accept_proxy_protocol.iter().any(|net| net.contains(&source))
+}
+
+fn log_refusal(ctx: &ListenerContext, client: SocketAddr, limit: Limit) {
+    tracing::warn!(listener = %ctx.name, client = %client, limit = limit.name(), "connection refused: limit reached");
+}
+
+/// A refusal at the listener stage, off the accept loop and bounded in number.
+fn refuse_later(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerContext>,
+    limit: Limit,
+    shared: &Shared,
+) {
+    ctx.metrics.refused(&ctx.name, limit);
+    log_refusal(&ctx, peer, limit);
+    let Ok(permit) = shared.refusals.clone().try_acquire_owned() else {
+        return; // Too many refusals in flight: dropping the stream closes it.
+    };
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let _ = tokio::time::timeout(REFUSAL_DEADLINE, async {
+            if trusts(&ctx, peer) && inbound::read_header(&mut stream, REFUSAL_DEADLINE).await.is_err() {
+                return;
+            }
+            refuse(stream, &ctx).await;
+        })
+        .await;
+        drop(permit);
+    });
+}
+
+/// Tells the client it was turned away, in its protocol's words. On a STARTTLS listener
+/// that is the plaintext greeting slot. On an implicit-TLS listener plaintext would reach
+/// a TLS client as garbage, so the handshake is completed (under the refusal deadline)
+/// and the refusal sent inside TLS: the user's mail program then shows a readable "too
+/// many connections" rather than a TLS error.
+async fn refuse(stream: TcpStream, ctx: &ListenerContext) {
+    let words = protocol::farewell(ctx.protocol, Farewell::TooManyConnections);
+    match ctx.tls_mode {
+        TlsMode::Starttls => say_and_close(stream, &words).await,
+        TlsMode::Implicit => {
+            if let Ok(tls) = ctx.acceptor.accept(stream).await {
+                say_and_close(tls, &words).await;
+            }
+        }
+    }
+}
+
+async fn say_and_close<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, words: &[u8]) {
+    let _ = stream.write_all(words).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
 /// Keeps an opportunistic listener's view of the backend's EHLO extensions current, so the
 /// pre-TLS EHLO reply shows what the backend really offers rather than a static list.
-async fn probe_loop(ctx: Arc<ListenerContext>, hostname: String, stop: Shutdown) {
+async fn probe_loop(current: Arc<ArcSwap<ListenerContext>>, reprobe: Arc<Notify>, stop: Shutdown) {
     loop {
-        let wait = match probe_once(&ctx, &hostname).await {
+        let ctx = current.load_full();
+        let wait = match probe_once(&ctx).await {
             Ok(extensions) => {
                 tracing::debug!(listener = %ctx.name, ?extensions, "learned backend EHLO extensions");
-                if let Ok(mut current) = ctx.backend_extensions.lock() {
-                    *current = Arc::from(extensions);
+                if let Ok(mut learned) = ctx.backend_extensions.lock() {
+                    *learned = Arc::from(extensions);
                 }
                 PROBE_EVERY
             }
@@ -237,17 +667,18 @@ async fn probe_loop(ctx: Arc<ListenerContext>, hostname: String, stop: Shutdown)
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = reprobe.notified() => {}
             () = stop.graceful.cancelled() => return,
         }
     }
 }
 
-async fn probe_once(ctx: &ListenerContext, hostname: &str) -> Result<Vec<String>, String> {
+async fn probe_once(ctx: &ListenerContext) -> Result<Vec<String>, String> {
     let header = backend::local_header(ctx.proxy_protocol);
     let timeout = ctx.timeouts.backend_connect;
     let mut stream =
         backend::connect(&ctx.backend, header.as_deref(), timeout).await.map_err(|e| e.to_string())?;
-    let mut probe = Probe::new(hostname);
+    let mut probe = Probe::new(&ctx.settings.hostname);
     let mut buf = BytesMut::with_capacity(4096);
     let exchange = async {
         loop {

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, Peer};
 use crate::config::{ProxyProtocol, Timeouts, TlsMode};
-use crate::metrics::Metrics;
+use crate::inbound::Ends;
+use crate::metrics::{Handshake, Metrics};
 use crate::protocol::{self, Entry, Farewell, Negotiation, Next, PreTlsStep, Protocol, Settings, Step};
 use crate::relay::{self, Ending, Engine};
 use crate::tls::prefixed::Prefixed;
@@ -29,6 +30,8 @@ use crate::tls::TlsFacts;
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Read granularity while lines are being examined.
 const READ_CHUNK: usize = 4096;
+/// Enough of a pre-TLS command to see its verb (`AUTHENTICATE` after an IMAP tag).
+const VERB_PEEK: usize = 32;
 
 /// Everything a session needs to know about the listener that accepted it.
 pub struct ListenerContext {
@@ -38,11 +41,16 @@ pub struct ListenerContext {
     pub proxy_protocol: ProxyProtocol,
     pub backend: String,
     pub settings: Settings,
-    /// SMTP extensions last learned from the backend (opportunistic listeners).
-    pub backend_extensions: Mutex<Arc<[String]>>,
+    /// SMTP extensions last learned from the backend (opportunistic listeners); shared
+    /// with the contexts that replace this one on reload, so nothing is learned twice.
+    pub backend_extensions: Arc<Mutex<Arc<[String]>>>,
     pub acceptor: TlsAcceptor,
     pub timeouts: Timeouts,
     pub metrics: Arc<Metrics>,
+    /// This listener's own bound on open connections.
+    pub max_connections: Option<u32>,
+    /// Sources that must open with an inbound PROXY header.
+    pub accept_proxy_protocol: Vec<ipnet::IpNet>,
 }
 
 impl ListenerContext {
@@ -114,15 +122,23 @@ struct Record {
     to_client: u64,
 }
 
-/// Serves one accepted connection to its end and logs it.
-pub async fn serve(stream: TcpStream, client: SocketAddr, ctx: Arc<ListenerContext>, stop: Shutdown) {
+/// Serves one accepted connection to its end and logs it. `ends` are the client's real
+/// addresses: the socket's, or those of a trusted inbound PROXY header.
+pub async fn serve(stream: TcpStream, ends: Ends, ctx: Arc<ListenerContext>, stop: Shutdown) {
     let _ = stream.set_nodelay(true);
-    let mut record =
-        Record { client, started: Instant::now(), tls: None, engine: None, to_backend: 0, to_client: 0 };
+    let mut record = Record {
+        client: ends.client,
+        started: Instant::now(),
+        tls: None,
+        engine: None,
+        to_backend: 0,
+        to_client: 0,
+    };
     let outcome = tokio::select! {
-        outcome = run(stream, &ctx, &mut record, &stop) => outcome,
+        outcome = run(stream, ends.local, &ctx, &mut record, &stop) => outcome,
         () = stop.hard.cancelled() => Outcome::ShuttingDown,
     };
+    ctx.metrics.relayed(&ctx.name, record.to_backend, record.to_client);
     log_end(&ctx, &record, &outcome);
 }
 
@@ -143,15 +159,17 @@ fn log_end(ctx: &ListenerContext, r: &Record, outcome: &Outcome) {
     );
 }
 
-async fn run(mut stream: TcpStream, ctx: &ListenerContext, record: &mut Record, stop: &Shutdown) -> Outcome {
-    let local = match stream.local_addr() {
-        Ok(a) => a,
-        Err(e) => return e.into(),
-    };
+async fn run(
+    mut stream: TcpStream,
+    local: SocketAddr,
+    ctx: &ListenerContext,
+    record: &mut Record,
+    stop: &Shutdown,
+) -> Outcome {
     let settings = ctx.session_settings();
     let prefix = match ctx.tls_mode {
         TlsMode::Implicit => BytesMut::new(),
-        TlsMode::Starttls => match pre_tls(&mut stream, ctx, &settings, stop).await {
+        TlsMode::Starttls => match pre_tls(&mut stream, ctx, &settings, record.client, stop).await {
             Ok(PreTlsEnd::StartTls(leftover)) => leftover,
             Ok(PreTlsEnd::Plaintext { replay, buffered }) => {
                 let peer = Peer { client: record.client, local, tls: None };
@@ -165,14 +183,20 @@ async fn run(mut stream: TcpStream, ctx: &ListenerContext, record: &mut Record, 
         TlsMode::Implicit => Entry::Implicit,
         TlsMode::Starttls => Entry::AfterStartTls,
     };
-    let tls = match handshake(stream, prefix, ctx).await {
+    let tls = match handshake(stream, prefix, ctx, record.client).await {
         Ok(tls) => tls,
         Err(outcome) => {
-            Metrics::add(&ctx.metrics.handshakes_failed);
+            let counted = if matches!(outcome, Outcome::HandshakeTimeout) {
+                Handshake::Timeout
+            } else {
+                Handshake::Failed
+            };
+            ctx.metrics.handshake(&ctx.name, counted);
             return outcome;
         }
     };
     let facts = TlsFacts::of(tls.get_ref().1);
+    ctx.metrics.handshake(&ctx.name, Handshake::Ok(facts.version));
     record.tls = Some(facts.clone());
     let peer = Peer { client: record.client, local, tls: Some(facts) };
     after_handshake(tls, BytesMut::new(), peer, entry, ctx, &settings, record, stop).await
@@ -191,6 +215,7 @@ async fn pre_tls(
     stream: &mut TcpStream,
     ctx: &ListenerContext,
     settings: &Settings,
+    client: SocketAddr,
     stop: &Shutdown,
 ) -> Result<PreTlsEnd, Outcome> {
     let mut dialogue = protocol::pre_tls(ctx.protocol, settings);
@@ -200,13 +225,21 @@ async fn pre_tls(
     // drips bytes (slowloris) gets no more time for a line than one that sends nothing.
     let mut deadline = Instant::now() + ctx.timeouts.pre_auth_idle;
     loop {
-        while let Some(step) = dialogue.on_client(&mut buf) {
+        loop {
+            // The command's first bytes, to tell a refused login from other refusals.
+            let verb = buf[..buf.len().min(VERB_PEEK)].to_vec();
+            let Some(step) = dialogue.on_client(&mut buf) else { break };
             deadline = Instant::now() + ctx.timeouts.pre_auth_idle;
             match step {
-                PreTlsStep::Reply(reply) => stream.write_all(&reply).await?,
+                PreTlsStep::Reply(reply) => {
+                    if protocol::refuses_login(ctx.protocol, &verb, &reply) {
+                        ctx.metrics.plaintext_login_refused(&ctx.name);
+                    }
+                    stream.write_all(&reply).await?
+                }
                 PreTlsStep::StartTls(reply) => {
                     stream.write_all(&reply).await?;
-                    note_starttls(ctx, &buf, stream);
+                    note_starttls(ctx, &buf, client);
                     return Ok(PreTlsEnd::StartTls(buf));
                 }
                 PreTlsStep::Close(reply) => {
@@ -235,13 +268,13 @@ async fn pre_tls(
 }
 
 /// Counts the upgrade, and logs and counts plaintext found behind the STARTTLS command.
-fn note_starttls(ctx: &ListenerContext, behind: &[u8], stream: &TcpStream) {
-    Metrics::add(&ctx.metrics.starttls_upgrades);
+fn note_starttls(ctx: &ListenerContext, behind: &[u8], client: SocketAddr) {
+    ctx.metrics.starttls_upgrade(&ctx.name);
     if behind.first().is_some_and(|&b| b != TLS_HANDSHAKE_RECORD) {
-        Metrics::add(&ctx.metrics.starttls_injection_attempts);
+        ctx.metrics.injection_attempt(&ctx.name);
         tracing::warn!(
             listener = %ctx.name,
-            client = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            client = %client,
             bytes = behind.len(),
             "STARTTLS command injection attempt: plaintext followed the STARTTLS command; \
              it is fed to the TLS handshake, never executed"
@@ -281,6 +314,7 @@ async fn handshake(
     stream: TcpStream,
     prefix: BytesMut,
     ctx: &ListenerContext,
+    client: SocketAddr,
 ) -> Result<TlsStream<Prefixed<TcpStream>>, Outcome> {
     let counted = prefix.first().is_some_and(|&b| b != TLS_HANDSHAKE_RECORD);
     let accept = ctx.acceptor.accept(Prefixed::new(stream, prefix)).into_fallible();
@@ -291,10 +325,10 @@ async fn handshake(
             if ctx.tls_mode == TlsMode::Starttls && late_plaintext && !counted {
                 // Plaintext that arrived after the go-ahead (a second segment): the same
                 // attack as bytes behind the command, and just as harmless here.
-                Metrics::add(&ctx.metrics.starttls_injection_attempts);
+                ctx.metrics.injection_attempt(&ctx.name);
                 tracing::warn!(
                     listener = %ctx.name,
-                    client = %io.get_ref().peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    client = %client,
                     "STARTTLS command injection attempt: plaintext sent after the STARTTLS go-ahead \
                      failed the handshake, never executed"
                 );
@@ -329,7 +363,7 @@ async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
     {
         Ok(opened) => opened,
         Err(reason) => {
-            Metrics::add(&ctx.metrics.backend_failures);
+            ctx.metrics.backend_failure(&ctx.name);
             tracing::warn!(listener = %ctx.name, client = %peer.client, backend = %ctx.backend, "{reason}");
             let outcome = Outcome::BackendUnavailable(reason);
             return say_farewell(&mut client, ctx.protocol, Farewell::BackendUnavailable, outcome).await;
@@ -353,8 +387,9 @@ async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
         let _ = client.shutdown().await;
         return Outcome::Closed;
     }
-    record.engine = Some(Engine::Copy);
     let report = relay::relay(client, backend, &client_buf, &backend_buf, ctx.timeouts.idle).await;
+    record.engine = Some(report.engine);
+    ctx.metrics.engine(&ctx.name, &report.engine.to_string());
     record.to_backend += report.totals.client_to_backend;
     record.to_client += report.totals.backend_to_client;
     Outcome::Relayed(report.ending)

@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Tools the tests drive as real clients. openssl: TLS posture and s_client checks.
-packages=(openssl)
+# systemd: systemd-socket-activate (socket activation tests) and systemd-analyze (unit
+# verification and the security exposure threshold); no running systemd is needed.
+packages=(openssl systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -21,6 +21,9 @@ pub fn farewell(why: Farewell) -> Vec<u8> {
         Farewell::BackendUnavailable => b"* BYE [UNAVAILABLE] Backend server unavailable\r\n".to_vec(),
         Farewell::Timeout => b"* BYE Autologout; idle for too long\r\n".to_vec(),
         Farewell::ShuttingDown => b"* BYE Server shutting down\r\n".to_vec(),
+        Farewell::TooManyConnections => {
+            b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n".to_vec()
+        }
     }
 }
 

@@ -193,6 +193,8 @@ pub enum Farewell {
     Timeout,
     /// mailtls is shutting down.
     ShuttingDown,
+    /// A connection limit turned the client away before its session began.
+    TooManyConnections,
 }
 
 /// The dialogue before TLS on a STARTTLS listener.
@@ -210,6 +212,20 @@ pub fn negotiation(protocol: Protocol, settings: &Settings, entry: Entry) -> Box
         Protocol::Smtp => Box::new(smtp::SmtpNegotiation::new(settings, entry)),
         Protocol::Imap => Box::new(imap::ImapNegotiation::new(settings, entry)),
         Protocol::Pop3 => Box::new(pop3::Pop3Negotiation::new(settings, entry)),
+    }
+}
+
+/// Whether `reply`, mailtls's answer before TLS to the command starting `command`, refuses
+/// a login (for the plaintext-logins metric): SMTP 530 to AUTH, IMAP `NO
+/// [PRIVACYREQUIRED]` (only LOGIN and AUTHENTICATE get it), POP3 `-ERR [AUTH]` (only
+/// USER, PASS, APOP and AUTH get it).
+pub fn refuses_login(protocol: Protocol, command: &[u8], reply: &[u8]) -> bool {
+    match protocol {
+        Protocol::Smtp => {
+            reply.starts_with(b"530") && command.len() >= 4 && command[..4].eq_ignore_ascii_case(b"AUTH")
+        }
+        Protocol::Imap => reply.windows(17).any(|w| w == b"[PRIVACYREQUIRED]"),
+        Protocol::Pop3 => reply.starts_with(b"-ERR [AUTH]"),
     }
 }
 

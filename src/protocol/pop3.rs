@@ -27,6 +27,7 @@ pub fn farewell(why: Farewell) -> Vec<u8> {
         Farewell::BackendUnavailable => b"-ERR [SYS/TEMP] Backend server unavailable\r\n",
         Farewell::Timeout => b"-ERR Timeout, closing connection\r\n",
         Farewell::ShuttingDown => b"-ERR [SYS/TEMP] Server shutting down\r\n",
+        Farewell::TooManyConnections => b"-ERR [SYS/TEMP] Too many connections, try again later\r\n",
     };
     words.to_vec()
 }

@@ -56,6 +56,7 @@ pub fn farewell(why: Farewell) -> Vec<u8> {
         Farewell::BackendUnavailable => b"421 4.3.2 Service not available, closing transmission channel\r\n",
         Farewell::Timeout => b"421 4.4.2 Error: timeout exceeded\r\n",
         Farewell::ShuttingDown => b"421 4.3.2 Server shutting down\r\n",
+        Farewell::TooManyConnections => b"421 4.7.0 Too many connections, try again later\r\n",
     };
     text.to_vec()
 }

@@ -9,10 +9,12 @@ pub mod watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use rustls::crypto::CryptoProvider;
 use rustls::{ServerConfig, ServerConnection};
 
-use crate::config::{Config, TlsVersion};
+use crate::config::{Config, TlsConfig, TlsVersion};
 use crate::metrics::Metrics;
 pub use load::{LoadError, LoadedCert};
 pub use store::CertStore;
@@ -67,7 +69,8 @@ pub fn load_certificates(config: &Config, self_signed: SelfSigned) -> Result<Vec
 /// The certificates in service and how they are renewed: by the directory watcher and on
 /// demand (SIGHUP), always all-or-nothing.
 pub struct Certificates {
-    config: Config,
+    /// The config whose `[tls]` entries are in service; replaced by a config reload.
+    config: ArcSwap<Config>,
     store: Arc<CertStore>,
     metrics: Arc<Metrics>,
 }
@@ -80,7 +83,8 @@ impl Certificates {
             log_loaded(cert, "loaded");
         }
         metrics.set_certificates(&certs);
-        Ok(Certificates { config: config.clone(), store: Arc::new(CertStore::new(certs)), metrics })
+        let config = ArcSwap::from_pointee(config.clone());
+        Ok(Certificates { config, store: Arc::new(CertStore::new(certs)), metrics })
     }
 
     pub fn store(&self) -> Arc<CertStore> {
@@ -89,7 +93,8 @@ impl Certificates {
 
     /// Every directory holding a configured file.
     pub fn directories(&self) -> Vec<PathBuf> {
-        let files = self.config.tls.certificates.iter().flat_map(|c| {
+        let config = self.config.load();
+        let files = config.tls.certificates.iter().flat_map(|c| {
             [Some(c.cert.as_path()), Some(c.key.as_path()), c.ocsp.as_deref()].into_iter().flatten()
         });
         watch::directories(files)
@@ -98,7 +103,7 @@ impl Certificates {
     /// Loads the whole set again and swaps it in only if every entry loads; otherwise the
     /// set in service stays. Returns whether the new set was taken.
     pub fn reload(&self, trigger: &str) -> bool {
-        match load_certificates(&self.config, SelfSigned::Create) {
+        match load_certificates(&self.config.load(), SelfSigned::Create) {
             Ok(certs) => {
                 let current = self.store.current();
                 let unchanged = certs.len() == current.len()
@@ -112,15 +117,37 @@ impl Certificates {
                 }
                 self.metrics.set_certificates(&certs);
                 self.store.replace(certs);
-                Metrics::add(&self.metrics.cert_reloads_ok);
+                self.metrics.cert_reload(true);
                 true
             }
             Err(e) => {
-                Metrics::add(&self.metrics.cert_reloads_failed);
+                self.metrics.cert_reload(false);
                 tracing::error!(trigger, "certificate reload refused, the certificates in service stay: {e}");
                 false
             }
         }
+    }
+
+    /// Adopts a reloaded config whose certificates the caller has loaded and checked
+    /// (all of them: a config that fails to load never gets here).
+    pub fn adopt(&self, config: &Config, certs: Vec<LoadedCert>) {
+        let current = self.store.current();
+        let changed = certs.len() != current.len()
+            || certs.iter().zip(current.iter()).any(|(new, old)| !same_cert(new, old));
+        if changed {
+            for cert in &certs {
+                log_loaded(cert, "reloaded");
+            }
+            self.metrics.set_certificates(&certs);
+            self.store.replace(certs);
+            self.metrics.cert_reload(true);
+        }
+        self.config.store(Arc::new(config.clone()));
+    }
+
+    /// Counts certificates that failed to load during a config reload.
+    pub fn refused(&self) {
+        self.metrics.cert_reload(false);
     }
 }
 
@@ -147,8 +174,46 @@ fn log_loaded(cert: &LoadedCert, what: &str) {
 /// Below this many days to expiry, loading and `--check` warn.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
 
+/// Session-resumption state: the ticket keys and the TLS 1.2 session cache. Kept apart
+/// from the rustls ServerConfig, which a config reload rebuilds, so that clients keep
+/// resuming across reloads of certificates and of the config.
+#[derive(Clone)]
+pub struct Resumption {
+    tickets: bool,
+    cache_size: usize,
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+    storage: Arc<dyn rustls::server::StoresServerSessions>,
+}
+
+impl Resumption {
+    pub fn new(tls: &TlsConfig) -> Result<Resumption, TlsError> {
+        let storage: Arc<dyn rustls::server::StoresServerSessions> = if tls.session_cache == 0 {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        } else {
+            rustls::server::ServerSessionMemoryCache::new(tls.session_cache)
+        };
+        let ticketer =
+            if tls.session_tickets { Some(rustls::crypto::aws_lc_rs::Ticketer::new()?) } else { None };
+        Ok(Resumption { tickets: tls.session_tickets, cache_size: tls.session_cache, ticketer, storage })
+    }
+
+    /// The state for `tls`: this very one while the resumption settings are unchanged (so
+    /// issued tickets and cached sessions stay valid), a fresh one otherwise.
+    pub fn for_config(&self, tls: &TlsConfig) -> Result<Resumption, TlsError> {
+        if tls.session_tickets == self.tickets && tls.session_cache == self.cache_size {
+            Ok(self.clone())
+        } else {
+            Resumption::new(tls)
+        }
+    }
+}
+
 /// The rustls server configuration shared by every listener.
-pub fn server_config(config: &Config, store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    config: &Config,
+    store: Arc<CertStore>,
+    resumption: &Resumption,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let tls = &config.tls;
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -178,15 +243,9 @@ pub fn server_config(config: &Config, store: Arc<CertStore>) -> Result<Arc<Serve
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(store);
-    // Resumption state lives in the ServerConfig, not with the certificates, so it
-    // survives certificate reloads.
-    server.session_storage = if tls.session_cache == 0 {
-        Arc::new(rustls::server::NoServerSessionStorage {})
-    } else {
-        rustls::server::ServerSessionMemoryCache::new(tls.session_cache)
-    };
-    if tls.session_tickets {
-        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    server.session_storage = resumption.storage.clone();
+    if let Some(ticketer) = &resumption.ticketer {
+        server.ticketer = ticketer.clone();
     }
     server.alpn_protocols = tls.alpn.clone();
     Ok(Arc::new(server))
