@@ -742,7 +742,11 @@ impl SmtpNegotiation {
                     // Nothing from the offending octet on reaches the backend, which never
                     // sees an end of data and drops the unfinished message when we close.
                     self.phase = Phase::Over;
-                    let step = Step { to_backend: input.split_to(at).to_vec(), to_client: BARE_NEWLINE.to_vec(), next: Next::Close };
+                    let step = Step {
+                        to_backend: input.split_to(at).to_vec(),
+                        to_client: BARE_NEWLINE.to_vec(),
+                        next: Next::Close,
+                    };
                     input.clear();
                     return Some(step);
                 }
@@ -1735,7 +1739,8 @@ mod tests {
                 let mut neg = guarded();
                 in_data(&mut neg);
                 let mut input = BytesMut::new();
-                let pieces: Vec<&[u8]> = if octet_by_octet { smuggle.chunks(1).collect() } else { vec![smuggle] };
+                let pieces: Vec<&[u8]> =
+                    if octet_by_octet { smuggle.chunks(1).collect() } else { vec![smuggle] };
                 let steps = feed(&mut neg, &mut input, &pieces);
                 let sent = sent_to_backend(&steps);
                 let last = steps.last().expect("a closing step");
@@ -1743,7 +1748,10 @@ mod tests {
                 assert_eq!(last.to_client, BARE_NEWLINE, "{smuggle:?}");
                 let text = String::from_utf8_lossy(&sent);
                 assert!(!text.contains("AUTH") && !text.contains("XCLIENT"), "{smuggle:?} sent {text:?}");
-                assert!(!sent.ends_with(b"\n"), "no line end after the bare octet: {smuggle:?} sent {text:?}");
+                assert!(
+                    !sent.ends_with(b"\n"),
+                    "no line end after the bare octet: {smuggle:?} sent {text:?}"
+                );
                 assert_eq!(neg.on_client(&mut buf(b"NOOP\r\n")), None, "nothing read after the close");
             }
         }
