@@ -177,6 +177,8 @@ pub struct ListenerConfig {
     pub listen: Vec<SocketAddr>,
     pub backend: String,
     pub proxy_protocol: ProxyProtocol,
+    /// SMTP only: announce the client to the backend with XCLIENT (Postfix).
+    pub xclient: bool,
 }
 
 // ---- the file as written -------------------------------------------------------------
@@ -260,6 +262,7 @@ struct RawListener {
     #[serde(default)]
     proxy_protocol: ProxyProtocol,
     require_tls: Option<Spanned<bool>>,
+    xclient: Option<Spanned<bool>>,
 }
 
 // ---- loading and validation ----------------------------------------------------------
@@ -566,6 +569,7 @@ impl Validator<'_> {
         let listen = self.listen_addresses(&key("listen"), raw.listen, addresses)?;
         let backend = self.backend(&key("backend"), &raw.backend)?;
         let require_tls = self.require_tls(&key("require_tls"), raw.protocol, raw.tls, &raw.require_tls)?;
+        let xclient = self.xclient(&key("xclient"), raw.protocol, &raw.xclient)?;
         Ok(ListenerConfig {
             name,
             protocol: raw.protocol,
@@ -574,7 +578,26 @@ impl Validator<'_> {
             listen,
             backend,
             proxy_protocol: raw.proxy_protocol,
+            xclient,
         })
+    }
+
+    /// XCLIENT is an SMTP command (Postfix's); IMAP and POP3 have no equivalent here.
+    fn xclient(
+        &self,
+        key: &str,
+        protocol: Protocol,
+        raw: &Option<Spanned<bool>>,
+    ) -> Result<bool, ConfigError> {
+        match raw {
+            Some(v) if *v.get_ref() && protocol != Protocol::Smtp => Err(self.invalid(
+                key,
+                v.span(),
+                "XCLIENT is an SMTP command: only an smtp listener can use it (use proxy_protocol for IMAP and POP3)",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(false),
+        }
     }
 
     fn listen_addresses(
@@ -768,6 +791,16 @@ backend = "127.0.0.1:2525"
             "min_version = \"1.3\"\ncipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]",
         );
         assert!(error_of(&only12).contains("leaves no cipher suite"));
+    }
+
+    #[test]
+    fn xclient_only_on_smtp_listeners() {
+        let c =
+            parse_text(&GOOD.replace("require_tls = false", "require_tls = false\nxclient = true")).unwrap();
+        assert!(!c.listeners[0].xclient);
+        assert!(c.listeners[1].xclient);
+        let e = error_of(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nxclient = true"));
+        assert!(e.contains(":17: listeners[0].xclient") && e.contains("only an smtp listener"), "{e}");
     }
 
     #[test]

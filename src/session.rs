@@ -148,7 +148,9 @@ async fn run(mut stream: TcpStream, ctx: &ListenerContext, record: &mut Record, 
         Ok(a) => a,
         Err(e) => return e.into(),
     };
-    let settings = ctx.session_settings();
+    let mut settings = ctx.session_settings();
+    // XCLIENT (SMTP) names the client to the backend from inside the negotiation.
+    settings.client = Some(record.client);
     let prefix = match ctx.tls_mode {
         TlsMode::Implicit => BytesMut::new(),
         TlsMode::Starttls => match pre_tls(&mut stream, ctx, &settings, stop).await {
