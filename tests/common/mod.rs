@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod mailservers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
