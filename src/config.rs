@@ -212,6 +212,8 @@ pub struct ListenerConfig {
     pub max_connections: Option<u32>,
     /// Sources that must open with a PROXY header (a load balancer); empty: none may.
     pub accept_proxy_protocol: Vec<IpNet>,
+    /// SMTP only: announce the client to the backend with XCLIENT (Postfix).
+    pub xclient: bool,
 }
 
 /// A v4 client on a dual-stack socket appears as `::ffff:a.b.c.d`; rules are written in v4.
@@ -317,6 +319,7 @@ struct RawListener {
     max_connections: Option<Spanned<u32>>,
     #[serde(default)]
     accept_proxy_protocol: Vec<Spanned<String>>,
+    xclient: Option<Spanned<bool>>,
 }
 
 // ---- loading and validation ----------------------------------------------------------
@@ -673,6 +676,7 @@ impl Validator<'_> {
         }
         let accept_proxy_protocol =
             self.networks(&key("accept_proxy_protocol"), &raw.accept_proxy_protocol)?;
+        let xclient = self.xclient(&key("xclient"), raw.protocol, &raw.xclient)?;
         Ok(ListenerConfig {
             name,
             protocol: raw.protocol,
@@ -683,6 +687,7 @@ impl Validator<'_> {
             proxy_protocol: raw.proxy_protocol,
             max_connections: raw.max_connections.map(|v| v.into_inner()),
             accept_proxy_protocol,
+            xclient,
         })
     }
 
@@ -701,6 +706,24 @@ impl Validator<'_> {
                 })
             })
             .collect()
+    }
+
+    /// XCLIENT is an SMTP command (Postfix's); IMAP and POP3 have no equivalent here.
+    fn xclient(
+        &self,
+        key: &str,
+        protocol: Protocol,
+        raw: &Option<Spanned<bool>>,
+    ) -> Result<bool, ConfigError> {
+        match raw {
+            Some(v) if *v.get_ref() && protocol != Protocol::Smtp => Err(self.invalid(
+                key,
+                v.span(),
+                "XCLIENT is an SMTP command: only an smtp listener can use it (use proxy_protocol for IMAP and POP3)",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(false),
+        }
     }
 
     fn listen_addresses(
@@ -934,6 +957,16 @@ backend = "127.0.0.1:2525"
         let c = parse_text(text).expect("the container example is valid");
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(c.admin.is_some());
+    }
+
+    #[test]
+    fn xclient_only_on_smtp_listeners() {
+        let c =
+            parse_text(&GOOD.replace("require_tls = false", "require_tls = false\nxclient = true")).unwrap();
+        assert!(!c.listeners[0].xclient);
+        assert!(c.listeners[1].xclient);
+        let e = error_of(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nxclient = true"));
+        assert!(e.contains(":17: listeners[0].xclient") && e.contains("only an smtp listener"), "{e}");
     }
 
     #[test]

@@ -430,6 +430,8 @@ fn listener_context(
         max_errors: config.limits.max_errors,
         max_literal: config.limits.max_literal,
         backend_extensions: Arc::from(Vec::new()),
+        xclient: lc.xclient,
+        client: None,
     };
     ListenerContext {
         name: lc.name.clone(),

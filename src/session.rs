@@ -166,7 +166,9 @@ async fn run(
     record: &mut Record,
     stop: &Shutdown,
 ) -> Outcome {
-    let settings = ctx.session_settings();
+    let mut settings = ctx.session_settings();
+    // XCLIENT (SMTP) names the client to the backend from inside the negotiation.
+    settings.client = Some(record.client);
     let prefix = match ctx.tls_mode {
         TlsMode::Implicit => BytesMut::new(),
         TlsMode::Starttls => match pre_tls(&mut stream, ctx, &settings, record.client, stop).await {

@@ -18,6 +18,7 @@ pub mod line;
 pub mod pop3;
 pub mod smtp;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -66,6 +67,12 @@ pub struct Settings {
     /// their parameters, e.g. "SIZE 10240000"), learned by a [`smtp::Probe`]. Used for the
     /// pre-TLS EHLO reply of an opportunistic listener. Empty when not (yet) known.
     pub backend_extensions: Arc<[String]>,
+    /// SMTP only (`xclient = true`): tell the backend who the client is with Postfix's
+    /// XCLIENT command after its greeting, for backends that take no PROXY header.
+    pub xclient: bool,
+    /// The client's address, filled in per session (the listener's copy has `None`).
+    /// XCLIENT needs it; without it no XCLIENT is sent.
+    pub client: Option<SocketAddr>,
 }
 
 impl Default for Settings {
@@ -79,6 +86,8 @@ impl Default for Settings {
             max_errors: 10,
             max_literal: 64 * 1024,
             backend_extensions: Arc::from(Vec::new()),
+            xclient: false,
+            client: None,
         }
     }
 }

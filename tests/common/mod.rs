@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod mailservers;
 pub mod process;
 
 use std::net::SocketAddr;

@@ -1,0 +1,725 @@
+//! Real mail servers for the interop tests: a private Dovecot (IMAP, POP3, SASL for Postfix)
+//! and a private Postfix (submission, MX, XCLIENT smtpd), with the mailtls binary in front.
+//!
+//! Everything runs from one temp dir under /tmp on 127.0.0.1 and ports picked at run time;
+//! daemons log to files in that dir (never to a pipe a test waits on). [`Interop`] stops
+//! every daemon it started when dropped, also when a test panics, and then prints the logs.
+//! The exact Postfix and Dovecot settings below are the ones the README documents.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a daemon may take to come up, or a client tool to finish, on a loaded machine.
+pub const STARTUP: Duration = Duration::from_secs(30);
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The mailbox every scenario delivers to and reads from.
+pub const USER: &str = "alice@mail.test";
+pub const PASSWORD: &str = "secret";
+
+/// PROXY v2 LOCAL (no addresses): what a health check sends to a listener with `haproxy`.
+/// Postfix 3.7 refuses the v1 form `PROXY UNKNOWN` ("bad or missing protocol type").
+const PROXY_V2_LOCAL: &[u8] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+
+/// Editing /etc/postfix/main.cf is not atomic: one fixture at a time in this process.
+static POSTCONF: Mutex<()> = Mutex::new(());
+
+/// Every port of one interop run.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub dovecot_imap: u16,
+    pub dovecot_pop3: u16,
+    pub postfix_mx: u16,
+    pub postfix_submission: u16,
+    pub postfix_xclient: u16,
+    pub submissions: u16,
+    pub submission: u16,
+    pub mx: u16,
+    pub imaps: u16,
+    pub imap: u16,
+    pub pop3s: u16,
+    pub pop3: u16,
+    pub mx_xclient: u16,
+    pub submissions_xclient: u16,
+}
+
+impl Ports {
+    /// Free ports, all held at once while choosing so none repeats.
+    fn pick() -> Ports {
+        let held: Vec<TcpListener> = (0..14).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let p: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        Ports {
+            dovecot_imap: p[0],
+            dovecot_pop3: p[1],
+            postfix_mx: p[2],
+            postfix_submission: p[3],
+            postfix_xclient: p[4],
+            submissions: p[5],
+            submission: p[6],
+            mx: p[7],
+            imaps: p[8],
+            imap: p[9],
+            pop3s: p[10],
+            pop3: p[11],
+            mx_xclient: p[12],
+            submissions_xclient: p[13],
+        }
+    }
+}
+
+/// What to start: the sslscan test needs only the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parts {
+    Everything,
+    ProxyOnly,
+}
+
+/// A private Dovecot + Postfix + mailtls. Fields drop in order: the proxy first, then the
+/// backends, the temp dir last.
+pub struct Interop {
+    pub ports: Ports,
+    mailtls: Option<Child>,
+    postfix: Option<Postfix>,
+    dovecot: Option<Dovecot>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Interop {
+    pub fn start(parts: Parts) -> Interop {
+        // Postfix runs as the postfix user: every parent of the dir must be traversable.
+        let dir = tempfile::Builder::new().prefix("mailtls-interop-").tempdir_in("/tmp").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let mut interop = Interop { ports: Ports::pick(), mailtls: None, postfix: None, dovecot: None, dir };
+        interop.write_certificates();
+        if parts == Parts::Everything {
+            interop.dovecot = Some(Dovecot::start(interop.path(), &interop.ports));
+            interop.postfix = Some(Postfix::start(interop.path(), &interop.ports));
+        }
+        interop.start_mailtls();
+        interop
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The root CA the clients trust (the proxy serves leaf + intermediate).
+    pub fn ca(&self) -> PathBuf {
+        self.path().join("ca.pem")
+    }
+
+    pub fn maildir(&self) -> PathBuf {
+        self.path().join("mail/alice/Maildir")
+    }
+
+    pub fn maillog(&self) -> String {
+        read_lossy(&self.path().join("maillog"))
+    }
+
+    pub fn dovecot_log(&self) -> String {
+        read_lossy(&self.path().join("dovecot.log"))
+    }
+
+    /// mailtls's log, without the terminal colours tracing adds.
+    pub fn mailtls_log(&self) -> String {
+        strip_ansi(&read_lossy(&self.path().join("mailtls.log")))
+    }
+
+    /// A root CA, an intermediate and a leaf for localhost, mail.test and 127.0.0.1, so
+    /// clients check a real chain and host names (mbsync checks names only, not IPs).
+    fn write_certificates(&self) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let ca_params = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p.distinguished_name.push(DnType::CommonName, name);
+            p
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root = ca_params("mailtls interop root").self_signed(&root_key).unwrap();
+        let mid_key = KeyPair::generate().unwrap();
+        let mid = ca_params("mailtls interop intermediate").signed_by(&mid_key, &root, &root_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let names = ["localhost", "mail.test", "127.0.0.1"].map(String::from).to_vec();
+        let mut leaf_params = CertificateParams::new(names).unwrap();
+        leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+        let leaf = leaf_params.signed_by(&leaf_key, &mid, &mid_key).unwrap();
+        fs::write(self.ca(), root.pem()).unwrap();
+        fs::write(self.path().join("chain.pem"), format!("{}{}", leaf.pem(), mid.pem())).unwrap();
+        fs::write(self.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+    }
+
+    fn start_mailtls(&mut self) {
+        let p = self.ports;
+        let d = self.path().display().to_string();
+        let mut config = format!(
+            "hostname = \"mx.mail.test\"\n\n[tls]\n[[tls.certificates]]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/key.pem\"\n\n\
+             [timeouts]\ndrain = 1\n"
+        );
+        let listeners = [
+            ("submissions", "smtp", "implicit", "", p.submissions, p.postfix_submission, "v2", false),
+            ("submission", "smtp", "starttls", "", p.submission, p.postfix_submission, "v2", false),
+            ("mx", "smtp", "starttls", "require_tls = false\n", p.mx, p.postfix_mx, "v2", false),
+            ("imaps", "imap", "implicit", "", p.imaps, p.dovecot_imap, "v2", false),
+            ("imap", "imap", "starttls", "", p.imap, p.dovecot_imap, "v2", false),
+            ("pop3s", "pop3", "implicit", "", p.pop3s, p.dovecot_pop3, "v2", false),
+            ("pop3", "pop3", "starttls", "", p.pop3, p.dovecot_pop3, "v2", false),
+            (
+                "mx-xclient",
+                "smtp",
+                "starttls",
+                "require_tls = false\n",
+                p.mx_xclient,
+                p.postfix_xclient,
+                "none",
+                true,
+            ),
+            (
+                "submissions-xclient",
+                "smtp",
+                "implicit",
+                "",
+                p.submissions_xclient,
+                p.postfix_xclient,
+                "none",
+                true,
+            ),
+        ];
+        for (name, protocol, tls, extra, port, backend, proxy, xclient) in listeners {
+            config.push_str(&format!(
+                "\n[[listeners]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntls = \"{tls}\"\n{extra}\
+                 listen = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:{backend}\"\nproxy_protocol = \"{proxy}\"\n\
+                 xclient = {xclient}\n"
+            ));
+        }
+        let config_path = self.path().join("mailtls.toml");
+        fs::write(&config_path, config).unwrap();
+        let log = File::create(self.path().join("mailtls.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailtls"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the mailtls binary");
+        self.mailtls = Some(child);
+        for port in [p.submissions, p.submission, p.mx, p.imaps, p.imap, p.pop3s, p.pop3, p.mx_xclient] {
+            wait_for_port(port, "mailtls", || self.mailtls_log());
+        }
+    }
+
+    /// Waits until mailtls's opportunistic listener on `port` shows what it learned from
+    /// Postfix (its EHLO probe runs at start): SIZE is Postfix's, never mailtls's own.
+    pub fn wait_for_mx_probe(&self, port: u16) {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Ok(reply) = smtp_ehlo(port) {
+                if reply.contains("SIZE") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the MX probe of port {port} never succeeded:\n{}",
+                self.mailtls_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `count` messages sit in alice's maildir, and returns them (file bytes),
+    /// oldest first.
+    pub fn wait_for_messages(&self, count: usize) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            let mut files: Vec<PathBuf> = ["new", "cur"]
+                .iter()
+                .filter_map(|sub| fs::read_dir(self.maildir().join(sub)).ok())
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            if files.len() >= count {
+                files.sort();
+                return files.iter().map(|f| fs::read(f).unwrap()).collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} messages were delivered:\n{}",
+                files.len(),
+                self.maillog()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn print_logs(&self) {
+        for (name, text) in [
+            ("mailtls.log", self.mailtls_log()),
+            ("maillog", self.maillog()),
+            ("dovecot.log", self.dovecot_log()),
+        ] {
+            eprintln!("----- {name} -----\n{text}");
+        }
+    }
+}
+
+impl Drop for Interop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        if let Some(mut child) = self.mailtls.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Postfix and Dovecot drop here, in that order, before the dir is removed.
+        self.postfix.take();
+        self.dovecot.take();
+    }
+}
+
+// ---- Dovecot ------------------------------------------------------------------------------
+
+struct Dovecot {
+    dir: PathBuf,
+}
+
+impl Dovecot {
+    fn start(dir: &Path, ports: &Ports) -> Dovecot {
+        let d = dir.display();
+        for sub in ["base", "state", "mail"] {
+            fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        // Deliveries (Postfix's virtual agent) and Dovecot's mail processes both run as nobody.
+        run_ok(Command::new("chown").arg("nobody:nogroup").arg(dir.join("mail")));
+        fs::write(dir.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
+        let config = format!(
+            r#"base_dir = {d}/base
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+listen = 127.0.0.1
+ssl = no
+protocols = imap pop3
+default_internal_user = dovenull
+default_login_user = dovenull
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+auth_verbose = yes
+haproxy_trusted_networks = 127.0.0.0/8
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={d}/mail/%n
+}}
+mail_location = maildir:{d}/mail/%n/Maildir
+service imap-login {{
+  inet_listener imap {{
+    port = {imap}
+    haproxy = yes
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {pop3}
+    haproxy = yes
+  }}
+}}
+service auth {{
+  unix_listener {d}/auth-client {{
+    mode = 0666
+  }}
+}}
+"#,
+            imap = ports.dovecot_imap,
+            pop3 = ports.dovecot_pop3,
+        );
+        fs::write(dir.join("dovecot.conf"), config).unwrap();
+        let out = File::create(dir.join("dovecot.out")).unwrap();
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .status()
+            .expect("run dovecot (is it installed? run tests/run.sh)");
+        let dovecot = Dovecot { dir: dir.to_owned() };
+        let why =
+            || format!("{}\n{}", read_lossy(&dir.join("dovecot.out")), read_lossy(&dir.join("dovecot.log")));
+        assert!(status.success(), "dovecot did not start: {}", why());
+        for port in [ports.dovecot_imap, ports.dovecot_pop3] {
+            wait_for_greeting(port, Some(PROXY_V2_LOCAL), "dovecot", why);
+        }
+        dovecot
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let pid_file = self.dir.join("base/master.pid");
+        if let Ok(pid) = fs::read_to_string(&pid_file) {
+            let pid = pid.trim().to_owned();
+            let _ = Command::new("kill").arg(&pid).stderr(Stdio::null()).status();
+            wait_until_gone(&pid);
+        }
+    }
+}
+
+// ---- Postfix ------------------------------------------------------------------------------
+
+struct Postfix {
+    conf: PathBuf,
+    queue: PathBuf,
+}
+
+/// The services a private Postfix needs (Debian's master.cf, trimmed): chroot off everywhere,
+/// since the private queue has no chroot copies of /etc files.
+const MASTER_CF_BASE: &str = "\
+pickup     unix  n       -       n       60      1       pickup
+cleanup    unix  n       -       n       -       0       cleanup
+qmgr       unix  n       -       n       300     1       qmgr
+rewrite    unix  -       -       n       -       -       trivial-rewrite
+bounce     unix  -       -       n       -       0       bounce
+defer      unix  -       -       n       -       0       bounce
+trace      unix  -       -       n       -       0       bounce
+verify     unix  -       -       n       -       1       verify
+flush      unix  n       -       n       1000?   0       flush
+proxymap   unix  -       -       n       -       -       proxymap
+proxywrite unix  -       -       n       -       1       proxymap
+smtp       unix  -       -       n       -       -       smtp
+relay      unix  -       -       n       -       -       smtp
+showq      unix  n       -       n       -       -       showq
+error      unix  -       -       n       -       -       error
+retry      unix  -       -       n       -       -       error
+discard    unix  -       -       n       -       -       discard
+local      unix  -       n       n       -       -       local
+virtual    unix  -       n       n       -       -       virtual
+lmtp       unix  -       -       n       -       -       lmtp
+anvil      unix  -       -       n       -       1       anvil
+scache     unix  -       -       n       -       1       scache
+postlog    unix-dgram n  -       n       -       1       postlogd
+";
+
+impl Postfix {
+    fn start(dir: &Path, ports: &Ports) -> Postfix {
+        let d = dir.display();
+        let conf = dir.join("postfix");
+        let queue = dir.join("queue");
+        for sub in [&conf, &queue, &dir.join("data")] {
+            fs::create_dir_all(sub).unwrap();
+        }
+        run_ok(Command::new("chown").arg("postfix").arg(dir.join("data")));
+        let main_cf = format!(
+            r#"compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.mail.test
+mydomain = mail.test
+myorigin = mail.test
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.1/32
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+smtpd_banner = $myhostname ESMTP
+mydestination =
+alias_maps =
+alias_database =
+local_recipient_maps =
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {d}/auth-client
+smtpd_tls_security_level = none
+smtpd_tls_auth_only = no
+smtp_tls_security_level = none
+virtual_mailbox_domains = mail.test
+virtual_mailbox_base = {d}/mail
+virtual_mailbox_maps = inline:{{ {USER}=alice/Maildir/ }}
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
+"#
+        );
+        fs::write(conf.join("main.cf"), main_cf).unwrap();
+        let master_cf = format!(
+            "{MASTER_CF_BASE}\
+             {mx} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy\n\
+             {sub} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy -o smtpd_sasl_auth_enable=yes \
+             -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject \
+             -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n\
+             {xc} inet n - n - - smtpd -o smtpd_authorized_xclient_hosts=127.0.0.1/32\n",
+            mx = ports.postfix_mx,
+            sub = ports.postfix_submission,
+            xc = ports.postfix_xclient,
+        );
+        fs::write(conf.join("master.cf"), master_cf).unwrap();
+        authorize_config_directory(&conf);
+        let out = File::create(dir.join("postfix.out")).unwrap();
+        let status = Command::new("postfix")
+            .arg("-c")
+            .arg(&conf)
+            .arg("start")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .status()
+            .expect("run postfix (is it installed? run tests/run.sh)");
+        let postfix = Postfix { conf: conf.clone(), queue };
+        // Postfix tells why it did not start only to syslog or a terminal: ask `check` on one.
+        let why = || {
+            let check = run(
+                Command::new("script")
+                    .arg("-qc")
+                    .arg(format!("postfix -c {} check", conf.display()))
+                    .arg("/dev/null"),
+                Duration::from_secs(20),
+            );
+            format!(
+                "{}\npostfix check: {}{}\n{}",
+                read_lossy(&dir.join("postfix.out")),
+                check.stdout,
+                check.stderr,
+                read_lossy(&dir.join("maillog"))
+            )
+        };
+        assert!(status.success(), "postfix did not start: {}", why());
+        wait_for_greeting(ports.postfix_mx, Some(PROXY_V2_LOCAL), "postfix", why);
+        wait_for_greeting(ports.postfix_submission, Some(PROXY_V2_LOCAL), "postfix", why);
+        wait_for_greeting(ports.postfix_xclient, None, "postfix", why);
+        postfix
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let pid = fs::read_to_string(self.queue.join("pid/master.pid")).unwrap_or_default();
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("stop")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !pid.trim().is_empty() {
+            wait_until_gone(pid.trim());
+        }
+    }
+}
+
+/// `postfix -c DIR` works only for directories the default main.cf lists. Entries of runs
+/// whose temp dirs are gone are dropped on the way, so the list does not grow forever.
+fn authorize_config_directory(conf: &Path) {
+    let _one_at_a_time = POSTCONF.lock().unwrap_or_else(|e| e.into_inner());
+    let current = run(Command::new("postconf").arg("-h").arg("alternate_config_directories"), STARTUP);
+    let mut keep: Vec<String> = current
+        .stdout
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|entry| !entry.is_empty() && Path::new(entry).is_dir())
+        .map(str::to_owned)
+        .collect();
+    let ours = conf.display().to_string();
+    if !keep.contains(&ours) {
+        keep.push(ours);
+    }
+    let setting = format!("alternate_config_directories = {}", keep.join(", "));
+    run_ok(Command::new("postconf").arg("-e").arg(setting));
+}
+
+// ---- processes and sockets --------------------------------------------------------------
+
+/// What a finished command printed.
+#[derive(Debug)]
+pub struct Output {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs `command` with its output in files (so a grandchild that keeps them open cannot
+/// hang the test) and kills it after `timeout` (status `None`).
+pub fn run(command: &mut Command, timeout: Duration) -> Output {
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let base = std::env::temp_dir().join(format!("mailtls-run-{}-{n}", std::process::id()));
+    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
+    let stdout = File::create(&out_path).unwrap();
+    let stderr = File::create(&err_path).unwrap();
+    let mut child = command
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e} (run tests/run.sh to install it)"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let output = Output { status, stdout: read_lossy(&out_path), stderr: read_lossy(&err_path) };
+    let _ = fs::remove_file(out_path);
+    let _ = fs::remove_file(err_path);
+    output
+}
+
+fn run_ok(command: &mut Command) {
+    let shown = format!("{command:?}");
+    let out = run(command.stdin(Stdio::null()), STARTUP);
+    assert!(out.success(), "{shown} failed: {}{}", out.stdout, out.stderr);
+}
+
+pub fn read_lossy(path: &Path) -> String {
+    fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+}
+
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, ended by a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn wait_until_gone(pid: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new("/proc").join(pid).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_port(port: u16, what: &str, why: impl Fn() -> String) {
+    let deadline = Instant::now() + STARTUP;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} is not listening on {port}:\n{}", why());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls until the server on `port` greets (after `header`, if any), then says goodbye.
+fn wait_for_greeting(port: u16, header: Option<&[u8]>, what: &str, why: impl Fn() -> String) {
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        if let Ok(greeting) = greet(port, header) {
+            if greeting.starts_with("220 ") || greeting.starts_with("* OK") || greeting.starts_with("+OK") {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what} does not greet on port {port}:\n{}", why());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn greet(port: u16, header: Option<&[u8]>) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    if let Some(header) = header {
+        s.write_all(header)?;
+    }
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let bye: &[u8] = if text.starts_with("* ") { b"a LOGOUT\r\n" } else { b"QUIT\r\n" };
+    let _ = s.write_all(bye);
+    Ok(text)
+}
+
+/// A plaintext EHLO on a mailtls SMTP STARTTLS port: the whole reply.
+pub fn smtp_ehlo(port: u16) -> std::io::Result<String> {
+    let mut s = SmtpLines::connect(port, None)?;
+    s.reply()?;
+    s.send("EHLO probe.example")?;
+    let reply = s.reply()?;
+    let _ = s.send("QUIT");
+    Ok(reply)
+}
+
+/// A tiny line client for plaintext dialogues, from a chosen source address.
+pub struct SmtpLines {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl SmtpLines {
+    pub fn connect(port: u16, source: Option<&str>) -> std::io::Result<SmtpLines> {
+        let target: SocketAddr = ([127, 0, 0, 1], port).into();
+        let stream = match source {
+            None => TcpStream::connect(target)?,
+            Some(ip) => {
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                let from: SocketAddr = format!("{ip}:0").parse().expect("source address");
+                socket.bind(&from.into())?;
+                socket.connect(&target.into())?;
+                socket.into()
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(SmtpLines { stream, buf: Vec::new() })
+    }
+
+    pub fn send(&mut self, line: &str) -> std::io::Result<()> {
+        self.stream.write_all(format!("{line}\r\n").as_bytes())
+    }
+
+    pub fn line(&mut self) -> std::io::Result<String> {
+        loop {
+            if let Some(lf) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=lf).collect();
+                return Ok(String::from_utf8_lossy(&line).into_owned());
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// A whole SMTP reply, multi-line ones included.
+    pub fn reply(&mut self) -> std::io::Result<String> {
+        let mut out = String::new();
+        loop {
+            let line = self.line()?;
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            out.push_str(&line);
+            if last {
+                return Ok(out);
+            }
+        }
+    }
+}
