@@ -51,20 +51,60 @@ pub async fn connect(
     header: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<TcpStream, BackendError> {
+    let mut stream = open(target, timeout).await?;
+    if let Some(header) = header {
+        send_header(&mut stream, target, header).await?;
+    }
+    Ok(stream)
+}
+
+/// Connects for mailtls's own use (the SMTP capability probe), introducing the
+/// connection as itself: v2 `LOCAL`, v1 with the socket's own addresses. (v1 `UNKNOWN`
+/// would be the spec's way, but Postfix 3.7 refuses it: "bad or missing protocol type".)
+pub async fn connect_local(
+    target: &str,
+    version: ProxyProtocol,
+    timeout: Duration,
+) -> Result<TcpStream, BackendError> {
+    let mut stream = open(target, timeout).await?;
+    let header = match version {
+        ProxyProtocol::None => None,
+        ProxyProtocol::V1 => {
+            let addr = |r: io::Result<SocketAddr>| {
+                r.map_err(|source| BackendError::Header { target: target.to_owned(), source })
+            };
+            let own =
+                Peer { client: addr(stream.local_addr())?, local: addr(stream.peer_addr())?, tls: None };
+            Some(v1_header(&own))
+        }
+        ProxyProtocol::V2 => Builder::new(
+            Version::Two | Command::Local,
+            v2::AddressFamily::Unspecified | PpProtocol::Unspecified,
+        )
+        .build()
+        .ok(),
+    };
+    if let Some(header) = header {
+        send_header(&mut stream, target, &header).await?;
+    }
+    Ok(stream)
+}
+
+async fn open(target: &str, timeout: Duration) -> Result<TcpStream, BackendError> {
     let stream = match tokio::time::timeout(timeout, connect_any(target)).await {
         Ok(result) => result?,
         Err(_) => return Err(BackendError::ConnectTimeout { target: target.to_owned(), after: timeout }),
     };
     // Mail is a chatty line protocol: Nagle would hold every small reply back by up to 40 ms.
     let _ = stream.set_nodelay(true);
-    let mut stream = stream;
-    if let Some(header) = header {
-        stream
-            .write_all(header)
-            .await
-            .map_err(|source| BackendError::Header { target: target.to_owned(), source })?;
-    }
     Ok(stream)
+}
+
+async fn send_header(stream: &mut TcpStream, target: &str, header: &[u8]) -> Result<(), BackendError> {
+    stream
+        .write_all(header)
+        .await
+        .map_err(|source| BackendError::Header { target: target.to_owned(), source })
 }
 
 /// Tries every address the name resolves to, in order, like a mail client would.
@@ -88,21 +128,6 @@ pub fn proxy_header(version: ProxyProtocol, peer: &Peer) -> Option<Vec<u8>> {
         ProxyProtocol::None => None,
         ProxyProtocol::V1 => Some(v1_header(peer)),
         ProxyProtocol::V2 => Some(v2_header(peer)),
-    }
-}
-
-/// The header for mailtls's own connections (the SMTP capability probe): v2 LOCAL and v1
-/// UNKNOWN tell the backend to use the connection's real addresses.
-pub fn local_header(version: ProxyProtocol) -> Option<Vec<u8>> {
-    match version {
-        ProxyProtocol::None => None,
-        ProxyProtocol::V1 => Some(b"PROXY UNKNOWN\r\n".to_vec()),
-        ProxyProtocol::V2 => Builder::new(
-            Version::Two | Command::Local,
-            v2::AddressFamily::Unspecified | PpProtocol::Unspecified,
-        )
-        .build()
-        .ok(),
     }
 }
 

@@ -676,10 +676,9 @@ async fn probe_loop(current: Arc<ArcSwap<ListenerContext>>, reprobe: Arc<Notify>
 }
 
 async fn probe_once(ctx: &ListenerContext) -> Result<Vec<String>, String> {
-    let header = backend::local_header(ctx.proxy_protocol);
     let timeout = ctx.timeouts.backend_connect;
     let mut stream =
-        backend::connect(&ctx.backend, header.as_deref(), timeout).await.map_err(|e| e.to_string())?;
+        backend::connect_local(&ctx.backend, ctx.proxy_protocol, timeout).await.map_err(|e| e.to_string())?;
     let mut probe = Probe::new(&ctx.settings.hostname);
     let mut buf = BytesMut::with_capacity(4096);
     let exchange = async {

@@ -385,9 +385,20 @@ async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
             Err(outcome) => return outcome,
         };
     }
-    if next == Next::Close {
-        let _ = client.shutdown().await;
-        return Outcome::Closed;
+    match next {
+        Next::Close => {
+            let _ = client.shutdown().await;
+            return Outcome::Closed;
+        }
+        Next::Unavailable => {
+            // The client already has the protocol's "unavailable" reply (the step said so).
+            let reason = format!("backend {} refused service or broke its protocol", ctx.backend);
+            ctx.metrics.backend_failure(&ctx.name);
+            tracing::warn!(listener = %ctx.name, client = %peer.client, backend = %ctx.backend, "{reason}");
+            let _ = client.shutdown().await;
+            return Outcome::BackendUnavailable(reason);
+        }
+        Next::Negotiate | Next::Relay => {}
     }
     let report = relay::relay(client, backend, &client_buf, &backend_buf, ctx.timeouts.idle).await;
     record.engine = Some(report.engine);
@@ -414,7 +425,7 @@ async fn open_backend(
         if let Some(step) = negotiation.on_greeting(&mut buf) {
             // A negative greeting is the backend refusing service, like a refused connect:
             // the caller answers the client with the protocol's "unavailable" reply.
-            if step.next == Next::Close {
+            if step.next == Next::Unavailable {
                 return Err(format!("backend {} refused service in its greeting", ctx.backend));
             }
             return Ok((stream, buf, step));

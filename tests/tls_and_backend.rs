@@ -909,3 +909,43 @@ async fn silent_backend_gets_unavailable_reply_within_backend_connect_timeout() 
     assert_eq!(backend.connections(), 3);
     assert_eq!(backend.all_text(), "", "no client bytes reach a backend that never greeted");
 }
+
+// The EHLO probe of an opportunistic v1 listener introduces itself with its own socket's
+// addresses: Postfix refuses v1 "PROXY UNKNOWN", which would leave the probe failing and
+// the listener guarded for ever.
+#[tokio::test]
+async fn probe_on_v1_listener_sends_a_tcp4_header_naming_itself() {
+    let backend = Backend::start(Script::Smtp).await;
+    let proxy =
+        Proxy::start(&[Listener::new("mx", "smtp", "starttls", backend.addr).opportunistic().proxy("v1")])
+            .await;
+    assert!(eventually(|| backend.connections() >= 1).await, "the probe never connected");
+    assert!(eventually(|| !backend.seen(0).header.is_empty()).await);
+    let header = String::from_utf8(backend.seen(0).header).unwrap();
+    let port = backend.addr.port();
+    assert!(header.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 "), "{header:?}");
+    assert!(header.ends_with(&format!(" {port}\r\n")), "{header:?}");
+    assert!(eventually(|| backend.seen(0).text().starts_with("EHLO ")).await, "the probe went on to EHLO");
+    proxy.stop().await;
+}
+
+// A backend that refuses mailtls's XCLIENT would log mailtls's own address as the client's:
+// the client gets the protocol's "unavailable" reply and it counts as a backend failure,
+// like a refused connect, although it happens after the greeting.
+#[tokio::test]
+async fn refused_xclient_is_a_backend_failure() {
+    let backend = Backend::start_without_header(Script::Smtp).await;
+    let listener = Listener::new("submissions", "smtp", "implicit", backend.addr).proxy("none");
+    let proxy = Proxy::start_edited(&[listener], "", |text| {
+        text.replace("proxy_protocol = \"none\"", "proxy_protocol = \"none\"\nxclient = true")
+    })
+    .await;
+    let mut c = proxy.tls("submissions").await;
+    let reply = c.line().await;
+    assert!(reply.starts_with("421 4.3.2"), "{reply:?}");
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+    assert!(backend.all_text().starts_with("XCLIENT ADDR=127.0.0.1 PORT="), "{:?}", backend.all_text());
+    let failures = &proxy.metrics.backend_failures;
+    assert!(eventually(|| Metrics::get(failures) == 1).await, "counted {}", Metrics::get(failures));
+    proxy.stop().await;
+}

@@ -492,7 +492,7 @@ impl ImapNegotiation {
 }
 
 fn backend_unavailable() -> Step {
-    Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close)
+    Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable)
 }
 
 fn classify_response(line: &[u8]) -> Response {
@@ -1071,8 +1071,9 @@ mod tests {
 
     #[test]
     fn negative_or_malformed_greeting_closes_with_unavailable() {
-        let bye =
-            Some(Step::to_client(b"* BYE [UNAVAILABLE] Backend server unavailable\r\n").then(Next::Close));
+        let bye = Some(
+            Step::to_client(b"* BYE [UNAVAILABLE] Backend server unavailable\r\n").then(Next::Unavailable),
+        );
         for greeting in [&b"* BYE go away\r\n"[..], b"+OK pop3\r\n", b"220 smtp\r\n", b"\r\n", b"*\r\n"] {
             assert_eq!(negotiation(Entry::Implicit).on_greeting(&mut buf(greeting)), bye);
         }
@@ -1313,8 +1314,9 @@ mod tests {
 
     #[test]
     fn backend_overlong_or_huge_literal_closes_with_unavailable() {
-        let bye =
-            Some(Step::to_client(b"* BYE [UNAVAILABLE] Backend server unavailable\r\n").then(Next::Close));
+        let bye = Some(
+            Step::to_client(b"* BYE [UNAVAILABLE] Backend server unavailable\r\n").then(Next::Unavailable),
+        );
         let mut long = buf(b"* OK ");
         long.extend(std::iter::repeat_n(b'x', 16 * 1024));
         assert_eq!(greeted(Entry::Implicit).on_backend(&mut long), bye);

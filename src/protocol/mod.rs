@@ -148,6 +148,10 @@ pub enum Next {
     Relay,
     /// Close both connections.
     Close,
+    /// The backend refused service or broke its protocol (negative greeting, refused
+    /// XCLIENT, a malformed reply): `to_client` is the protocol's "unavailable" reply; the
+    /// session closes both connections and counts a backend failure.
+    Unavailable,
 }
 
 /// One step of the negotiation phase: bytes for each side and what comes next.
@@ -184,8 +188,8 @@ impl Step {
 pub trait Negotiation: Send {
     /// Consumes the backend's greeting once it is complete. A positive greeting gives a
     /// step whose `to_client` is the greeting rewritten ([`Entry::Implicit`]) or empty;
-    /// a negative or malformed one gives a [`Next::Close`] step whose `to_client` is the
-    /// protocol's "service unavailable" reply. IMAP PREAUTH gives [`Next::Relay`].
+    /// a negative or malformed one gives a [`Next::Unavailable`] step whose `to_client` is
+    /// the protocol's "service unavailable" reply. IMAP PREAUTH gives [`Next::Relay`].
     fn on_greeting(&mut self, input: &mut BytesMut) -> Option<Step>;
     /// Consumes at most one client unit (command line, literal, SASL response).
     fn on_client(&mut self, input: &mut BytesMut) -> Option<Step>;

@@ -255,7 +255,7 @@ impl Pop3Negotiation {
 
     fn backend_unavailable(&mut self) -> Step {
         self.state = State::Done;
-        Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close)
+        Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable)
     }
 
     fn close_client(&mut self, reply: &[u8]) -> Step {
@@ -655,7 +655,7 @@ mod tests {
                 n.on_greeting(&mut input),
                 Some(
                     Step::to_client(b"-ERR [SYS/TEMP] Backend server unavailable\r\n".to_vec())
-                        .then(Next::Close)
+                        .then(Next::Unavailable)
                 )
             );
         }
@@ -854,11 +854,11 @@ mod tests {
         forwarded(&mut n, b"USER u\r\n");
         assert_eq!(
             from_backend(&mut n, b"+ OK\r\n"),
-            Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close))
+            Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable))
         );
         let mut n = negotiating(Entry::Implicit);
         forwarded(&mut n, b"PASS p\r\n");
-        assert_eq!(from_backend(&mut n, b"+OKAY\r\n").map(|s| s.next), Some(Next::Close));
+        assert_eq!(from_backend(&mut n, b"+OKAY\r\n").map(|s| s.next), Some(Next::Unavailable));
     }
 
     #[test]
@@ -909,7 +909,7 @@ mod tests {
 
     #[test]
     fn overlong_backend_line_closes_as_backend_unavailable() {
-        let closing = Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close));
+        let closing = Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable));
         let mut n = negotiating(Entry::Implicit);
         forwarded(&mut n, b"USER u\r\n");
         let mut input = buf(&vec![b'+'; settings().max_line]);

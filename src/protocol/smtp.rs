@@ -703,7 +703,7 @@ impl SmtpNegotiation {
     }
 
     fn backend_unavailable(&mut self) -> Step {
-        self.close(farewell(Farewell::BackendUnavailable))
+        self.close(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable)
     }
 
     fn refuse(&mut self, reply: &[u8]) -> Step {
@@ -1401,7 +1401,7 @@ mod tests {
             let mut neg = SmtpNegotiation::new(&settings(), Entry::Implicit);
             assert_eq!(
                 neg.on_greeting(&mut buf(greeting)),
-                Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close))
+                Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable))
             );
         }
     }
@@ -1478,7 +1478,7 @@ mod tests {
             neg.on_greeting(&mut buf(b"220 b\r\n"));
             assert_eq!(
                 backend(&mut neg, refusal),
-                Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close)
+                Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable)
             );
             assert_eq!(neg.on_client(&mut buf(b"EHLO c\r\n")), None);
         }
@@ -1688,13 +1688,13 @@ mod tests {
         client(&mut neg, b"NOOP\r\n");
         assert_eq!(
             backend(&mut neg, b"2x0 what\r\n"),
-            Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Close)
+            Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable)
         );
         let mut neg = SmtpNegotiation::new(&Settings { max_line: 32, ..settings() }, Entry::Implicit);
         neg.on_greeting(&mut buf(b"220 b\r\n"));
         let mut long = buf(b"250 ");
         long.extend(std::iter::repeat_n(b'x', 40));
-        assert_eq!(neg.on_backend(&mut long).map(|s| s.next), Some(Next::Close));
+        assert_eq!(neg.on_backend(&mut long).map(|s| s.next), Some(Next::Unavailable));
     }
 
     #[test]

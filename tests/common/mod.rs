@@ -111,8 +111,18 @@ impl Proxy {
     }
 
     pub async fn start_with(listeners: &[Listener], extra: &str) -> Proxy {
+        Proxy::start_edited(listeners, extra, |text| text).await
+    }
+
+    /// Like `start_with`, with the config text passed through `edit` first (for keys the
+    /// `Listener` builder does not know).
+    pub async fn start_edited(
+        listeners: &[Listener],
+        extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Proxy {
         let certs = Arc::new(certs());
-        let text = config_text(&certs, listeners, extra);
+        let text = edit(config_text(&certs, listeners, extra));
         let config =
             mailtls::config::parse(&certs.dir.path().join("mailtls.toml"), &text).expect("test config");
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
