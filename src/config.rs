@@ -51,7 +51,18 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log_format: LogFormat,
+    /// Which relay engines may be used after negotiation.
+    pub relay: RelayMode,
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// `relay = "auto" | "copy"`: `auto` uses splice and kernel TLS where the connection and
+/// kernel allow (falling back to copy), `copy` always relays in user space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    #[default]
+    Auto,
+    Copy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -192,6 +203,7 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log_format: LogFormat,
+    relay: Option<Spanned<String>>,
     listeners: Spanned<Vec<Spanned<RawListener>>>,
 }
 
@@ -311,6 +323,7 @@ impl Validator<'_> {
         let tls = self.tls(raw.tls)?;
         let timeouts = self.timeouts(&raw.timeouts)?;
         let limits = self.limits(&raw.limits)?;
+        let relay = self.relay(raw.relay.as_ref())?;
         let listeners = self.listeners(raw.listeners)?;
         Ok(Config {
             path: self.path.to_owned(),
@@ -319,8 +332,21 @@ impl Validator<'_> {
             timeouts,
             limits,
             log_format: raw.log_format,
+            relay,
             listeners,
         })
+    }
+
+    fn relay(&self, raw: Option<&Spanned<String>>) -> Result<RelayMode, ConfigError> {
+        match raw.map(|r| (r.get_ref().as_str(), r.span())) {
+            None | Some(("auto", _)) => Ok(RelayMode::Auto),
+            Some(("copy", _)) => Ok(RelayMode::Copy),
+            Some((other, span)) => Err(self.invalid(
+                "relay",
+                span,
+                format!("{other:?} is not a relay mode; use \"auto\" or \"copy\""),
+            )),
+        }
     }
 
     fn hostname(&self, raw: &Spanned<String>) -> Result<String, ConfigError> {
@@ -768,6 +794,15 @@ backend = "127.0.0.1:2525"
             "min_version = \"1.3\"\ncipher_suites = [\"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\"]",
         );
         assert!(error_of(&only12).contains("leaves no cipher suite"));
+    }
+
+    #[test]
+    fn relay_mode_defaults_to_auto_and_bad_values_name_key_and_line() {
+        assert_eq!(parse_text(GOOD).expect("valid").relay, RelayMode::Auto);
+        let copy = GOOD.replacen("hostname", "relay = \"copy\"\nhostname", 1);
+        assert_eq!(parse_text(&copy).expect("valid").relay, RelayMode::Copy);
+        let e = error_of(&GOOD.replacen("hostname", "relay = \"splice\"\nhostname", 1));
+        assert!(e.contains(":2: relay: \"splice\" is not a relay mode"), "{e}");
     }
 
     #[test]

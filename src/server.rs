@@ -17,6 +17,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::metrics::Metrics;
 use crate::protocol::smtp::{Probe, ProbeStep, PROBE_QUIT};
 use crate::protocol::{Protocol, Settings};
+use crate::relay;
 use crate::session::{self, ListenerContext, Shutdown};
 use crate::tls::{self, Certificates};
 
@@ -58,9 +59,11 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let certificates = Arc::new(Certificates::load(&config, metrics.clone())?);
         let acceptor = TlsAcceptor::from(tls::server_config(&config, certificates.store())?);
+        let engines = relay::Engines::detect(config.relay, config.timeouts.idle, metrics.clone());
+        tracing::info!("{}", engines.describe());
         let mut listeners = Vec::new();
         for lc in &config.listeners {
-            let ctx = Arc::new(listener_context(&config, lc, acceptor.clone(), metrics.clone()));
+            let ctx = Arc::new(listener_context(&config, lc, acceptor.clone(), engines.clone()));
             let sockets = lc
                 .listen
                 .iter()
@@ -153,7 +156,7 @@ fn listener_context(
     config: &Config,
     lc: &ListenerConfig,
     acceptor: TlsAcceptor,
-    metrics: Arc<Metrics>,
+    engines: relay::Engines,
 ) -> ListenerContext {
     let settings = Settings {
         hostname: config.hostname.clone(),
@@ -180,7 +183,8 @@ fn listener_context(
         backend_extensions: Mutex::new(Arc::from(Vec::new())),
         acceptor,
         timeouts: config.timeouts,
-        metrics,
+        metrics: engines.metrics(),
+        engines,
     }
 }
 

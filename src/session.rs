@@ -21,7 +21,7 @@ use crate::backend::{self, Peer};
 use crate::config::{ProxyProtocol, Timeouts, TlsMode};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Entry, Farewell, Negotiation, Next, PreTlsStep, Protocol, Settings, Step};
-use crate::relay::{self, Ending, Engine};
+use crate::relay::{self, ClientLeg, Ending, Engine};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::TlsFacts;
 
@@ -43,6 +43,8 @@ pub struct ListenerContext {
     pub acceptor: TlsAcceptor,
     pub timeouts: Timeouts,
     pub metrics: Arc<Metrics>,
+    /// The relay engines this process may use (probed once at start-up).
+    pub engines: relay::Engines,
 }
 
 impl ListenerContext {
@@ -304,7 +306,7 @@ async fn handshake(
 // ---- phases 3-5: backend, negotiation, relay ---------------------------------------------
 
 #[allow(clippy::too_many_arguments)]
-async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
+async fn after_handshake<C: ClientLeg>(
     mut client: C,
     mut client_buf: BytesMut,
     peer: Peer,
@@ -343,8 +345,8 @@ async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
         let _ = client.shutdown().await;
         return Outcome::Closed;
     }
-    record.engine = Some(Engine::Copy);
-    let report = relay::relay(client, backend, &client_buf, &backend_buf, ctx.timeouts.idle).await;
+    let pending = relay::Pending { to_backend: &client_buf, to_client: &backend_buf };
+    let report = relay::run(client, backend, pending, &ctx.engines, &mut record.engine).await;
     record.to_backend += report.totals.client_to_backend;
     record.to_client += report.totals.backend_to_client;
     Outcome::Relayed(report.ending)
