@@ -345,7 +345,7 @@ async fn after_handshake<C: ClientLeg>(
         let _ = client.shutdown().await;
         return Outcome::Closed;
     }
-    let pending = relay::Pending { to_backend: &client_buf, to_client: &backend_buf };
+    let pending = relay::Pending::from_buffers(client_buf, backend_buf);
     let report = relay::run(client, backend, pending, &ctx.engines, &mut record.engine).await;
     record.to_backend += report.totals.client_to_backend;
     record.to_client += report.totals.backend_to_client;

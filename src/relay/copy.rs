@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::clock::Clock;
-use super::{Ending, Engine, Report, Totals};
+use super::{Ending, Engine, Pending, Report, Totals};
 
 /// 64 KiB per read: several TLS records per rustls call and a quarter as many syscalls
 /// as 16 KiB on cleartext legs. Affordable because idle sessions hold none.
@@ -58,17 +58,10 @@ struct Direction {
 }
 
 impl Direction {
-    fn new(pending: &[u8]) -> Self {
-        let buf = (!pending.is_empty()).then(|| pending.to_vec().into_boxed_slice());
-        Direction {
-            buf,
-            pos: 0,
-            end: pending.len(),
-            read_done: false,
-            need_flush: false,
-            done: false,
-            moved: pending.len() as u64,
-        }
+    fn new(pending: Vec<u8>) -> Self {
+        let (end, moved) = (pending.len(), pending.len() as u64);
+        let buf = (!pending.is_empty()).then(|| pending.into_boxed_slice());
+        Direction { buf, pos: 0, end, read_done: false, need_flush: false, done: false, moved }
     }
 
     fn poll<R, W>(
@@ -146,20 +139,14 @@ impl Direction {
     }
 }
 
-pub(super) async fn relay<C, B>(
-    mut client: C,
-    mut backend: B,
-    to_backend: &[u8],
-    to_client: &[u8],
-    idle: Duration,
-) -> Report
+pub(super) async fn relay<C, B>(mut client: C, mut backend: B, pending: Pending, idle: Duration) -> Report
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let clock = Clock::new();
-    let mut up = Direction::new(to_backend);
-    let mut down = Direction::new(to_client);
+    let mut up = Direction::new(pending.to_backend);
+    let mut down = Direction::new(pending.to_client);
     let copy = poll_fn(|cx| {
         let up_state =
             if up.done { Poll::Ready(Ok(())) } else { up.poll(cx, &mut client, &mut backend, &clock) };
@@ -200,7 +187,8 @@ mod tests {
         let (client_app, client_side) = duplex(64 * 1024);
         let (backend_side, backend_app) = duplex(64 * 1024);
         let task = tokio::spawn(async move {
-            relay(client_side, backend_side, b"early ", b"greeting ", Duration::from_secs(5)).await
+            let pending = Pending { to_backend: b"early ".to_vec(), to_client: b"greeting ".to_vec() };
+            relay(client_side, backend_side, pending, Duration::from_secs(5)).await
         });
         let (mut c, mut b) = (client_app, backend_app);
         c.write_all(b"from client").await.unwrap();
@@ -222,7 +210,7 @@ mod tests {
     async fn idle_relay_ends() {
         let (_client_app, client_side) = duplex(1024);
         let (backend_side, _backend_app) = duplex(1024);
-        let report = relay(client_side, backend_side, b"", b"", Duration::from_secs(30)).await;
+        let report = relay(client_side, backend_side, Pending::default(), Duration::from_secs(30)).await;
         assert_eq!(report.ending, Ending::Idle);
     }
 
@@ -234,7 +222,7 @@ mod tests {
             let (_client_app, mut client_side) = duplex(1024);
             let (mut backend_side, _backend_app) = duplex(1024);
             let clock = Clock::new();
-            let mut up = Direction::new(b"");
+            let mut up = Direction::new(Vec::new());
             let polled =
                 poll_fn(|cx| Poll::Ready(up.poll(cx, &mut client_side, &mut backend_side, &clock))).await;
             assert!(polled.is_pending());

@@ -232,12 +232,11 @@ enum Fatal {
 pub(super) async fn relay(
     mut client: TlsStream<Prefixed<TcpStream>>,
     backend: TcpStream,
-    pending: Pending<'_>,
+    mut pending: Pending,
     engines: &Engines,
     engine: &mut Option<super::Engine>,
 ) -> Report {
-    let mut to_backend = pending.to_backend.to_vec();
-    match prepare(&mut client, &mut to_backend, engines).await {
+    match prepare(&mut client, &mut pending.to_backend, engines).await {
         Ok(pipes) => {
             super::announce(engines, engine, Engine::Ktls);
             let (prefixed, conn) = client.into_inner();
@@ -245,7 +244,6 @@ pub(super) async fn relay(
             match install(&socket, conn) {
                 Ok(()) => {
                     let legs = Legs { client: &socket, backend: &backend, client_ktls: true };
-                    let pending = Pending { to_backend: &to_backend, to_client: pending.to_client };
                     splice::relay(legs, pipes, pending, engines.idle).await
                 }
                 Err(e) => {
@@ -265,7 +263,7 @@ pub(super) async fn relay(
                 other => tracing::debug!("ktls engine not used for this session, using copy: {other}"),
             }
             super::announce(engines, engine, Engine::Copy);
-            copy::relay(client, backend, &to_backend, pending.to_client, engines.idle).await
+            copy::relay(client, backend, pending, engines.idle).await
         }
     }
 }

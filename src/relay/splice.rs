@@ -69,7 +69,7 @@ pub(super) struct Legs<'a> {
 }
 
 /// Relays until both directions have ended, either fails, or nothing moves for `idle`.
-pub(super) async fn relay(legs: Legs<'_>, pipes: Pipes, pending: Pending<'_>, idle: Duration) -> Report {
+pub(super) async fn relay(legs: Legs<'_>, pipes: Pipes, pending: Pending, idle: Duration) -> Report {
     let clock = Clock::new();
     let up_moved = AtomicU64::new(pending.to_backend.len() as u64);
     let down_moved = AtomicU64::new(pending.to_client.len() as u64);
@@ -122,8 +122,9 @@ struct Pump<'a> {
 }
 
 impl Pump<'_> {
-    async fn run(self, pending: &[u8]) -> io::Result<()> {
-        write_all(self.to, pending).await?;
+    async fn run(self, pending: Vec<u8>) -> io::Result<()> {
+        write_all(self.to, &pending).await?;
+        drop(pending);
         loop {
             // The pipe is empty here (invariant of the loop).
             let n = self.fill().await?;
@@ -224,7 +225,7 @@ mod tests {
         let (backend_side, mut b) = pair().await;
         let task = tokio::spawn(async move {
             let legs = Legs { client: &client_side, backend: &backend_side, client_ktls: false };
-            let pending = Pending { to_backend: b"MAIL ", to_client: b"250 " };
+            let pending = Pending { to_backend: b"MAIL ".to_vec(), to_client: b"250 ".to_vec() };
             relay(legs, Pipes::new(&Faults::default()).unwrap(), pending, Duration::from_secs(5)).await
         });
         c.write_all(b"FROM:<a@b>").await.unwrap();
