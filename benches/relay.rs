@@ -1,16 +1,30 @@
-//! Relay benchmark: bytes through mailtls's relay engine between real loopback TCP
-//! sockets, reported as throughput and as the process's CPU seconds per GiB relayed
-//! (utime + stime from /proc/self/stat), which is what a shared machine measures fairly.
+//! Relay engine benchmark: each engine between real loopback TCP sockets, measured by
+//! criterion as bytes per second, then as CPU seconds per GiB relayed.
 //!
-//! Run: cargo bench --bench relay [-- MiB]   (default 1024 MiB per direction)
+//! The CPU figure is the process's utime + stime (from /proc/self/stat) while one stream
+//! of N MiB crosses the relay, minus the same stream sent straight from socket to socket
+//! without a relay: what remains is the relay's own cost. One thread runs everything, so
+//! nothing is hidden on another core.
+//!
+//! Run: [RELAY_BENCH_MIB=N] cargo bench --bench relay   (N MiB for the CPU figure, default 1024)
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailtls::relay;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::BytesMut;
+use criterion::{Criterion, Throughput};
+use mailtls::config::RelayMode;
+use mailtls::metrics::Metrics;
+use mailtls::relay::{self, Engine, Engines, KtlsSupport, Pending};
+use mailtls::tls::prefixed::Prefixed;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
+const IDLE: Duration = Duration::from_secs(60);
+/// Bytes per criterion iteration.
+const PER_ITER: usize = 16 << 20;
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -31,58 +45,191 @@ async fn pair() -> (TcpStream, TcpStream) {
     (a, b)
 }
 
-async fn one_direction(mib: usize) -> (Duration, f64) {
-    let (mut client, client_side) = pair().await;
-    let (backend_side, mut backend) = pair().await;
-    let relay = tokio::spawn(async move {
-        relay::relay(client_side, backend_side, b"", b"", Duration::from_secs(60)).await
-    });
-    let total = mib * 1024 * 1024;
-    let cpu0 = cpu_seconds();
-    let start = Instant::now();
-    let writer = tokio::spawn(async move {
+/// What sits between the load generator and the sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// No relay: the baseline that is subtracted.
+    Direct,
+    PlainCopy,
+    PlainSplice,
+    /// A TLS client leg (TLS 1.3, AES-128-GCM) through the engine `auto` picks here.
+    Tls,
+}
+
+struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+fn tls() -> Tls {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
+    let provider = Arc::new(provider);
+    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .unwrap();
+    server.enable_secret_extraction = true;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Tls {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+    }
+}
+
+async fn pump<W: AsyncWrite + Unpin, R: AsyncRead + Unpin>(mut from: W, mut to: R, total: usize) {
+    let writer = async move {
         let buf = vec![0x5au8; CHUNK];
         let mut sent = 0;
         while sent < total {
-            client.write_all(&buf).await.unwrap();
+            from.write_all(&buf).await.unwrap();
             sent += CHUNK;
         }
-        client.shutdown().await.unwrap();
-        client
-    });
-    let mut buf = vec![0u8; CHUNK];
-    let mut got = 0;
-    loop {
-        let n = backend.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
+        from.shutdown().await.unwrap();
+        from
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; CHUNK];
+        let mut got = 0;
+        loop {
+            let n = to.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
         }
-        got += n;
+        assert_eq!(got, total);
+        to
+    };
+    let (_from, _to) = tokio::join!(writer, reader);
+}
+
+/// Sends `total` bytes client -> backend through `path`; returns the engine used.
+async fn transfer(path: Path, total: usize, tls: &Tls) -> Option<Engine> {
+    let (client, client_side) = pair().await;
+    if path == Path::Direct {
+        pump(client, client_side, total).await;
+        return None;
     }
-    let elapsed = start.elapsed();
-    let cpu = cpu_seconds() - cpu0;
-    assert_eq!(got, total);
-    drop(backend);
-    let _ = writer.await;
-    let _ = relay.await;
-    (elapsed, cpu)
+    let (backend_side, backend) = pair().await;
+    let mode = if path == Path::PlainCopy { RelayMode::Copy } else { RelayMode::Auto };
+    let engines = Engines::detect(mode, IDLE, Arc::new(Metrics::default()));
+    if path == Path::Tls {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            tls.connector.connect(name, client),
+            tls.acceptor.accept(Prefixed::new(client_side, BytesMut::new()))
+        );
+        let server = server.unwrap();
+        let relay = tokio::spawn(async move {
+            let mut engine = None;
+            relay::run(server, backend_side, Pending::default(), &engines, "bench", &mut engine).await
+        });
+        let mut client = client.unwrap();
+        pump(&mut client, backend, total).await;
+        drop(client);
+        return relay.await.ok().map(|r| r.engine);
+    }
+    let relay = tokio::spawn(async move {
+        let mut engine = None;
+        relay::run(client_side, backend_side, Pending::default(), &engines, "bench", &mut engine).await
+    });
+    pump(client, backend, total).await;
+    relay.await.ok().map(|r| r.engine)
+}
+
+fn runtime() -> Runtime {
+    // One thread: the figure is the relay's cost, comparable with one-worker peers.
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn throughput(c: &mut Criterion, rt: &Runtime, tls: &Tls) {
+    let mut group = c.benchmark_group("relay");
+    group.throughput(Throughput::Bytes(PER_ITER as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(3));
+    for (name, path) in [
+        ("direct (no relay)", Path::Direct),
+        ("plain/copy", Path::PlainCopy),
+        ("plain/splice", Path::PlainSplice),
+        ("tls/auto", Path::Tls),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                rt.block_on(transfer(path, PER_ITER * iters as usize, tls));
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn cpu_per_gib(rt: &Runtime, tls: &Tls, mib: usize) {
+    let total = mib << 20;
+    let gib = mib as f64 / 1024.0;
+    let measure = |path| {
+        let cpu0 = cpu_seconds();
+        let start = Instant::now();
+        let engine = rt.block_on(transfer(path, total, tls));
+        (cpu_seconds() - cpu0, start.elapsed(), engine)
+    };
+    let (base, base_time, _) = measure(Path::Direct);
+    println!("\nCPU per GiB, one stream of {mib} MiB client -> backend, one thread");
+    println!(
+        "  direct socket->socket (baseline, subtracted below): {:.3} CPU s/GiB, {:.0} MiB/s",
+        base / gib,
+        mib as f64 / base_time.as_secs_f64()
+    );
+    let mut figures = Vec::new();
+    for (name, path) in
+        [("plain/copy", Path::PlainCopy), ("plain/splice", Path::PlainSplice), ("tls", Path::Tls)]
+    {
+        let (cpu, time, engine) = measure(path);
+        let own = (cpu - base).max(0.0) / gib;
+        figures.push((name, own));
+        println!(
+            "  {name:<13} engine {:<6} {:.3} CPU s/GiB relay's own ({:.3} total), {:.0} MiB/s",
+            engine.map_or("-".to_owned(), |e| e.to_string()),
+            own,
+            cpu / gib,
+            mib as f64 / time.as_secs_f64()
+        );
+    }
+    if let (Some(copy), Some(splice)) = (figures.first(), figures.get(1)) {
+        if splice.1 > 0.0 {
+            println!("  splice is {:.2}x cheaper in CPU than copy for cleartext legs", copy.1 / splice.1);
+        }
+    }
+    let probe = Engines::detect(RelayMode::Auto, IDLE, Arc::new(Metrics::default()));
+    if let KtlsSupport::Unavailable(why) = probe.ktls() {
+        println!("  ktls: NOT MEASURED, the engine could not run on this machine: {why}");
+    }
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --all-targets` runs this as a quick smoke test.
-    let benching = std::env::args().any(|a| a == "--bench");
-    let mib: usize =
-        std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(if benching { 1024 } else { 8 });
-    // One worker thread: the figure is the relay's cost, comparable with one-worker peers.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (elapsed, cpu) = rt.block_on(one_direction(mib));
-    let gib = mib as f64 / 1024.0;
-    println!(
-        "relay copy engine, plain TCP both legs, one direction: {mib} MiB in {:.2} s = {:.0} MiB/s; \
-         process CPU {:.2} s = {:.2} CPU s/GiB (includes the load generator's own socket work)",
-        elapsed.as_secs_f64(),
-        mib as f64 / elapsed.as_secs_f64(),
-        cpu,
-        cpu / gib
-    );
+    let mib = std::env::var("RELAY_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = runtime();
+    let tls = tls();
+    let mut c = Criterion::default().configure_from_args();
+    throughput(&mut c, &rt, &tls);
+    c.final_summary();
+    // `cargo test --all-targets` runs this binary without `--bench` (criterion's test mode,
+    // every benchmark once): the GiB-sized CPU measurement is for `cargo bench` only.
+    if std::env::args().any(|a| a == "--bench") {
+        cpu_per_gib(&rt, &tls, mib);
+    }
 }

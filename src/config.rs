@@ -56,6 +56,8 @@ pub struct Config {
     pub log_level: String,
     /// The admin endpoint (/metrics, /healthz); off when `None`.
     pub admin: Option<AdminConfig>,
+    /// Which relay engines may be used after negotiation.
+    pub relay: RelayMode,
     pub listeners: Vec<ListenerConfig>,
 }
 
@@ -63,6 +65,15 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+}
+
+/// `relay = "auto" | "copy"`: `auto` uses splice and kernel TLS where the connection and
+/// kernel allow (falling back to copy), `copy` always relays in user space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    #[default]
+    Auto,
+    Copy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -239,6 +250,7 @@ struct RawConfig {
     log_format: LogFormat,
     log_level: Option<Spanned<String>>,
     admin: Option<RawAdmin>,
+    relay: Option<Spanned<String>>,
     listeners: Spanned<Vec<Spanned<RawListener>>>,
 }
 
@@ -371,6 +383,7 @@ impl Validator<'_> {
         let tls = self.tls(raw.tls)?;
         let timeouts = self.timeouts(&raw.timeouts)?;
         let limits = self.limits(&raw.limits)?;
+        let relay = self.relay(raw.relay.as_ref())?;
         let listeners = self.listeners(raw.listeners)?;
         let log_level = self.log_level(raw.log_level.as_ref())?;
         let admin = raw.admin.as_ref().map(|a| self.admin(a)).transpose()?;
@@ -383,6 +396,7 @@ impl Validator<'_> {
             log_format: raw.log_format,
             log_level,
             admin,
+            relay,
             listeners,
         })
     }
@@ -408,6 +422,18 @@ impl Validator<'_> {
             )
         })?;
         Ok(AdminConfig { listen })
+    }
+
+    fn relay(&self, raw: Option<&Spanned<String>>) -> Result<RelayMode, ConfigError> {
+        match raw.map(|r| (r.get_ref().as_str(), r.span())) {
+            None | Some(("auto", _)) => Ok(RelayMode::Auto),
+            Some(("copy", _)) => Ok(RelayMode::Copy),
+            Some((other, span)) => Err(self.invalid(
+                "relay",
+                span,
+                format!("{other:?} is not a relay mode; use \"auto\" or \"copy\""),
+            )),
+        }
     }
 
     fn hostname(&self, raw: &Spanned<String>) -> Result<String, ConfigError> {
@@ -967,6 +993,15 @@ backend = "127.0.0.1:2525"
         assert!(c.listeners[1].xclient);
         let e = error_of(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nxclient = true"));
         assert!(e.contains(":17: listeners[0].xclient") && e.contains("only an smtp listener"), "{e}");
+    }
+
+    #[test]
+    fn relay_mode_defaults_to_auto_and_bad_values_name_key_and_line() {
+        assert_eq!(parse_text(GOOD).expect("valid").relay, RelayMode::Auto);
+        let copy = GOOD.replacen("hostname", "relay = \"copy\"\nhostname", 1);
+        assert_eq!(parse_text(&copy).expect("valid").relay, RelayMode::Copy);
+        let e = error_of(&GOOD.replacen("hostname", "relay = \"splice\"\nhostname", 1));
+        assert!(e.contains(":2: relay: \"splice\" is not a relay mode"), "{e}");
     }
 
     #[test]

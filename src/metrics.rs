@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::relay::Engine;
 use crate::tls::LoadedCert;
 
 /// A process-wide count, readable without going through the text format.
@@ -133,6 +134,10 @@ pub struct Metrics {
     pub starttls_injection_attempts: Tally,
     pub plaintext_logins_refused: Tally,
     pub backend_failures: Tally,
+    /// Sessions that reached the bulk phase, by the relay engine that served them.
+    pub relay_copy: Tally,
+    pub relay_splice: Tally,
+    pub relay_ktls: Tally,
     pub cert_reloads_ok: Tally,
     pub cert_reloads_failed: Tally,
     pub config_reloads_ok: Tally,
@@ -173,6 +178,9 @@ impl Metrics {
             starttls_injection_attempts: Tally::default(),
             plaintext_logins_refused: Tally::default(),
             backend_failures: Tally::default(),
+            relay_copy: Tally::default(),
+            relay_splice: Tally::default(),
+            relay_ktls: Tally::default(),
             cert_reloads_ok: Tally::default(),
             cert_reloads_failed: Tally::default(),
             config_reloads_ok: Tally::default(),
@@ -300,9 +308,16 @@ impl Metrics {
         }
     }
 
-    pub fn engine(&self, listener: &str, engine: &str) {
-        let labels = EngineLabels { listener: listener.to_owned(), engine: engine.to_owned() };
+    /// A session reached the bulk phase on `engine` (counted when the engine is chosen, so
+    /// a session cut off at shutdown still counts).
+    pub fn engine(&self, listener: &str, engine: Engine) {
+        let labels = EngineLabels { listener: listener.to_owned(), engine: engine.to_string() };
         self.engines.get_or_create(&labels).inc();
+        match engine {
+            Engine::Copy => self.relay_copy.bump(),
+            Engine::Splice => self.relay_splice.bump(),
+            Engine::Ktls => self.relay_ktls.bump(),
+        }
     }
 
     /// An inbound PROXY header: `ok`, `malformed`, `missing` or `timeout`.

@@ -22,6 +22,7 @@ use crate::limits::{Limiter, ListenerSlot};
 use crate::metrics::{Limit, Metrics};
 use crate::protocol::smtp::{Probe, ProbeStep, PROBE_QUIT};
 use crate::protocol::{self, Farewell, Protocol, Settings};
+use crate::relay;
 use crate::session::{self, ListenerContext, Shutdown};
 use crate::systemd::{self, Inherited, SystemdError};
 use crate::tls::{self, Certificates};
@@ -107,6 +108,8 @@ pub struct Server {
     config: Config,
     certificates: Arc<Certificates>,
     resumption: tls::Resumption,
+    /// The relay engines, probed once at start-up; `relay` changes need a restart.
+    engines: relay::Engines,
     metrics: Arc<Metrics>,
     limiter: Arc<Limiter>,
     listeners: Vec<Listener>,
@@ -127,10 +130,13 @@ impl Server {
         let certificates = Arc::new(Certificates::load(&config, metrics.clone())?);
         let resumption = tls::Resumption::new(&config.tls)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&config, certificates.store(), &resumption)?);
+        let engines = relay::Engines::detect(config.relay, config.timeouts.idle, metrics.clone());
+        tracing::info!("{}", engines.describe());
         let mut listeners = Vec::new();
         for lc in &config.listeners {
             let extensions = Arc::new(Mutex::new(Arc::from(Vec::new())));
-            let ctx = listener_context(&config, lc, acceptor.clone(), metrics.clone(), extensions);
+            let ctx =
+                listener_context(&config, lc, acceptor.clone(), metrics.clone(), extensions, engines.clone());
             let sockets = sockets_for(lc, inherited.take(&lc.name))?;
             listeners.push(Listener {
                 config: lc.clone(),
@@ -146,7 +152,7 @@ impl Server {
         }
         let limiter = Limiter::new(config.limits);
         let health = Arc::new(Health::default());
-        Ok(Server { config, certificates, resumption, metrics, limiter, listeners, admin, health })
+        Ok(Server { config, certificates, resumption, engines, metrics, limiter, listeners, admin, health })
     }
 
     /// The addresses actually bound (useful with port 0), per listener name.
@@ -314,6 +320,7 @@ impl Server {
                 acceptor.clone(),
                 self.metrics.clone(),
                 old.backend_extensions.clone(),
+                self.engines.clone(),
             );
             if ctx.backend != old.backend {
                 l.reprobe.notify_one();
@@ -352,6 +359,9 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         if !old.listeners.iter().any(|l| l.name == n.name) {
             out.push(format!("adding listener {:?}", n.name));
         }
+    }
+    if old.relay != new.relay {
+        out.push("a new relay mode".to_owned());
     }
     if old.admin != new.admin {
         out.push("a new admin.listen".to_owned());
@@ -415,6 +425,7 @@ fn listener_context(
     acceptor: TlsAcceptor,
     metrics: Arc<Metrics>,
     backend_extensions: Arc<Mutex<Arc<[String]>>>,
+    engines: relay::Engines,
 ) -> ListenerContext {
     let settings = Settings {
         hostname: config.hostname.clone(),
@@ -446,6 +457,7 @@ fn listener_context(
         metrics,
         max_connections: lc.max_connections,
         accept_proxy_protocol: lc.accept_proxy_protocol.clone(),
+        engines,
     }
 }
 

@@ -22,7 +22,7 @@ use crate::config::{ProxyProtocol, Timeouts, TlsMode};
 use crate::inbound::Ends;
 use crate::metrics::{Handshake, Metrics};
 use crate::protocol::{self, Entry, Farewell, Negotiation, Next, PreTlsStep, Protocol, Settings, Step};
-use crate::relay::{self, Ending, Engine};
+use crate::relay::{self, ClientLeg, Ending, Engine};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::TlsFacts;
 
@@ -51,6 +51,8 @@ pub struct ListenerContext {
     pub max_connections: Option<u32>,
     /// Sources that must open with an inbound PROXY header.
     pub accept_proxy_protocol: Vec<ipnet::IpNet>,
+    /// The relay engines this process may use (probed once at start-up).
+    pub engines: relay::Engines,
 }
 
 impl ListenerContext {
@@ -344,7 +346,7 @@ async fn handshake(
 // ---- phases 3-5: backend, negotiation, relay ---------------------------------------------
 
 #[allow(clippy::too_many_arguments)]
-async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
+async fn after_handshake<C: ClientLeg>(
     mut client: C,
     mut client_buf: BytesMut,
     peer: Peer,
@@ -400,9 +402,8 @@ async fn after_handshake<C: AsyncRead + AsyncWrite + Unpin>(
         }
         Next::Negotiate | Next::Relay => {}
     }
-    let report = relay::relay(client, backend, &client_buf, &backend_buf, ctx.timeouts.idle).await;
-    record.engine = Some(report.engine);
-    ctx.metrics.engine(&ctx.name, &report.engine.to_string());
+    let pending = relay::Pending::from_buffers(client_buf, backend_buf);
+    let report = relay::run(client, backend, pending, &ctx.engines, &ctx.name, &mut record.engine).await;
     record.to_backend += report.totals.client_to_backend;
     record.to_client += report.totals.backend_to_client;
     Outcome::Relayed(report.ending)

@@ -34,7 +34,9 @@ cargo clippy --all-targets -- -D warnings
 # The interop tests start Postfix and Dovecot from private directories, which takes root
 # and the packages above; they are #[ignore]d so that plain `cargo test` works anywhere.
 if [ "$(id -u)" = 0 ] && [ ${#missing[@]} -eq 0 ]; then
-  cargo test --all-targets -- --include-ignored
+  # Criterion's bench binaries take no libtest flags; `cargo test` runs them once, quickly.
+  cargo test --benches
+  cargo test --lib --bins --tests --examples -- --include-ignored
 else
   echo "tests/run.sh: NOT running the interop tests (they need root and: ${packages[*]})" >&2
   cargo test --all-targets

@@ -248,6 +248,10 @@ pub fn server_config(
         server.ticketer = ticketer.clone();
     }
     server.alpn_protocols = tls.alpn.clone();
+    // The ktls relay engine hands the session keys to the kernel after negotiation; rustls
+    // refuses to give them out unless asked for here. TLS 1.3 tickets are still sent
+    // during the handshake (rustls' default), so none is due after the switch.
+    server.enable_secret_extraction = true;
     Ok(Arc::new(server))
 }
 

@@ -1,6 +1,9 @@
 //! A stream that yields some already-read bytes before the socket's own. After STARTTLS,
 //! whatever the client sent behind the command is fed to rustls this way: a pipelining
 //! client's ClientHello then just works, and injected plaintext fails the handshake.
+//!
+//! It also follows the TLS record framing of what it hands up, so the relay can tell
+//! whether rustls holds part of a record before it moves the session to kernel TLS.
 
 use std::io;
 use std::pin::Pin;
@@ -14,11 +17,61 @@ pub struct Prefixed<S> {
     prefix: BytesMut,
     inner: S,
     first: Option<u8>,
+    records: Records,
+}
+
+/// Where the bytes handed up so far stand in the TLS record framing (5-byte header with
+/// a 16-bit length, then the body). Costs one step per record, not per byte.
+#[derive(Debug, Default)]
+struct Records {
+    header: [u8; 5],
+    header_len: usize,
+    body_left: usize,
+}
+
+impl Records {
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+            self.header_len += n;
+            bytes = &bytes[n..];
+            if self.header_len == 5 {
+                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.header_len = 0;
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0
+    }
 }
 
 impl<S> Prefixed<S> {
     pub fn new(inner: S, prefix: BytesMut) -> Self {
-        Prefixed { first: prefix.first().copied(), prefix, inner }
+        Prefixed { first: prefix.first().copied(), prefix, inner, records: Records::default() }
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Prefix bytes not yet handed up.
+    pub fn unread_prefix(&self) -> usize {
+        self.prefix.len()
+    }
+
+    /// Whether everything handed up so far ends exactly at a TLS record boundary, i.e. the
+    /// reader (rustls) holds no partial record.
+    pub fn at_record_boundary(&self) -> bool {
+        self.records.at_boundary()
     }
 
     pub fn get_ref(&self) -> &S {
@@ -41,14 +94,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
+            let this = &mut *self;
+            this.records.advance(&this.prefix[..n]);
+            this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.first.is_none() && buf.filled().len() > before {
-            self.first = Some(buf.filled()[before]);
+        let fresh = &buf.filled()[before..];
+        if self.first.is_none() && !fresh.is_empty() {
+            self.first = Some(fresh[0]);
         }
+        self.records.advance(fresh);
         polled
     }
 }
@@ -87,5 +144,18 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
+    }
+
+    #[test]
+    fn record_framing_is_followed_across_reads() {
+        let mut r = Records::default();
+        assert!(r.at_boundary());
+        // A 3-byte record split inside its header, then a whole empty record.
+        r.advance(&[0x17, 0x03]);
+        assert!(!r.at_boundary());
+        r.advance(&[0x03, 0x00, 0x03, b'a']);
+        assert!(!r.at_boundary());
+        r.advance(&[b'b', b'c', 0x17, 0x03, 0x03, 0x00, 0x00]);
+        assert!(r.at_boundary());
     }
 }

@@ -1,0 +1,424 @@
+//! The relay engines over real loopback sockets: 64 MiB each way, checked byte for byte,
+//! with half-close in both orders; the fallbacks to copy under forced failures; and the
+//! engine of each session visible in the log line and the counters, end to end.
+
+mod common;
+
+use common::*;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mailtls::config::RelayMode;
+use mailtls::metrics::Metrics;
+use mailtls::relay::{self, Ending, Engine, Engines, Faults, KtlsSupport, Pending, Report};
+use mailtls::tls::prefixed::Prefixed;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MIB: usize = 1 << 20;
+const BULK: usize = 64 * MIB;
+const IDLE: Duration = Duration::from_secs(60);
+/// However slow the build, a bulk exchange must end within this.
+const BULK_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Length of the pattern's period: prime, so no read or write size lines up with it and
+/// a dropped, repeated or reordered chunk shows up as a mismatch.
+const PERIOD: usize = 1_048_573;
+
+/// Pseudo-random bytes (xorshift64*), computed once; the stream with seed `s` is this
+/// block repeated, starting at offset `s * 7919`.
+fn block() -> &'static [u8] {
+    static BLOCK: OnceLock<Vec<u8>> = OnceLock::new();
+    BLOCK.get_or_init(|| {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut out = Vec::with_capacity(PERIOD + 8);
+        while out.len() < PERIOD {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        out.truncate(PERIOD);
+        out
+    })
+}
+
+/// The `len` bytes of stream `seed` starting at `offset`, in at most two slices.
+fn expected(seed: u64, offset: usize, len: usize) -> (&'static [u8], &'static [u8]) {
+    let b = block();
+    let start = (offset + seed as usize * 7919) % PERIOD;
+    let first = len.min(PERIOD - start);
+    (&b[start..start + first], &b[..len - first])
+}
+
+async fn send_and_close<S: AsyncWrite + Unpin>(s: &mut S, seed: u64, len: usize) {
+    let mut sent = 0;
+    while sent < len {
+        let (a, _) = expected(seed, sent, (len - sent).min(256 * 1024));
+        s.write_all(a).await.expect("send");
+        sent += a.len();
+    }
+    s.flush().await.expect("flush");
+    s.shutdown().await.expect("half-close");
+}
+
+/// Reads to end of stream and checks it is exactly `len` bytes of stream `seed`.
+async fn receive_and_check<S: AsyncRead + Unpin>(s: &mut S, seed: u64, len: usize) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    loop {
+        let n = s.read(&mut buf).await.expect("receive");
+        if n == 0 {
+            break;
+        }
+        assert!(got + n <= len, "more bytes than were sent");
+        let (a, b) = expected(seed, got, n);
+        assert!(buf[..a.len()] == *a && buf[a.len()..n] == *b, "corrupted bytes near offset {got}");
+        got += n;
+    }
+    assert_eq!(got, len, "stream ended early");
+}
+
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (b, _) = l.accept().await.unwrap();
+    a.set_nodelay(true).unwrap();
+    b.set_nodelay(true).unwrap();
+    (a, b)
+}
+
+/// Which side half-closes first.
+#[derive(Clone, Copy, Debug)]
+enum First {
+    Client,
+    Backend,
+}
+
+/// Sends `BULK` bytes from the first side and closes its write side; the other side reads
+/// all of it and sees end of stream while its own write side is still open, then sends
+/// `BULK` bytes back and closes. Both directions are checked byte for byte.
+async fn exchange<C, B>(client: &mut C, backend: &mut B, first: First)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let run = async {
+        match first {
+            First::Client => {
+                tokio::join!(send_and_close(client, 1, BULK), receive_and_check(backend, 1, BULK));
+                tokio::join!(send_and_close(backend, 2, BULK), receive_and_check(client, 2, BULK));
+            }
+            First::Backend => {
+                tokio::join!(send_and_close(backend, 3, BULK), receive_and_check(client, 3, BULK));
+                tokio::join!(send_and_close(client, 4, BULK), receive_and_check(backend, 4, BULK));
+            }
+        }
+    };
+    tokio::time::timeout(BULK_PATIENCE, run).await.expect("bulk exchange finished in time");
+}
+
+fn engines(mode: RelayMode, faults: Faults) -> Engines {
+    Engines::detect(mode, IDLE, Arc::new(Metrics::default())).with_faults(faults)
+}
+
+/// Relays a cleartext client leg with `engines` and checks both directions both ways round.
+async fn plain_session(engines: &Engines, first: First) -> Report {
+    let (mut client_app, client_side) = tcp_pair().await;
+    let (backend_side, mut backend_app) = tcp_pair().await;
+    let engines = engines.clone();
+    let relay = tokio::spawn(async move {
+        let mut engine = None;
+        relay::run(client_side, backend_side, Pending::default(), &engines, "test", &mut engine).await
+    });
+    exchange(&mut client_app, &mut backend_app, first).await;
+    relay.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_relays_64_mib_each_way_with_half_close_both_orders() {
+    let copy = engines(RelayMode::Copy, Faults::default());
+    for first in [First::Client, First::Backend] {
+        let report = plain_session(&copy, first).await;
+        assert_eq!(report.engine, Engine::Copy);
+        assert_eq!(report.ending, Ending::Closed, "{first:?}");
+        assert_eq!(report.totals.client_to_backend, BULK as u64);
+        assert_eq!(report.totals.backend_to_client, BULK as u64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_relays_64_mib_each_way_with_half_close_both_orders() {
+    let auto = engines(RelayMode::Auto, Faults::default());
+    for first in [First::Client, First::Backend] {
+        let report = plain_session(&auto, first).await;
+        assert_eq!(report.engine, Engine::Splice, "two cleartext TCP legs take splice");
+        assert_eq!(report.ending, Ending::Closed, "{first:?}");
+        assert_eq!(report.totals.client_to_backend, BULK as u64);
+        assert_eq!(report.totals.backend_to_client, BULK as u64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_falls_back_to_copy_when_pipes_cannot_be_had() {
+    let no_pipes = engines(RelayMode::Auto, Faults { no_pipes: true, ..Faults::default() });
+    let report = plain_session(&no_pipes, First::Client).await;
+    assert_eq!(report.engine, Engine::Copy);
+    assert_eq!(report.ending, Ending::Closed);
+    assert_eq!(report.totals.client_to_backend, BULK as u64);
+}
+
+// ---- TLS client legs -----------------------------------------------------------------
+
+struct TlsPeers {
+    acceptor: tokio_rustls::TlsAcceptor,
+    connector: tokio_rustls::TlsConnector,
+}
+
+fn tls_peers() -> TlsPeers {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .unwrap();
+    // As mailtls's own config does: the ktls engine needs the keys.
+    server.enable_secret_extraction = true;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsPeers {
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+    }
+}
+
+/// A handshaken TLS pair: the client application's end, and the proxy's end exactly as a
+/// session holds it (rustls over `Prefixed<TcpStream>`).
+async fn tls_pair(
+    peers: &TlsPeers,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, tokio_rustls::server::TlsStream<Prefixed<TcpStream>>) {
+    let (client_tcp, server_tcp) = tcp_pair().await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let (client, server) = tokio::join!(
+        peers.connector.connect(name, client_tcp),
+        peers.acceptor.accept(Prefixed::new(server_tcp, BytesMut::new()))
+    );
+    (client.unwrap(), server.unwrap())
+}
+
+/// A TLS session through `relay::run`; `early` is sent by the client and left inside
+/// rustls (decrypted, unread) before the relay starts, as a pipelining client would.
+async fn tls_session(engines: &Engines, first: First, early: &[u8]) -> Report {
+    let peers = tls_peers();
+    let (mut client_app, mut proxy_side) = tls_pair(&peers).await;
+    let (backend_side, mut backend_app) = tcp_pair().await;
+    if !early.is_empty() {
+        client_app.write_all(early).await.unwrap();
+        client_app.flush().await.unwrap();
+        // Read one byte, as the negotiation phase would read up to a line end: the rest
+        // of the record stays decrypted inside rustls and must still reach the backend.
+        let mut one = [0u8; 1];
+        proxy_side.read_exact(&mut one).await.unwrap();
+        assert_eq!(one[0], early[0]);
+    }
+    let engines = engines.clone();
+    let relay = tokio::spawn(async move {
+        let mut engine = None;
+        relay::run(proxy_side, backend_side, Pending::default(), &engines, "test", &mut engine).await
+    });
+    if early.len() > 1 {
+        let mut got = vec![0u8; early.len() - 1];
+        backend_app.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, &early[1..], "bytes rustls had already decrypted were forwarded first");
+    }
+    exchange(&mut client_app, &mut backend_app, first).await;
+    relay.await.unwrap()
+}
+
+fn ktls_available(engines: &Engines) -> Option<&str> {
+    match engines.ktls() {
+        KtlsSupport::Available(_) => None,
+        KtlsSupport::Unavailable(why) => Some(why),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_leg_relays_64_mib_each_way_with_copy_engine() {
+    let copy = engines(RelayMode::Copy, Faults::default());
+    for first in [First::Client, First::Backend] {
+        let report = tls_session(&copy, first, b"").await;
+        assert_eq!(report.engine, Engine::Copy);
+        assert_eq!(report.ending, Ending::Closed, "{first:?}");
+        assert_eq!(report.totals.client_to_backend, BULK as u64);
+        assert_eq!(report.totals.backend_to_client, BULK as u64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktls_relays_64_mib_each_way_where_the_kernel_has_tls() {
+    let auto = engines(RelayMode::Auto, Faults::default());
+    if let Some(why) = ktls_available(&auto) {
+        eprintln!("SKIPPED: the ktls engine could not run on this machine: {why}");
+        return;
+    }
+    for first in [First::Client, First::Backend] {
+        let report = tls_session(&auto, first, b"a1 NOOP\r\n").await;
+        assert_eq!(report.engine, Engine::Ktls);
+        assert_eq!(report.ending, Ending::Closed, "{first:?}");
+        assert_eq!(report.totals.backend_to_client, BULK as u64);
+    }
+}
+
+/// Set-up failure before the keys leave rustls (no pipes) must fall back to copy with
+/// nothing lost, including plaintext rustls had already decrypted. Runs on any kernel:
+/// ktls is assumed available so the set-up path really starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktls_falls_back_to_copy_when_set_up_fails() {
+    let failing = engines(RelayMode::Auto, Faults { no_pipes: true, assume_ktls: true });
+    let report = tls_session(&failing, First::Client, b"a1 NOOP\r\n").await;
+    assert_eq!(report.engine, Engine::Copy);
+    assert_eq!(report.ending, Ending::Closed);
+    assert_eq!(report.totals.client_to_backend, (BULK + 8) as u64);
+}
+
+/// Where the kernel has no TLS ULP, the real setsockopt fails and the session still
+/// completes with copy; where it has one, the same call succeeds and ktls serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktls_ulp_refusal_falls_back_to_copy() {
+    let probed = engines(RelayMode::Auto, Faults::default());
+    let expected = match ktls_available(&probed) {
+        Some(why) => {
+            eprintln!("the kernel refuses the TLS ULP here ({why}): checking the fallback to copy");
+            Engine::Copy
+        }
+        None => {
+            eprintln!("the kernel has the TLS ULP here: the forced attempt succeeds with ktls");
+            Engine::Ktls
+        }
+    };
+    let assumed = engines(RelayMode::Auto, Faults { assume_ktls: true, ..Faults::default() });
+    let report = tls_session(&assumed, First::Backend, b"a1 NOOP\r\n").await;
+    assert_eq!(report.engine, expected);
+    assert_eq!(report.ending, Ending::Closed);
+}
+
+// ---- end to end through the proxy ------------------------------------------------------
+
+/// Everything logged by this test binary (a global subscriber writing to memory).
+fn log_buffer() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogWriter(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
+        buf
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn closed_lines(log: &Arc<Mutex<Vec<u8>>>, listener: &str) -> Vec<String> {
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    text.lines()
+        .filter(|l| l.contains("connection closed") && l.contains(&format!("listener={listener} ")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_of_each_session_is_logged_and_counted() {
+    let log = log_buffer();
+    // An MX backend without AUTH: only then is a plaintext session relayed opaquely.
+    let smtp = Backend::start(Script::SmtpNoAuth).await;
+    let imap = Backend::start(Script::Imap).await;
+    let proxy = Proxy::start(&[
+        Listener::new("mx", "smtp", "starttls", smtp.addr).opportunistic(),
+        Listener::new("imaps", "imap", "implicit", imap.addr),
+    ])
+    .await;
+
+    // A plaintext MX transaction: both legs cleartext TCP, so splice. A session takes the
+    // backend's extensions known when it starts: wait for the start-up probe (SIZE in EHLO)
+    // so that the session may relay opaquely.
+    let mut probed = None;
+    for _ in 0..100 {
+        let mut c = proxy.tcp("mx").await;
+        assert!(c.smtp_reply().await[0].starts_with("220 "));
+        c.send("EHLO client.test\r\n").await;
+        if c.smtp_reply().await.iter().any(|l| l.contains("SIZE")) {
+            probed = Some(c);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut c = probed.expect("the EHLO probe never ran");
+    c.send("MAIL FROM:<echo@test>\r\n").await;
+    assert_eq!(c.line().await, "250 2.1.0 Ok\r\n");
+    let mut mx = c.into_inner();
+    mx.write_all(b"echoed through splice\r\n").await.unwrap();
+    mx.shutdown().await.unwrap();
+    let mut back = String::new();
+    mx.read_to_string(&mut back).await.unwrap();
+    assert_eq!(back, "echoed through splice\r\n");
+
+    // An IMAPS session after login: copy here, ktls where the kernel has it.
+    let mut c = proxy.tls("imaps").await;
+    assert!(c.line().await.starts_with("* OK"));
+    c.send("a LOGIN echo x\r\n").await;
+    assert!(c.line().await.starts_with("a OK"));
+    let mut imaps = c.into_inner();
+    imaps.write_all(b"echoed through the TLS engine\r\n").await.unwrap();
+    imaps.shutdown().await.unwrap();
+    let mut back = String::new();
+    imaps.read_to_string(&mut back).await.unwrap();
+    assert_eq!(back, "echoed through the TLS engine\r\n");
+
+    let probe = Engines::detect(RelayMode::Auto, IDLE, Arc::new(Metrics::default()));
+    let tls_engine = if ktls_available(&probe).is_none() { "ktls" } else { "copy" };
+    let m = proxy.metrics.clone();
+    assert!(eventually(|| Metrics::get(&m.relay_splice) == 1).await, "one splice session counted");
+    let tls_counter = if tls_engine == "ktls" { &m.relay_ktls } else { &m.relay_copy };
+    assert!(eventually(|| Metrics::get(tls_counter) == 1).await, "one {tls_engine} session counted");
+    // Waiting for the probe may have opened (and dropped) earlier sessions: the relayed
+    // one is the last mx line, and it alone reached a relay engine.
+    assert!(eventually(|| closed_lines(&log, "mx").iter().any(|l| l.contains("outcome=relayed"))).await);
+    assert!(eventually(|| closed_lines(&log, "imaps").len() == 1).await);
+    let mx_lines = closed_lines(&log, "mx");
+    let relayed: Vec<&String> = mx_lines.iter().filter(|l| !l.contains("engine=none")).collect();
+    assert_eq!(relayed.len(), 1, "{mx_lines:?}");
+    assert!(relayed[0].contains("engine=splice"), "{}", relayed[0]);
+    let imaps_line = &closed_lines(&log, "imaps")[0];
+    assert!(imaps_line.contains(&format!("engine={tls_engine}")), "{imaps_line}");
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    assert!(text.contains("relay engines:"), "the start-up line says which engines are in use");
+    proxy.stop().await;
+}
