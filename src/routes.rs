@@ -328,6 +328,13 @@ default = "10.0.0.1:143"
     }
 
     #[test]
+    fn the_example_map_parses() {
+        let r =
+            parse(Path::new("routes.example.toml"), include_str!("../config/routes.example.toml")).unwrap();
+        assert_eq!(r.route("Bob@EXAMPLE.com"), ("127.0.0.1:31143", Rule::Domain));
+    }
+
+    #[test]
     fn an_empty_map_sends_everyone_to_the_default() {
         let r = parse(Path::new("r.toml"), "default = \"mail:143\"\n").unwrap();
         assert_eq!(r.route("anyone@anywhere"), ("mail:143", Rule::Default));

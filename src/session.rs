@@ -584,7 +584,16 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
             Ok(opened) => {
                 if let Some(rule) = opened.rule {
                     ctx.metrics.routed(&ctx.name, rule.name());
-                    tracing::debug!(listener = %ctx.name, client = %peer.client, %user, backend = %opened.backend, rule = rule.name(), "routed");
+                    // A &str field, not %user: the subscriber escapes it, and a user name is
+                    // the client's bytes (a literal may hold a line break).
+                    tracing::debug!(
+                        listener = %ctx.name,
+                        client = %peer.client,
+                        user = user.as_str(),
+                        backend = %opened.backend,
+                        rule = rule.name(),
+                        "routed"
+                    );
                 }
                 self.attach(opened)
             }
