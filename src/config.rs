@@ -1,8 +1,8 @@
 //! The TOML configuration: schema, defaults, and validation whose every error names the
 //! key and the line it sits on, so an administrator can fix the file without guessing.
 //!
-//! Relative file paths (certificates) are resolved against the directory of the config
-//! file, so an example config can travel with its files.
+//! Relative file paths (certificates, routes) are resolved against the directory of the
+//! config file, so an example config can travel with its files.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -217,7 +217,10 @@ pub struct ListenerConfig {
     pub tls: TlsMode,
     pub require_tls: bool,
     pub listen: Vec<SocketAddr>,
-    pub backend: String,
+    /// The one backend; `None` on a routed listener, whose backends the routes file names.
+    pub backend: Option<String>,
+    /// IMAP/POP3 only: the routes file choosing a backend per user (see `routes.rs`).
+    pub routes: Option<RoutesConfig>,
     pub proxy_protocol: ProxyProtocol,
     /// Connections open at once on this listener; `None`: only the total bound applies.
     pub max_connections: Option<u32>,
@@ -225,6 +228,28 @@ pub struct ListenerConfig {
     pub accept_proxy_protocol: Vec<IpNet>,
     /// SMTP only: announce the client to the backend with XCLIENT (Postfix).
     pub xclient: bool,
+}
+
+/// `routes = "PATH"` of a listener: the file, and where the key sits (for load errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoutesConfig {
+    pub path: PathBuf,
+    pub origin: Origin,
+}
+
+/// Checks a backend address: `host:port`, the host a name (resolved at connect time), an
+/// IPv4 address, or an IPv6 address in brackets. The message says what is wrong.
+pub fn check_backend(text: &str) -> Result<(), String> {
+    let bad = || format!("{text:?} is not host:port");
+    let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err("an IPv6 backend goes in brackets: \"[::1]:143\"".to_owned());
+    }
+    Ok(())
 }
 
 /// A v4 client on a dual-stack socket appears as `::ffff:a.b.c.d`; rules are written in v4.
@@ -324,7 +349,8 @@ struct RawListener {
     protocol: Protocol,
     tls: TlsMode,
     listen: Spanned<Vec<Spanned<String>>>,
-    backend: Spanned<String>,
+    backend: Option<Spanned<String>>,
+    routes: Option<Spanned<String>>,
     #[serde(default)]
     proxy_protocol: ProxyProtocol,
     require_tls: Option<Spanned<bool>>,
@@ -354,7 +380,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 }
 
 /// 1-based line number of a byte offset.
-fn line_of(text: &str, offset: usize) -> usize {
+pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
@@ -695,7 +721,8 @@ impl Validator<'_> {
             ));
         }
         let listen = self.listen_addresses(&key("listen"), raw.listen, addresses)?;
-        let backend = self.backend(&key("backend"), &raw.backend)?;
+        let (backend, routes) =
+            self.backends(&key, raw.name.span(), raw.protocol, raw.backend.as_ref(), raw.routes.as_ref())?;
         let require_tls = self.require_tls(&key("require_tls"), raw.protocol, raw.tls, &raw.require_tls)?;
         if let Some(v) = raw.max_connections.as_ref().filter(|v| *v.get_ref() == 0) {
             return Err(self.invalid(key("max_connections"), v.span(), "must be at least 1"));
@@ -710,6 +737,7 @@ impl Validator<'_> {
             require_tls,
             listen,
             backend,
+            routes,
             proxy_protocol: raw.proxy_protocol,
             max_connections: raw.max_connections.map(|v| v.into_inner()),
             accept_proxy_protocol,
@@ -786,19 +814,46 @@ impl Validator<'_> {
         Ok(out)
     }
 
-    /// A backend is `host:port`; the host may be a name, resolved at connect time.
-    fn backend(&self, key: &str, raw: &Spanned<String>) -> Result<String, ConfigError> {
-        let text = raw.get_ref();
-        let bad = || self.invalid(key, raw.span(), format!("{text:?} is not host:port"));
-        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        if host.is_empty() || port == 0 {
-            return Err(bad());
+    /// Exactly one of `backend` (one server) and `routes` (a server per user, IMAP and POP3
+    /// only: SMTP has no login to route by before it needs its backend).
+    fn backends(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        entry: Range<usize>,
+        protocol: Protocol,
+        backend: Option<&Spanned<String>>,
+        routes: Option<&Spanned<String>>,
+    ) -> Result<(Option<String>, Option<RoutesConfig>), ConfigError> {
+        match (backend, routes) {
+            (Some(b), None) => {
+                let text = b.get_ref();
+                check_backend(text).map_err(|message| self.invalid(key("backend"), b.span(), message))?;
+                Ok((Some(text.clone()), None))
+            }
+            (_, Some(r)) if protocol == Protocol::Smtp => Err(self.invalid(
+                key("routes"),
+                r.span(),
+                "only imap and pop3 listeners can route per user: SMTP needs its backend before any login",
+            )),
+            (Some(_), Some(r)) => Err(self.invalid(
+                key("routes"),
+                r.span(),
+                "a routed listener takes its backends from the routes file (its `default`): remove `backend`",
+            )),
+            (None, Some(r)) => {
+                if r.get_ref().trim().is_empty() {
+                    return Err(self.invalid(key("routes"), r.span(), "needs the path of a routes file"));
+                }
+                let origin = self.origin(key("routes"), r.span());
+                Ok((None, Some(RoutesConfig { path: self.resolve(r.get_ref()), origin })))
+            }
+            // Named at the listener's `name`: a missing key has no line of its own.
+            (None, None) => Err(self.invalid(
+                key("backend"),
+                entry,
+                "missing: every listener needs `backend = \"host:port\"` (or, imap and pop3, `routes`)",
+            )),
         }
-        if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
-            return Err(self.invalid(key, raw.span(), "an IPv6 backend goes in brackets: \"[::1]:143\""));
-        }
-        Ok(text.clone())
     }
 
     fn require_tls(
@@ -1005,8 +1060,30 @@ backend = "127.0.0.1:2525"
     }
 
     #[test]
+    fn routes_only_on_imap_and_pop3_and_never_with_backend() {
+        let routed = GOOD.replace("backend = \"127.0.0.1:143\"", "routes = \"routes/imap.toml\"");
+        let c = parse_text(&routed).expect("valid");
+        let routes = c.listeners[0].routes.as_ref().expect("routed");
+        assert_eq!(routes.path, Path::new("/etc/mailtls/routes/imap.toml"));
+        assert_eq!(routes.origin.to_string(), "/etc/mailtls/mailtls.toml:15: listeners[0].routes");
+        assert_eq!(c.listeners[0].backend, None);
+        assert_eq!(c.listeners[1].backend.as_deref(), Some("127.0.0.1:2525"));
+
+        let e = error_of(&GOOD.replace("backend = \"127.0.0.1:2525\"", "routes = \"r.toml\""));
+        assert!(e.contains(":24: listeners[1].routes: only imap and pop3"), "{e}");
+        let e =
+            error_of(&GOOD.replace("backend = \"127.0.0.1:143\"", "backend = \"h:1\"\nroutes = \"r.toml\""));
+        assert!(
+            e.contains(":16: listeners[0].routes: a routed listener") && e.contains("remove `backend`"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("backend = \"127.0.0.1:143\"", "routes = \" \""));
+        assert!(e.contains(":15: listeners[0].routes: needs the path"), "{e}");
+    }
+
+    #[test]
     fn missing_key_is_reported() {
         let e = error_of(&GOOD.replace("backend = \"127.0.0.1:143\"\n", ""));
-        assert!(e.contains("backend"), "{e}");
+        assert!(e.contains(":11: listeners[0].backend: missing"), "{e}");
     }
 }

@@ -18,7 +18,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use mailtls::config::{self, LogFormat};
 use mailtls::server::{Control, Server};
 use mailtls::systemd::Inherited;
-use mailtls::{admin, tls};
+use mailtls::{admin, routes, tls};
 
 /// A TLS front door for mail servers (SMTP, IMAP, POP3).
 #[derive(Parser, Debug)]
@@ -94,7 +94,8 @@ fn healthcheck(config: &config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--check`: everything a start would load, loaded; a report of each certificate.
+/// `--check`: everything a start would load, loaded; a report of each certificate and
+/// routes file.
 fn check(config: &config::Config) -> anyhow::Result<()> {
     let certs = tls::load_certificates(config, tls::SelfSigned::DryRun)?;
     let now = tls::load::now();
@@ -108,6 +109,17 @@ fn check(config: &config::Config) -> anyhow::Result<()> {
             cert.not_after_date,
             if cert.certified.ocsp.is_some() { "; OCSP stapled" } else { "" },
             if days < tls::EXPIRY_WARNING_DAYS { " -- WARNING: renew soon" } else { "" },
+        );
+    }
+    for l in &config.listeners {
+        let Some(r) = &l.routes else { continue };
+        let map = routes::load(&r.path).map_err(|e| anyhow::anyhow!("{}: {e}", r.origin))?;
+        let (addresses, domains) = map.size();
+        println!(
+            "routes {} (listener {}): default {}; {addresses} addresses, {domains} domains",
+            r.path.display(),
+            l.name,
+            map.default
         );
     }
     let pending = config.tls.certificates.len() - certs.len();

@@ -61,6 +61,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    listener: String,
+    rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProxyHeaderLabels {
     listener: String,
     outcome: &'static str,
@@ -122,6 +128,8 @@ pub struct Metrics {
     proxy_headers: Family<ProxyHeaderLabels, Counter>,
     cert_reloads: Family<OutcomeLabels, Counter>,
     config_reloads: Family<OutcomeLabels, Counter>,
+    route_reloads: Family<OutcomeLabels, Counter>,
+    routed: Family<RouteLabels, Counter>,
     not_after: Family<CertLabels, Gauge>,
     /// Connections accepted, every listener (refused ones included).
     pub connections_accepted: Tally,
@@ -142,6 +150,8 @@ pub struct Metrics {
     pub cert_reloads_failed: Tally,
     pub config_reloads_ok: Tally,
     pub config_reloads_failed: Tally,
+    pub route_reloads_ok: Tally,
+    pub route_reloads_failed: Tally,
     /// The soonest notAfter (Unix seconds) of the certificates in service; 0 before any.
     pub soonest_not_after: AtomicI64,
 }
@@ -169,6 +179,8 @@ impl Metrics {
             proxy_headers: Family::default(),
             cert_reloads: Family::default(),
             config_reloads: Family::default(),
+            route_reloads: Family::default(),
+            routed: Family::default(),
             not_after: Family::default(),
             connections_accepted: Tally::default(),
             connections_open: AtomicI64::new(0),
@@ -185,6 +197,8 @@ impl Metrics {
             cert_reloads_failed: Tally::default(),
             config_reloads_ok: Tally::default(),
             config_reloads_failed: Tally::default(),
+            route_reloads_ok: Tally::default(),
+            route_reloads_failed: Tally::default(),
             soonest_not_after: AtomicI64::new(0),
         };
         m.register();
@@ -219,6 +233,12 @@ impl Metrics {
         r.register("proxy_headers", "Inbound PROXY headers by outcome", self.proxy_headers.clone());
         r.register("certificate_reloads", "Certificate reloads by outcome", self.cert_reloads.clone());
         r.register("config_reloads", "Configuration reloads by outcome", self.config_reloads.clone());
+        r.register("route_reloads", "Routes file reloads by outcome", self.route_reloads.clone());
+        r.register(
+            "routed_logins",
+            "Logins routed to a backend, by the map rule that chose it",
+            self.routed.clone(),
+        );
         r.register(
             "certificate_not_after_seconds",
             "notAfter of each certificate in service (Unix time)",
@@ -342,6 +362,20 @@ impl Metrics {
             self.config_reloads_failed.bump();
         }
         self.config_reloads.get_or_create(&OutcomeLabels { outcome: outcome(ok) }).inc();
+    }
+
+    pub fn route_reload(&self, ok: bool) {
+        if ok {
+            self.route_reloads_ok.bump();
+        } else {
+            self.route_reloads_failed.bump();
+        }
+        self.route_reloads.get_or_create(&OutcomeLabels { outcome: outcome(ok) }).inc();
+    }
+
+    /// A login routed by the rule `rule` ("address", "domain", "default").
+    pub fn routed(&self, listener: &str, rule: &'static str) {
+        self.routed.get_or_create(&RouteLabels { listener: listener.to_owned(), rule }).inc();
     }
 
     /// Replaces the per-certificate expiry gauges with the set now in service.

@@ -16,18 +16,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Health};
 use crate::backend;
-use crate::config::{self, Config, ConfigError, ListenerConfig, TlsMode};
+use crate::config::{self, Config, ConfigError, ListenerConfig, Origin, TlsMode};
 use crate::inbound::{self, Ends};
 use crate::limits::{Limiter, ListenerSlot};
 use crate::metrics::{Limit, Metrics};
-use crate::protocol::smtp::{Probe, ProbeStep, PROBE_QUIT};
-use crate::protocol::{self, Farewell, Protocol, Settings};
+use crate::protocol::{self, Farewell, ProbeStep, Protocol, Settings};
 use crate::relay;
+use crate::routes::{self, RouteTable, RoutesError};
 use crate::session::{self, ListenerContext, Shutdown};
 use crate::systemd::{self, Inherited, SystemdError};
 use crate::tls::{self, Certificates};
 
-/// How often an opportunistic SMTP listener re-learns its backend's EHLO extensions.
+/// How often a listener re-learns what its backend offers (the EHLO extensions of an
+/// opportunistic SMTP listener's backend, the capabilities of a routed listener's default).
 const PROBE_EVERY: Duration = Duration::from_secs(60);
 /// How soon to retry a probe that failed (backend down at start-up, say).
 const PROBE_RETRY: Duration = Duration::from_secs(5);
@@ -58,6 +59,8 @@ pub enum StartError {
     Unclaimed { names: Vec<String> },
     #[error("admin.listen: cannot listen on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("{origin}: {source}")]
+    Routes { origin: Origin, source: Box<RoutesError> },
 }
 
 /// Why a reload was refused; the running configuration stays.
@@ -67,6 +70,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("{origin}: {source}")]
+    Routes { origin: Origin, source: Box<RoutesError> },
 }
 
 /// Requests from the outside world (signals) to the running server.
@@ -85,8 +90,10 @@ struct Listener {
     config: ListenerConfig,
     current: Arc<ArcSwap<ListenerContext>>,
     sockets: Vec<TcpListener>,
-    /// Wakes the EHLO probe when a reload changed the backend.
+    /// Wakes the capability probe when a reload changed the backend.
     reprobe: Arc<Notify>,
+    /// The routes of a routed listener, reloaded in place when the file changes.
+    routes: Option<Arc<RouteTable>>,
 }
 
 /// What every accept loop shares.
@@ -135,14 +142,28 @@ impl Server {
         let mut listeners = Vec::new();
         for lc in &config.listeners {
             let extensions = Arc::new(Mutex::new(Arc::from(Vec::new())));
-            let ctx =
-                listener_context(&config, lc, acceptor.clone(), metrics.clone(), extensions, engines.clone());
+            let routes = match &lc.routes {
+                None => None,
+                Some(r) => Some(Arc::new(RouteTable::load(&r.path, metrics.clone()).map_err(|source| {
+                    StartError::Routes { origin: r.origin.clone(), source: Box::new(source) }
+                })?)),
+            };
+            let ctx = listener_context(
+                &config,
+                lc,
+                acceptor.clone(),
+                metrics.clone(),
+                extensions,
+                routes.clone(),
+                engines.clone(),
+            );
             let sockets = sockets_for(lc, inherited.take(&lc.name))?;
             listeners.push(Listener {
                 config: lc.clone(),
                 current: Arc::new(ArcSwap::from_pointee(ctx)),
                 sockets,
                 reprobe: Arc::new(Notify::new()),
+                routes,
             });
         }
         let admin = admin_socket(&config, inherited.take(systemd::ADMIN_SOCKET_NAME))?;
@@ -183,10 +204,32 @@ impl Server {
         let on_change = move || {
             certificates.reload("file change");
         };
-        match tls::watch::spawn(&self.certificates.directories(), on_change) {
+        match tls::watch::spawn(&self.certificates.directories(), "certificate", on_change) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("certificate files are not watched (reload with SIGHUP): {e}");
+                None
+            }
+        }
+    }
+
+    /// Reloads every routes file when a directory holding one changes (each map all or
+    /// nothing; a bad one is refused and the map in service stays).
+    fn watch_routes(&self) -> Option<tls::watch::Watch> {
+        let tables: Vec<Arc<RouteTable>> = self.listeners.iter().filter_map(|l| l.routes.clone()).collect();
+        if tables.is_empty() {
+            return None;
+        }
+        let dirs = crate::watch::directories(tables.iter().map(|t| t.path.as_path()));
+        let on_change = move || {
+            for table in &tables {
+                table.reload("file change");
+            }
+        };
+        match crate::watch::spawn(&dirs, "routes", on_change) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("routes files are not watched (reload with SIGHUP): {e}");
                 None
             }
         }
@@ -197,6 +240,7 @@ impl Server {
         let stop = Shutdown::default();
         let sessions = TaskTracker::new();
         let mut watch = self.watch_certificates();
+        let mut route_watch = self.watch_routes();
         let loops = self.start_listeners(&stop, &sessions);
         if let Some(socket) = self.admin.take() {
             tokio::spawn(admin::serve(
@@ -220,9 +264,11 @@ impl Server {
                 Control::Reload => {
                     systemd::reloading();
                     if self.reload_config(&status) {
-                        // The certificate files may live elsewhere now.
+                        // The certificate and routes files may live elsewhere now.
                         drop(watch.take());
                         watch = self.watch_certificates();
+                        drop(route_watch.take());
+                        route_watch = self.watch_routes();
                     }
                     systemd::ready(&status.line());
                 }
@@ -234,6 +280,7 @@ impl Server {
         systemd::stopping(&format!("stopping: draining {open} sessions"));
         tracing::info!(open, drain = ?self.config.timeouts.drain, "stopping: no new connections");
         drop(watch);
+        drop(route_watch);
         stop.graceful.cancel();
         for l in loops {
             let _ = l.await;
@@ -258,9 +305,8 @@ impl Server {
         });
         let mut loops = Vec::new();
         for l in &mut self.listeners {
-            if l.config.protocol == Protocol::Smtp && !l.config.require_tls {
-                tokio::spawn(probe_loop(l.current.clone(), l.reprobe.clone(), stop.clone()));
-            }
+            // Every listener gets one: a reload may turn routing (or opportunistic SMTP) on.
+            tokio::spawn(probe_loop(l.current.clone(), l.reprobe.clone(), stop.clone()));
             for socket in std::mem::take(&mut l.sockets) {
                 if let Ok(addr) = socket.local_addr() {
                     tracing::info!(listener = %l.config.name, %addr, protocol = l.config.protocol.name(), "listening");
@@ -298,14 +344,36 @@ impl Server {
             .inspect_err(|_| self.certificates.refused())?;
         let resumption = self.resumption.for_config(&new.tls)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&new, self.certificates.store(), &resumption)?);
+        let mut maps = Vec::new();
+        for l in &self.listeners {
+            let Some(lc) = new.listeners.iter().find(|n| n.name == l.config.name) else { continue };
+            let Some(r) = &lc.routes else { continue };
+            let map = routes::load(&r.path).map_err(|source| {
+                self.metrics.route_reload(false);
+                ReloadError::Routes { origin: r.origin.clone(), source: Box::new(source) }
+            })?;
+            maps.push((l.config.name.clone(), r.path.clone(), map));
+        }
         for change in restart_needed(&self.config, &new) {
             tracing::warn!("configuration reload: {change} needs a restart; ignored until then");
         }
         self.certificates.adopt(&new, certs);
         self.resumption = resumption;
         self.limiter.set_limits(new.limits);
-        for l in &self.listeners {
+        for l in &mut self.listeners {
             let Some(lc) = new.listeners.iter().find(|n| n.name == l.config.name) else { continue };
+            let map = maps.iter().position(|(name, ..)| *name == l.config.name).map(|i| maps.swap_remove(i));
+            l.routes = match (map, l.routes.take()) {
+                (None, _) => None,
+                // The same file: the table in service takes the new map, watchers and all.
+                (Some((_, path, map)), Some(table)) if table.path == path => {
+                    table.adopt(map, "SIGHUP");
+                    Some(table)
+                }
+                (Some((_, path, map)), _) => {
+                    Some(Arc::new(RouteTable::with(&path, map, self.metrics.clone())))
+                }
+            };
             let old = l.current.load();
             let effective = ListenerConfig {
                 listen: l.config.listen.clone(),
@@ -320,9 +388,12 @@ impl Server {
                 acceptor.clone(),
                 self.metrics.clone(),
                 old.backend_extensions.clone(),
+                l.routes.clone(),
                 self.engines.clone(),
             );
-            if ctx.backend != old.backend {
+            if ctx.choose_backend(None).0 != old.choose_backend(None).0
+                || ctx.routes.is_some() != old.routes.is_some()
+            {
                 l.reprobe.notify_one();
             }
             l.current.store(Arc::new(ctx));
@@ -425,6 +496,7 @@ fn listener_context(
     acceptor: TlsAcceptor,
     metrics: Arc<Metrics>,
     backend_extensions: Arc<Mutex<Arc<[String]>>>,
+    routes: Option<Arc<RouteTable>>,
     engines: relay::Engines,
 ) -> ListenerContext {
     let settings = Settings {
@@ -449,7 +521,8 @@ fn listener_context(
         protocol: lc.protocol,
         tls_mode: lc.tls,
         proxy_protocol: lc.proxy_protocol,
-        backend: lc.backend.clone(),
+        backend: lc.backend.clone().unwrap_or_default(),
+        routes,
         settings,
         backend_extensions,
         acceptor,
@@ -661,52 +734,78 @@ async fn say_and_close<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, words: &
     let _ = stream.shutdown().await;
 }
 
-/// Keeps an opportunistic listener's view of the backend's EHLO extensions current, so the
-/// pre-TLS EHLO reply shows what the backend really offers rather than a static list.
+/// Keeps a listener's view of what its backend offers current, so mailtls's own answers show
+/// what the backend really has rather than a static list: the EHLO extensions for the
+/// pre-TLS EHLO reply of an opportunistic SMTP listener, the default backend's capabilities
+/// for a routed IMAP/POP3 listener's answers before login. Other listeners learn nothing
+/// and wait for a reload that might change that.
 async fn probe_loop(current: Arc<ArcSwap<ListenerContext>>, reprobe: Arc<Notify>, stop: Shutdown) {
     loop {
         let ctx = current.load_full();
-        let wait = match probe_once(&ctx).await {
-            Ok(extensions) => {
-                tracing::debug!(listener = %ctx.name, ?extensions, "learned backend EHLO extensions");
-                if let Ok(mut learned) = ctx.backend_extensions.lock() {
-                    *learned = Arc::from(extensions);
-                }
-                PROBE_EVERY
+        let learns = match ctx.protocol {
+            Protocol::Smtp => !ctx.settings.require_tls,
+            Protocol::Imap | Protocol::Pop3 => ctx.routes.is_some(),
+        };
+        let wait = if learns { Some(learn(&ctx).await) } else { None };
+        let default_changed = async {
+            match &ctx.routes {
+                Some(routes) => routes.default_changed.notified().await,
+                None => std::future::pending().await,
             }
-            Err(reason) => {
-                tracing::warn!(listener = %ctx.name, backend = %ctx.backend, "EHLO probe failed: {reason}");
-                PROBE_RETRY
+        };
+        let timer = async {
+            match wait {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending().await,
             }
         };
         tokio::select! {
-            () = tokio::time::sleep(wait) => {}
+            () = timer => {}
             () = reprobe.notified() => {}
+            () = default_changed => {}
             () = stop.graceful.cancelled() => return,
         }
     }
 }
 
-async fn probe_once(ctx: &ListenerContext) -> Result<Vec<String>, String> {
+/// One probe; returns how long to wait before the next.
+async fn learn(ctx: &ListenerContext) -> Duration {
+    let (backend, _) = ctx.choose_backend(None);
+    match probe_once(ctx, &backend).await {
+        Ok(learned) => {
+            tracing::debug!(listener = %ctx.name, %backend, ?learned, "learned what the backend offers");
+            if let Ok(mut slot) = ctx.backend_extensions.lock() {
+                *slot = Arc::from(learned);
+            }
+            PROBE_EVERY
+        }
+        Err(reason) => {
+            tracing::warn!(listener = %ctx.name, %backend, "capability probe failed: {reason}");
+            PROBE_RETRY
+        }
+    }
+}
+
+async fn probe_once(ctx: &ListenerContext, backend: &str) -> Result<Vec<String>, String> {
     let timeout = ctx.timeouts.backend_connect;
     let mut stream =
-        backend::connect_local(&ctx.backend, ctx.proxy_protocol, timeout).await.map_err(|e| e.to_string())?;
-    let mut probe = Probe::new(&ctx.settings.hostname);
+        backend::connect_local(backend, ctx.proxy_protocol, timeout).await.map_err(|e| e.to_string())?;
+    let mut probe = protocol::probe(ctx.protocol, &ctx.settings);
     let mut buf = BytesMut::with_capacity(4096);
     let exchange = async {
         loop {
             while let Some(step) = probe.on_backend(&mut buf) {
                 match step {
                     ProbeStep::Send(bytes) => stream.write_all(&bytes).await.map_err(|e| e.to_string())?,
-                    ProbeStep::Done(extensions) => {
-                        let _ = stream.write_all(PROBE_QUIT).await;
-                        return Ok(extensions);
+                    ProbeStep::Done(learned) => {
+                        let _ = stream.write_all(probe.quit()).await;
+                        return Ok(learned);
                     }
                     ProbeStep::Failed(reason) => return Err(reason),
                 }
             }
             if buf.len() > 64 * 1024 {
-                return Err("EHLO reply too large".to_owned());
+                return Err("reply too large".to_owned());
             }
             buf.reserve(4096);
             match stream.read_buf(&mut buf).await {
@@ -716,5 +815,5 @@ async fn probe_once(ctx: &ListenerContext) -> Result<Vec<String>, String> {
             }
         }
     };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| "no EHLO reply in time".to_owned())?
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| "no reply in time".to_owned())?
 }

@@ -17,12 +17,13 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{self, Peer};
+use crate::backend::{self, BackendError, Peer};
 use crate::config::{ProxyProtocol, Timeouts, TlsMode};
 use crate::inbound::Ends;
 use crate::metrics::{Handshake, Metrics};
 use crate::protocol::{self, Entry, Farewell, Negotiation, Next, PreTlsStep, Protocol, Settings, Step};
 use crate::relay::{self, ClientLeg, Ending, Engine};
+use crate::routes::{RouteTable, Rule};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::TlsFacts;
 
@@ -39,10 +40,14 @@ pub struct ListenerContext {
     pub protocol: Protocol,
     pub tls_mode: TlsMode,
     pub proxy_protocol: ProxyProtocol,
+    /// The backend of an unrouted listener; empty on a routed one, where `routes` chooses.
     pub backend: String,
+    /// The per-user map of a routed IMAP/POP3 listener (`routes = "PATH"`).
+    pub routes: Option<Arc<RouteTable>>,
     pub settings: Settings,
-    /// SMTP extensions last learned from the backend (opportunistic listeners); shared
-    /// with the contexts that replace this one on reload, so nothing is learned twice.
+    /// What was last learned from the backend (SMTP EHLO extensions on opportunistic
+    /// listeners; the default backend's capabilities on routed ones); shared with the
+    /// contexts that replace this one on reload, so nothing is learned twice.
     pub backend_extensions: Arc<Mutex<Arc<[String]>>>,
     pub acceptor: TlsAcceptor,
     pub timeouts: Timeouts,
@@ -56,6 +61,21 @@ pub struct ListenerContext {
 }
 
 impl ListenerContext {
+    /// The backend for a client that identified itself as `user` (routed listeners; the
+    /// map in service at this moment decides), or the listener's one backend. With the rule
+    /// that chose it, for logs and metrics.
+    pub fn choose_backend(&self, user: Option<&str>) -> (String, Option<Rule>) {
+        match (&self.routes, user) {
+            (Some(routes), Some(user)) => {
+                let map = routes.current();
+                let (backend, rule) = map.route(user);
+                (backend.to_owned(), Some(rule))
+            }
+            (Some(routes), None) => (routes.current().default.clone(), Some(Rule::Default)),
+            (None, _) => (self.backend.clone(), None),
+        }
+    }
+
     fn session_settings(&self) -> Settings {
         let mut settings = self.settings.clone();
         if let Ok(ext) = self.backend_extensions.lock() {
@@ -120,6 +140,10 @@ struct Record {
     started: Instant,
     tls: Option<TlsFacts>,
     engine: Option<Engine>,
+    /// The backend last connected (routed listeners choose it per login).
+    backend: Option<String>,
+    /// The user a routed session was routed for (never any credential).
+    user: Option<String>,
     to_backend: u64,
     to_client: u64,
 }
@@ -133,6 +157,8 @@ pub async fn serve(stream: TcpStream, ends: Ends, ctx: Arc<ListenerContext>, sto
         started: Instant::now(),
         tls: None,
         engine: None,
+        backend: None,
+        user: None,
         to_backend: 0,
         to_client: 0,
     };
@@ -153,6 +179,8 @@ fn log_end(ctx: &ListenerContext, r: &Record, outcome: &Outcome) {
         tls_version = tls.map_or("none", |t| t.version),
         cipher = tls.map_or("none", |t| t.cipher.as_str()),
         engine = %r.engine.map_or("none".to_owned(), |e| e.to_string()),
+        backend = r.backend.as_deref().unwrap_or("-"),
+        user = r.user.as_deref().unwrap_or("-"),
         bytes_in = r.to_backend,
         bytes_out = r.to_client,
         duration_ms = r.started.elapsed().as_millis() as u64,
@@ -183,9 +211,11 @@ async fn run(
             Err(outcome) => return outcome,
         },
     };
-    let entry = match ctx.tls_mode {
-        TlsMode::Implicit => Entry::Implicit,
-        TlsMode::Starttls => Entry::AfterStartTls,
+    let entry = match (ctx.tls_mode, &ctx.routes) {
+        // No backend until the client says who it is; on implicit TLS mailtls greets.
+        (mode, Some(_)) => Entry::Routed { greet: mode == TlsMode::Implicit },
+        (TlsMode::Implicit, None) => Entry::Implicit,
+        (TlsMode::Starttls, None) => Entry::AfterStartTls,
     };
     let tls = match handshake(stream, prefix, ctx, record.client).await {
         Ok(tls) => tls,
@@ -363,45 +393,54 @@ async fn after_handshake<C: ClientLeg>(
         _ => ctx.timeouts.pre_auth_idle,
     };
     let mut negotiation = protocol::negotiation(ctx.protocol, settings, entry);
-    let (mut backend, mut backend_buf, greeting) = match open_backend(ctx, &peer, negotiation.as_mut()).await
-    {
-        Ok(opened) => opened,
-        Err(reason) => {
-            ctx.metrics.backend_failure(&ctx.name);
-            tracing::warn!(listener = %ctx.name, client = %peer.client, backend = %ctx.backend, "{reason}");
-            let outcome = Outcome::BackendUnavailable(reason);
-            return say_farewell(&mut client, ctx.protocol, Farewell::BackendUnavailable, outcome).await;
-        }
+    let mut link =
+        Link { client: &mut client, backend: None, backend_buf: BytesMut::new(), record: &mut *record };
+    let first = match negotiation.opening() {
+        // A routed listener: no backend until the client has identified itself.
+        Some(opening) => opening,
+        None => match open_backend(ctx, &peer, None, negotiation.as_mut()).await {
+            Ok(opened) => link.attach(opened),
+            Err(e) => {
+                note_unavailable(ctx, &peer, None, &e);
+                let outcome = Outcome::BackendUnavailable(e.1.to_string());
+                return say_farewell(link.client, ctx.protocol, Farewell::BackendUnavailable, outcome).await;
+            }
+        },
     };
-    let mut link = Link { client: &mut client, backend: &mut backend, record: &mut *record };
-    let mut next = match link.apply(greeting).await {
+    let next = match link.apply(first).await {
         Ok(next) => next,
         Err(outcome) => return outcome,
     };
-    if next == Next::Negotiate {
-        next = match link
-            .negotiate(negotiation.as_mut(), &mut client_buf, &mut backend_buf, ctx, settings, silence, stop)
-            .await
-        {
-            Ok(next) => next,
-            Err(outcome) => return outcome,
-        };
-    }
-    match next {
-        Next::Close => {
-            let _ = client.shutdown().await;
-            return Outcome::Closed;
-        }
-        Next::Unavailable => {
+    let next = match link
+        .negotiate(next, negotiation.as_mut(), &mut client_buf, ctx, &peer, settings, silence, stop)
+        .await
+    {
+        Ok(next) => next,
+        Err(outcome) => return outcome,
+    };
+    let Link { backend, backend_buf, .. } = link;
+    let backend_name = record.backend.clone().unwrap_or_default();
+    let backend = match (next, backend) {
+        (Next::Relay, Some(backend)) => backend,
+        (Next::Unavailable, _) => {
             // The client already has the protocol's "unavailable" reply (the step said so).
-            let reason = format!("backend {} refused service or broke its protocol", ctx.backend);
+            let reason = format!("backend {backend_name} refused service or broke its protocol");
             ctx.metrics.backend_failure(&ctx.name);
-            tracing::warn!(listener = %ctx.name, client = %peer.client, backend = %ctx.backend, "{reason}");
+            tracing::warn!(listener = %ctx.name, client = %peer.client, backend = %backend_name, "{reason}");
             let _ = client.shutdown().await;
             return Outcome::BackendUnavailable(reason);
         }
-        Next::Negotiate | Next::Relay => {}
-    }
+        (Next::Relay, None) => {
+            // A state machine that says relay with no backend attached is a bug; end cleanly.
+            tracing::error!(listener = %ctx.name, client = %peer.client, "negotiation ended with no backend");
+            let _ = client.shutdown().await;
+            return Outcome::Closed;
+        }
+        _ => {
+            let _ = client.shutdown().await;
+            return Outcome::Closed;
+        }
+    };
     let pending = relay::Pending::from_buffers(client_buf, backend_buf);
     let report = relay::run(client, backend, pending, &ctx.engines, &ctx.name, &mut record.engine).await;
     record.to_backend += report.totals.client_to_backend;
@@ -409,56 +448,118 @@ async fn after_handshake<C: ClientLeg>(
     Outcome::Relayed(report.ending)
 }
 
-/// Choose the backend, connect, send the PROXY header, consume the greeting: one unit, so
-/// it can run at whatever point a later phase decides which backend to use.
+/// Why a backend could not serve a session.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error(transparent)]
+    Connect(#[from] BackendError),
+    #[error("backend {backend} refused service in its greeting")]
+    Refused { backend: String },
+    #[error("backend {backend} sent no greeting within {after:?}")]
+    Silent { backend: String, after: Duration },
+    #[error("reading the greeting of backend {backend}: {source}")]
+    Read { backend: String, source: std::io::Error },
+    #[error("backend {backend} closed before greeting")]
+    Closed { backend: String },
+}
+
+/// A backend connected and greeted; `greeting` is the state machine's step for it.
+struct Opened {
+    backend: String,
+    rule: Option<Rule>,
+    stream: TcpStream,
+    buf: BytesMut,
+    greeting: Step,
+}
+
+/// Choose the backend (for `user` on a routed listener), connect, send the PROXY header,
+/// consume the greeting: one unit, so it can run at whatever point a later phase decides
+/// which backend to use.
 async fn open_backend(
     ctx: &ListenerContext,
     peer: &Peer,
+    user: Option<&str>,
     negotiation: &mut dyn Negotiation,
-) -> Result<(TcpStream, BytesMut, Step), String> {
+) -> Result<Opened, (String, OpenError)> {
+    let (backend, rule) = ctx.choose_backend(user);
+    let fail = |e: OpenError| (backend.clone(), e);
     let header = backend::proxy_header(ctx.proxy_protocol, peer);
     let deadline = Instant::now() + ctx.timeouts.backend_connect;
-    let mut stream = backend::connect(&ctx.backend, header.as_deref(), ctx.timeouts.backend_connect)
+    let mut stream = backend::connect(&backend, header.as_deref(), ctx.timeouts.backend_connect)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| fail(e.into()))?;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
-        if let Some(step) = negotiation.on_greeting(&mut buf) {
+        if let Some(greeting) = negotiation.on_greeting(&mut buf) {
             // A negative greeting is the backend refusing service, like a refused connect:
             // the caller answers the client with the protocol's "unavailable" reply.
-            if step.next == Next::Unavailable {
-                return Err(format!("backend {} refused service in its greeting", ctx.backend));
+            if greeting.next == Next::Unavailable {
+                return Err(fail(OpenError::Refused { backend: backend.clone() }));
             }
-            return Ok((stream, buf, step));
+            return Ok(Opened { backend, rule, stream, buf, greeting });
         }
         let read =
             tokio::time::timeout_at(deadline, read_some(&mut stream, &mut buf, ctx.settings.max_line)).await;
         match read {
             Err(_) => {
-                return Err(format!(
-                    "backend {} sent no greeting within {:?}",
-                    ctx.backend, ctx.timeouts.backend_connect
-                ))
+                let after = ctx.timeouts.backend_connect;
+                return Err(fail(OpenError::Silent { backend: backend.clone(), after }));
             }
-            Ok(Err(e)) => return Err(format!("reading the greeting of backend {}: {e}", ctx.backend)),
-            Ok(Ok(0)) => return Err(format!("backend {} closed before greeting", ctx.backend)),
+            Ok(Err(source)) => return Err(fail(OpenError::Read { backend: backend.clone(), source })),
+            Ok(Ok(0)) => return Err(fail(OpenError::Closed { backend: backend.clone() })),
             Ok(Ok(_)) => {}
         }
     }
 }
 
-/// The two connections during negotiation.
+/// Logs and counts a backend that could not serve, naming the user it was chosen for.
+fn note_unavailable(
+    ctx: &ListenerContext,
+    peer: &Peer,
+    user: Option<&str>,
+    (backend, e): &(String, OpenError),
+) {
+    ctx.metrics.backend_failure(&ctx.name);
+    tracing::warn!(
+        listener = %ctx.name,
+        client = %peer.client,
+        backend = %backend,
+        user = user.unwrap_or("-"),
+        "backend unavailable: {e}"
+    );
+}
+
+/// The two connections during negotiation; on a routed listener the backend comes and goes
+/// with the client's identifications.
 struct Link<'a, C> {
     client: &'a mut C,
-    backend: &'a mut TcpStream,
+    backend: Option<TcpStream>,
+    backend_buf: BytesMut,
     record: &'a mut Record,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
+    /// Takes a freshly opened backend; returns the step for its greeting.
+    fn attach(&mut self, opened: Opened) -> Step {
+        self.backend = Some(opened.stream);
+        self.backend_buf = opened.buf;
+        self.record.backend = Some(opened.backend);
+        opened.greeting
+    }
+
+    /// Drops the backend (a refused routed login): whatever it still says is nobody's.
+    fn detach(&mut self) {
+        self.backend = None;
+        self.backend_buf.clear();
+    }
+
     /// Writes a step out: backend first, then client (flushed: TLS buffers inside rustls).
     async fn apply(&mut self, step: Step) -> Result<Next, Outcome> {
         if !step.to_backend.is_empty() {
-            self.backend.write_all(&step.to_backend).await?;
+            let Some(backend) = self.backend.as_mut() else {
+                return Err(Outcome::Io("a step for the backend with no backend connected".to_owned()));
+            };
+            backend.write_all(&step.to_backend).await?;
             self.record.to_backend += step.to_backend.len() as u64;
         }
         if !step.to_client.is_empty() {
@@ -469,15 +570,54 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         Ok(step.next)
     }
 
+    /// Connects the backend chosen for `user` and starts the replay of the identification,
+    /// or answers the client that it is unavailable (the session goes on: it may retry).
+    async fn route(
+        &mut self,
+        user: String,
+        negotiation: &mut dyn Negotiation,
+        ctx: &ListenerContext,
+        peer: &Peer,
+    ) -> Result<Next, Outcome> {
+        // A backend left from an earlier identification may be the wrong one for this user.
+        self.detach();
+        let step = match open_backend(ctx, peer, Some(&user), negotiation).await {
+            Ok(opened) => {
+                if let Some(rule) = opened.rule {
+                    ctx.metrics.routed(&ctx.name, rule.name());
+                    // A &str field, not %user: the subscriber escapes it, and a user name is
+                    // the client's bytes (a literal may hold a line break).
+                    tracing::debug!(
+                        listener = %ctx.name,
+                        client = %peer.client,
+                        user = user.as_str(),
+                        backend = %opened.backend,
+                        rule = rule.name(),
+                        "routed"
+                    );
+                }
+                self.attach(opened)
+            }
+            Err(failure) => {
+                note_unavailable(ctx, peer, Some(&user), &failure);
+                negotiation.on_route_failed()
+            }
+        };
+        self.record.user = Some(user);
+        self.apply(step).await
+    }
+
     /// Feeds both sides' bytes to the state machine until it says relay or close; ends the
-    /// session after `silence` without a byte from either side.
+    /// session after `silence` without a byte from either side. `next` is what the step
+    /// written last said.
     #[allow(clippy::too_many_arguments)]
     async fn negotiate(
         &mut self,
+        mut next: Next,
         negotiation: &mut dyn Negotiation,
         client_buf: &mut BytesMut,
-        backend_buf: &mut BytesMut,
         ctx: &ListenerContext,
+        peer: &Peer,
         settings: &Settings,
         silence: Duration,
         stop: &Shutdown,
@@ -486,28 +626,36 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         // As before TLS, only progress (a unit consumed on either side) restarts the clock.
         let mut deadline = Instant::now() + silence;
         loop {
-            loop {
-                let step = match negotiation.on_backend(backend_buf) {
-                    Some(step) => step,
-                    None => match negotiation.on_client(client_buf) {
-                        Some(step) => step,
-                        None => break,
-                    },
-                };
-                deadline = Instant::now() + silence;
-                match self.apply(step).await? {
-                    Next::Negotiate => {}
-                    next => return Ok(next),
+            match next {
+                Next::Negotiate => {}
+                Next::Detach => self.detach(),
+                Next::Route { user } => {
+                    next = self.route(user, negotiation, ctx, peer).await?;
+                    deadline = Instant::now() + silence;
+                    continue;
                 }
+                Next::Relay | Next::Close | Next::Unavailable => return Ok(next),
             }
-            self.read_either(client_buf, backend_buf, bound, deadline, ctx, stop).await?;
+            let step = match negotiation.on_backend(&mut self.backend_buf) {
+                Some(step) => Some(step),
+                None => negotiation.on_client(client_buf),
+            };
+            next = match step {
+                Some(step) => {
+                    deadline = Instant::now() + silence;
+                    self.apply(step).await?
+                }
+                None => {
+                    self.read_either(client_buf, bound, deadline, ctx, stop).await?;
+                    Next::Negotiate
+                }
+            };
         }
     }
 
     async fn read_either(
         &mut self,
         client_buf: &mut BytesMut,
-        backend_buf: &mut BytesMut,
         bound: usize,
         deadline: Instant,
         ctx: &ListenerContext,
@@ -515,13 +663,20 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
     ) -> Result<(), Outcome> {
         // A full buffer is not read further; the state machine drains it first.
         let client_room = client_buf.len() <= bound;
-        let backend_room = backend_buf.len() <= bound;
+        let backend_room = self.backend_buf.len() <= bound;
+        // No backend (a routed session before its login): only the client can speak.
+        let from_backend = async {
+            match self.backend.as_mut() {
+                Some(backend) => read_some(backend, &mut self.backend_buf, bound).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             read = read_some(self.client, client_buf, bound), if client_room => match read? {
                 0 => Err(Outcome::ClientGone),
                 _ => Ok(()),
             },
-            read = read_some(self.backend, backend_buf, bound), if backend_room => match read? {
+            read = from_backend, if backend_room => match read? {
                 0 => {
                     let _ = self.client.shutdown().await;
                     Err(Outcome::BackendClosed)

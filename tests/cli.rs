@@ -372,3 +372,43 @@ async fn sigterm_stops_accepting_says_421_to_pre_tls_and_drains_then_exits_zero(
 async fn sigint_stops_accepting_says_421_to_pre_tls_and_drains_then_exits_zero() {
     graceful_stop_on("INT").await;
 }
+
+#[test]
+fn check_loads_routes_files_relative_to_the_config_and_names_their_errors() {
+    let certs = certs();
+    let dir = certs.dir.path();
+    let placeholder: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let text = config_text(&certs, &[Listener::new("imaps", "imap", "implicit", placeholder)], "")
+        .replace(&format!("backend = \"{placeholder}\""), "routes = \"routes.toml\"");
+    std::fs::write(
+        dir.join("routes.toml"),
+        "default = \"127.0.0.1:143\"\n[routes]\n\"@a.example\" = \"h:1\"\n",
+    )
+    .unwrap();
+    let (path, outcome) = check_text(dir, &text);
+    assert_eq!(outcome.code, Some(0), "{}", outcome.show());
+    assert!(outcome.stdout.contains("default 127.0.0.1:143; 0 addresses, 1 domains"), "{}", outcome.show());
+
+    std::fs::write(
+        dir.join("routes.toml"),
+        "default = \"127.0.0.1:143\"\n[routes]\n\"a.example\" = \"h:1\"\n",
+    )
+    .unwrap();
+    let outcome = run_check_in(dir, &path);
+    assert_eq!(outcome.code, Some(1), "{}", outcome.show());
+    let line = line_starting(&text, "routes = ", 0);
+    let expected = format!(
+        "{}:{line}: listeners[0].routes: {}:3: routes.\"a.example\": a key is a full address",
+        path.display(),
+        dir.join("routes.toml").display()
+    );
+    assert!(outcome.stderr.contains(&expected), "{}", outcome.show());
+
+    std::fs::remove_file(dir.join("routes.toml")).unwrap();
+    let outcome = run_check_in(dir, &path);
+    assert!(
+        outcome.code == Some(1) && outcome.stderr.contains("cannot read routes file"),
+        "{}",
+        outcome.show()
+    );
+}

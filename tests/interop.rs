@@ -13,7 +13,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::mailservers::{run, Interop, Output, Parts, SmtpLines, CLIENT_TIMEOUT, PASSWORD, USER};
+use common::mailservers::{
+    run, Interop, Output, Parts, RoutedPair, SmtpLines, CLIENT_TIMEOUT, OTHER_USER, PASSWORD, USER,
+};
 
 /// The address real clients bind to where they can: not mailtls's own 127.0.0.1, so the
 /// backends' logs prove the PROXY header / XCLIENT carried it.
@@ -562,4 +564,38 @@ fn sslscan_finds_nothing_of_medium_severity_or_above() {
         findings.extend(out.stdout.lines().filter_map(sslscan_finding).map(|f| format!("port {port}: {f}")));
     }
     assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
+
+/// Two Dovecots, each holding one user's mailbox, reached through one mailtls port per
+/// protocol: every login form reaches the right mailbox, a refused login is routed afresh.
+#[test]
+#[ignore = "needs postfix and dovecot: run tests/run.sh"]
+fn two_dovecots_behind_one_routed_port_each_user_reaches_their_own_mailbox() {
+    let pair = RoutedPair::start();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/routed.py");
+    let (alice, bob) = (format!("Subject: for {USER}"), format!("Subject: for {OTHER_USER}"));
+    for (protocol, port) in [("imap", pair.imaps), ("pop3", pair.pop3s)] {
+        let mut c = tool("python3");
+        c.arg(&script).args([protocol, &port.to_string()]).arg(pair.ca()).args([USER, OTHER_USER, PASSWORD]);
+        let out = run(&mut c, CLIENT_TIMEOUT);
+        assert!(out.success(), "{protocol}: {:?}\n{}{}", out.status, out.stdout, out.stderr);
+        let expected = match protocol {
+            "imap" => format!(
+                "login {USER}: {alice}\nlogin {OTHER_USER}: {bob}\nauthenticate {OTHER_USER}: {bob}\n\
+                 login refused\nretry {OTHER_USER}: {bob}\n"
+            ),
+            _ => format!("user {USER}: {alice}\nuser {OTHER_USER}: {bob}\nauth {USER}: {alice}\n"),
+        };
+        assert_eq!(out.stdout, expected, "{protocol}");
+    }
+    // Each Dovecot saw only its own user log in.
+    let (first, second) = (pair.dovecot_log(0), pair.dovecot_log(1));
+    assert!(
+        first.contains(&format!("user=<{USER}>")) && !first.contains(&format!("user=<{OTHER_USER}>")),
+        "{first}"
+    );
+    assert!(
+        second.contains(&format!("user=<{OTHER_USER}>")) && !second.contains(&format!("user=<{USER}>")),
+        "{second}"
+    );
 }

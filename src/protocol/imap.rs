@@ -1,10 +1,15 @@
 //! IMAP: the plaintext dialogue mailtls speaks itself on port 143 (LOGINDISABLED, STARTTLS)
 //! and the post-TLS negotiation that hides STARTTLS until LOGIN/AUTHENTICATE succeeds.
+//!
+//! On routed listeners, [`ImapRouted`] answers for the backend until LOGIN or AUTHENTICATE
+//! PLAIN names the user, and [`ImapProbe`] learns the default backend's capabilities.
+
+use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
 use super::line::{self, Line};
-use super::{Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, Settings, Step};
+use super::{sasl, Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, ProbeStep, Settings, Step};
 
 /// What mailtls announces before TLS: no AUTH= at all, so no client tries to log in.
 const PRE_TLS_CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
@@ -528,7 +533,7 @@ impl Negotiation for ImapNegotiation {
         let to_client = match self.entry {
             Entry::Implicit => filter_capabilities(&greeting),
             // The client already had mailtls's own greeting.
-            Entry::AfterStartTls | Entry::Plaintext { .. } => Vec::new(),
+            Entry::AfterStartTls | Entry::Plaintext { .. } | Entry::Routed { .. } => Vec::new(),
         };
         Some(Step::to_client(to_client).then(next))
     }
@@ -613,6 +618,570 @@ impl Negotiation for ImapNegotiation {
 }
 
 // ---------------------------------------------------------------------------------------
+// Routed listeners: mailtls answers until LOGIN / AUTHENTICATE PLAIN names the user
+// ---------------------------------------------------------------------------------------
+
+/// The only SASL mechanism a routed listener can read a user name from.
+const ROUTABLE_MECHANISM: &[u8] = b"PLAIN";
+const LITERAL_GO_AHEAD: &[u8] = b"+ Ready for literal data\r\n";
+const SASL_GO_AHEAD: &[u8] = b"+ \r\n";
+
+/// The capabilities a routed listener announces before login: the default backend's,
+/// learned by [`ImapProbe`], minus what TLS made false and minus SASL mechanisms other
+/// than PLAIN, from which mailtls could not learn whom to route. Before anything was
+/// learned, the bare protocol name: LOGIN works everywhere.
+fn routed_capabilities(learned: &[String]) -> String {
+    let kept: Vec<&str> = learned
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !HIDDEN_CAPABILITIES.iter().any(|h| c.as_bytes().eq_ignore_ascii_case(h)))
+        .filter(|c| match c.as_bytes().get(..5) {
+            Some(prefix) if prefix.eq_ignore_ascii_case(b"AUTH=") => {
+                c.as_bytes().get(5..).is_some_and(|m| m.eq_ignore_ascii_case(ROUTABLE_MECHANISM))
+            }
+            _ => true,
+        })
+        .collect();
+    if kept.is_empty() {
+        "IMAP4rev1".to_owned()
+    } else {
+        kept.join(" ")
+    }
+}
+
+/// A piece of a command as the client sent it: line text (terminator and literal marker
+/// removed) or the bytes of a literal.
+#[derive(Debug, PartialEq, Eq)]
+enum Piece {
+    Text(Vec<u8>),
+    Literal(Vec<u8>),
+}
+
+/// RFC 3501 `ASTRING-CHAR`: an atom character or `]`. Bytes above 127 are let through, as
+/// Dovecot does, for UTF-8 user names.
+fn is_astring_char(b: u8) -> bool {
+    let atom_special = matches!(b, b'(' | b')' | b'{' | b' ' | b'%' | b'*' | b'"' | b'\\');
+    b > b' ' && b != 0x7f && !atom_special
+}
+
+/// The pieces of a command as one stream: a byte of line text, or a whole literal.
+#[derive(Debug, PartialEq, Eq)]
+enum Item<'a> {
+    Byte(u8),
+    Literal(&'a [u8]),
+}
+
+/// Parses `astring SP astring` (LOGIN's arguments) from the pieces of the command after
+/// `LOGIN `; each astring is an atom, a quoted string or a literal. `None`: malformed.
+fn login_arguments(pieces: &[Piece]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let items: Vec<Item<'_>> = pieces
+        .iter()
+        .flat_map(|p| match p {
+            Piece::Text(t) => t.iter().map(|&b| Item::Byte(b)).collect::<Vec<_>>(),
+            Piece::Literal(l) => vec![Item::Literal(l)],
+        })
+        .collect();
+    let mut pos = 0;
+    let user = astring(&items, &mut pos)?;
+    if items.get(pos) != Some(&Item::Byte(b' ')) {
+        return None;
+    }
+    pos += 1;
+    let password = astring(&items, &mut pos)?;
+    (pos == items.len()).then_some((user, password))
+}
+
+/// One astring at `pos`, which is moved past it.
+fn astring(items: &[Item<'_>], pos: &mut usize) -> Option<Vec<u8>> {
+    let mut next = || {
+        let item = items.get(*pos);
+        *pos += 1;
+        item
+    };
+    let mut out = Vec::new();
+    match next()? {
+        Item::Literal(l) => Some(l.to_vec()),
+        Item::Byte(b'"') => loop {
+            match next()? {
+                Item::Byte(b'"') => return Some(out),
+                Item::Byte(b'\\') => match next()? {
+                    Item::Byte(e @ (b'"' | b'\\')) => out.push(*e),
+                    _ => return None,
+                },
+                Item::Byte(b'\r' | b'\n' | 0) | Item::Literal(_) => return None,
+                Item::Byte(b) => out.push(*b),
+            }
+        },
+        Item::Byte(b) if is_astring_char(*b) => {
+            out.push(*b);
+            while let Some(Item::Byte(b)) =
+                items.get(*pos).filter(|i| matches!(i, Item::Byte(b) if is_astring_char(*b)))
+            {
+                out.push(*b);
+                *pos += 1;
+            }
+            Some(out)
+        }
+        Item::Byte(_) => None,
+    }
+}
+
+/// An IMAP string the plainest way every IMAP4rev1 server accepts: quoted when it can be,
+/// else a synchronizing literal (the caller cuts the replay there and waits for `+`).
+fn astring_for_replay(value: &[u8]) -> Vec<u8> {
+    let quotable = value.iter().all(|&b| b != 0 && b != b'\r' && b != b'\n' && b < 0x80);
+    if quotable {
+        let mut out = Vec::with_capacity(value.len() + 2);
+        out.push(b'"');
+        for &b in value {
+            if b == b'"' || b == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+        out.push(b'"');
+        out
+    } else {
+        format!("{{{}}}\r\n", value.len()).into_bytes()
+    }
+}
+
+/// The LOGIN command for the backend, in segments: after every segment but the last the
+/// backend's `+` is awaited (a synchronizing literal). Tag and credentials are the
+/// client's own bytes; only the framing is mailtls's, so no backend needs LITERAL+.
+fn login_replay(tag: &[u8], user: &[u8], password: &[u8]) -> VecDeque<Vec<u8>> {
+    let mut segments = VecDeque::new();
+    let mut current = tag.to_vec();
+    current.extend_from_slice(b" LOGIN");
+    for value in [user, password] {
+        current.push(b' ');
+        let encoded = astring_for_replay(value);
+        let literal = encoded.last() == Some(&b'\n');
+        current.extend_from_slice(&encoded);
+        if literal {
+            segments.push_back(std::mem::take(&mut current));
+            current.extend_from_slice(value);
+        }
+    }
+    current.extend_from_slice(b"\r\n");
+    segments.push_back(current);
+    segments
+}
+
+/// Where a routed IMAP session stands.
+#[derive(Debug)]
+enum Routing {
+    /// No backend: mailtls answers commands itself.
+    Unrouted,
+    /// Reading the rest of a LOGIN whose arguments come as literals.
+    Login { tag: Vec<u8>, pieces: Vec<Piece> },
+    /// Reading the rest of a command answered locally (its LITERAL+ bytes are skipped).
+    Refusing(Vec<u8>),
+    /// `+ ` was sent for AUTHENTICATE PLAIN; the client's response line comes next.
+    SaslResponse { tag: Vec<u8> },
+    /// [`Next::Route`] was given; the session is connecting the backend.
+    Connecting { tag: Vec<u8>, replay: VecDeque<Vec<u8>> },
+    /// The identification went to the backend; `rest` goes after each of its `+`.
+    Replaying { tag: Vec<u8>, rest: VecDeque<Vec<u8>> },
+    /// Relay or close was decided.
+    Done,
+}
+
+/// The negotiation of a routed IMAP listener: mailtls's own dialogue until LOGIN or
+/// AUTHENTICATE PLAIN, then the replay to the backend chosen for that user, then relay.
+pub struct ImapRouted {
+    greet: bool,
+    hostname: String,
+    capabilities: String,
+    max_line: usize,
+    max_errors: u32,
+    errors: u32,
+    client: Framer,
+    state: Routing,
+}
+
+impl ImapRouted {
+    pub fn new(settings: &Settings, greet: bool) -> Self {
+        ImapRouted {
+            greet,
+            hostname: settings.hostname.chars().filter(|c| !c.is_control()).collect(),
+            capabilities: routed_capabilities(&settings.backend_extensions),
+            max_line: settings.max_line,
+            max_errors: settings.max_errors,
+            errors: 0,
+            client: Framer::new(settings.max_line, settings.max_literal),
+            state: Routing::Unrouted,
+        }
+    }
+
+    fn error(&mut self, reply: Vec<u8>) -> Step {
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.max_errors {
+            self.state = Routing::Done;
+            Step::to_client(BYE_TOO_MANY_ERRORS).then(Next::Close)
+        } else {
+            Step::to_client(reply)
+        }
+    }
+
+    fn close(&mut self, reply: &[u8]) -> Step {
+        self.state = Routing::Done;
+        Step::to_client(reply).then(Next::Close)
+    }
+
+    fn route(&mut self, tag: Vec<u8>, user: String, replay: VecDeque<Vec<u8>>) -> Step {
+        self.state = Routing::Connecting { tag, replay };
+        Step::to_client(Vec::new()).then(Next::Route { user })
+    }
+
+    /// The first line of a command, marker and terminator removed. Returns the step when the
+    /// command is answered now; `None` when more of it must be read first.
+    fn begin(&mut self, body: &[u8], literal: Option<Literal>) -> Option<Step> {
+        let (tag, name, args) = parse_command(body);
+        if !is_valid_tag(tag) {
+            return self.refuse(BAD_TAG.to_vec(), literal);
+        }
+        let is = |verb: &str| name.eq_ignore_ascii_case(verb.as_bytes());
+        if is("LOGIN") {
+            let pieces = vec![Piece::Text(args.unwrap_or_default().to_vec())];
+            self.state = Routing::Login { tag: tag.to_vec(), pieces };
+            return self.login_segment(literal);
+        }
+        if literal.is_some() {
+            // No other command mailtls answers takes a literal.
+            return self.refuse(tagged(tag, "BAD Command not permitted before login"), literal);
+        }
+        if is("AUTHENTICATE") {
+            return Some(self.authenticate(tag, args.unwrap_or_default()));
+        }
+        let (reply, error) = if is("CAPABILITY") {
+            let mut out = format!("* CAPABILITY {}\r\n", self.capabilities).into_bytes();
+            out.extend(tagged(tag, "OK CAPABILITY completed"));
+            (out, false)
+        } else if is("NOOP") {
+            (tagged(tag, "OK NOOP completed"), false)
+        } else if is("ID") {
+            let mut out = b"* ID NIL\r\n".to_vec();
+            out.extend(tagged(tag, "OK ID completed"));
+            (out, false)
+        } else if is("LOGOUT") {
+            let mut out = b"* BYE Logging out\r\n".to_vec();
+            out.extend(tagged(tag, "OK LOGOUT completed"));
+            return Some(self.close(&out));
+        } else if is("STARTTLS") {
+            (tagged(tag, "BAD TLS is already active"), true)
+        } else {
+            (tagged(tag, "BAD Command not permitted before login"), true)
+        };
+        Some(if error { self.error(reply) } else { Step::to_client(reply) })
+    }
+
+    /// Refuses a command once all of it is read: now, when it ends here or announces a
+    /// synchronizing literal (which, unanswered by `+`, the client never sends); after its
+    /// LITERAL+ bytes otherwise. Counts as an error.
+    fn refuse(&mut self, reply: Vec<u8>, literal: Option<Literal>) -> Option<Step> {
+        match literal {
+            Some(Literal { sync: false, .. }) => {
+                self.state = Routing::Refusing(reply);
+                None
+            }
+            sync_or_none => {
+                if sync_or_none.is_some() {
+                    self.client.abandon_command();
+                }
+                self.state = Routing::Unrouted;
+                Some(self.error(reply))
+            }
+        }
+    }
+
+    /// After a LOGIN line segment: a literal to collect (with mailtls's own `+` when it is
+    /// synchronizing), or the end of the command.
+    fn login_segment(&mut self, literal: Option<Literal>) -> Option<Step> {
+        let Routing::Login { tag, pieces } = &mut self.state else { return None };
+        let Some(literal) = literal else {
+            let (tag, pieces) = (std::mem::take(tag), std::mem::take(pieces));
+            return Some(self.login(tag, &pieces));
+        };
+        // User and password: two literals at most, or it is no LOGIN.
+        if pieces.iter().filter(|p| matches!(p, Piece::Literal(_))).count() >= 2 {
+            let reply = tagged(tag, "BAD Invalid arguments to LOGIN");
+            return self.refuse(reply, Some(literal));
+        }
+        pieces.push(Piece::Literal(Vec::with_capacity(usize::try_from(literal.size).unwrap_or(0))));
+        if literal.sync {
+            self.client.accept_literal(literal.size);
+            return Some(Step::to_client(LITERAL_GO_AHEAD));
+        }
+        None
+    }
+
+    fn login(&mut self, tag: Vec<u8>, pieces: &[Piece]) -> Step {
+        self.state = Routing::Unrouted;
+        match login_arguments(pieces) {
+            Some((user, password)) => {
+                let replay = login_replay(&tag, &user, &password);
+                self.route(tag, String::from_utf8_lossy(&user).into_owned(), replay)
+            }
+            None => self.error(tagged(&tag, "BAD Invalid arguments to LOGIN")),
+        }
+    }
+
+    fn authenticate(&mut self, tag: &[u8], args: &[u8]) -> Step {
+        let (mechanism, initial) = line::split_word(args);
+        if mechanism.is_empty() {
+            return self.error(tagged(tag, "BAD Missing authentication mechanism"));
+        }
+        if !mechanism.eq_ignore_ascii_case(ROUTABLE_MECHANISM) {
+            return self.error(tagged(tag, "NO Unsupported authentication mechanism"));
+        }
+        match initial {
+            // SASL-IR (RFC 4959): the response is on the command line.
+            Some(response) => self.plain_response(tag.to_vec(), response),
+            None => {
+                self.state = Routing::SaslResponse { tag: tag.to_vec() };
+                Step::to_client(SASL_GO_AHEAD)
+            }
+        }
+    }
+
+    /// Routes by the PLAIN response; the backend gets the command without SASL-IR (every
+    /// server supports that) and the client's base64 text after its `+`.
+    fn plain_response(&mut self, tag: Vec<u8>, response: &[u8]) -> Step {
+        self.state = Routing::Unrouted;
+        match sasl::plain_user(response) {
+            Ok(user) => {
+                let mut command = tag.clone();
+                command.extend_from_slice(b" AUTHENTICATE PLAIN\r\n");
+                let mut data = response.to_vec();
+                data.extend_from_slice(b"\r\n");
+                self.route(tag, user, VecDeque::from([command, data]))
+            }
+            Err(_) => self.error(tagged(&tag, "BAD Invalid SASL PLAIN response")),
+        }
+    }
+
+    fn sasl_line(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let Routing::SaslResponse { tag } = &mut self.state else { return None };
+        let tag = std::mem::take(tag);
+        let response = match line::take_line(input, self.max_line) {
+            Line::Incomplete => {
+                self.state = Routing::SaslResponse { tag };
+                return None;
+            }
+            Line::TooLong => return Some(self.close(BYE_LINE_TOO_LONG)),
+            Line::Complete(response) => response,
+        };
+        let response = line::trim_eol(&response);
+        if response == b"*" {
+            self.state = Routing::Unrouted;
+            return Some(Step::to_client(tagged(&tag, "BAD Authentication aborted by client")));
+        }
+        Some(self.plain_response(tag, response))
+    }
+
+    /// A backend line while the identification is being replayed.
+    fn replay_response(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let response = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(self.backend_unavailable()),
+            Line::Complete(response) => response,
+        };
+        // Literals in answers to a login are unheard of; refusing them keeps framing simple.
+        if literal_marker(&response) != Marker::None {
+            return Some(self.backend_unavailable());
+        }
+        let Routing::Replaying { tag, rest } = &mut self.state else { return None };
+        match classify_response(&response) {
+            Response::Continuation => match rest.pop_front() {
+                // The `+` was for mailtls's replay; the client never asked for it.
+                Some(segment) => Some(Step::to_backend(segment)),
+                None => Some(self.backend_unavailable()),
+            },
+            Response::Untagged => Some(Step::to_client(filter_capabilities(&response))),
+            Response::Tagged { tag: answered, ok } if answered == *tag => {
+                let answer = filter_capabilities(&response);
+                if ok {
+                    self.state = Routing::Done;
+                    return Some(Step::to_client(answer).then(Next::Relay));
+                }
+                // A refused login forgets this backend: the next try is routed afresh. It
+                // counts as an error, so a client cannot guess passwords without bound
+                // (each backend sees one try per connection, so its own limit never bites).
+                self.errors = self.errors.saturating_add(1);
+                if self.errors > self.max_errors {
+                    self.state = Routing::Done;
+                    let mut both = answer;
+                    both.extend_from_slice(BYE_TOO_MANY_ERRORS);
+                    return Some(Step::to_client(both).then(Next::Close));
+                }
+                self.state = Routing::Unrouted;
+                Some(Step::to_client(answer).then(Next::Detach))
+            }
+            Response::Tagged { .. } => Some(Step::to_client(filter_capabilities(&response))),
+        }
+    }
+
+    fn backend_unavailable(&mut self) -> Step {
+        self.state = Routing::Done;
+        backend_unavailable()
+    }
+}
+
+impl Negotiation for ImapRouted {
+    fn opening(&mut self) -> Option<Step> {
+        let greeting = if self.greet {
+            format!("* OK [CAPABILITY {}] {} ready\r\n", self.capabilities, self.hostname).into_bytes()
+        } else {
+            Vec::new()
+        };
+        Some(Step::to_client(greeting))
+    }
+
+    fn on_greeting(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let Routing::Connecting { .. } = self.state else { return None };
+        let greeting = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(backend_unavailable()),
+            Line::Complete(greeting) => greeting,
+        };
+        let (star, rest) = line::split_word(&greeting);
+        let (status, _) = line::split_word(rest.unwrap_or_default());
+        // PREAUTH would leave the replayed login nothing to do: not a server to route to.
+        if star != b"*" || !status.eq_ignore_ascii_case(b"OK") {
+            return Some(backend_unavailable());
+        }
+        let Routing::Connecting { tag, mut replay } = std::mem::replace(&mut self.state, Routing::Done)
+        else {
+            return None;
+        };
+        let first = replay.pop_front().unwrap_or_default();
+        self.state = Routing::Replaying { tag, rest: replay };
+        // The client had mailtls's greeting (or the STARTTLS one): this one is swallowed.
+        Some(Step::to_backend(first))
+    }
+
+    fn on_route_failed(&mut self) -> Step {
+        let tag = match std::mem::replace(&mut self.state, Routing::Unrouted) {
+            Routing::Connecting { tag, .. } | Routing::Replaying { tag, .. } => tag,
+            _ => b"*".to_vec(),
+        };
+        Step::to_client(tagged(&tag, "NO [UNAVAILABLE] Backend server unavailable, try again later"))
+    }
+
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
+        loop {
+            match self.state {
+                Routing::Unrouted | Routing::Login { .. } | Routing::Refusing(_) => {}
+                Routing::SaslResponse { .. } => return self.sasl_line(input),
+                // Lock-step: nothing is read while the backend has the word.
+                Routing::Connecting { .. } | Routing::Replaying { .. } | Routing::Done => return None,
+            }
+            let (line, first, literal) = match self.client.next(input)? {
+                Unit::TooLong => return Some(self.close(BYE_LINE_TOO_LONG)),
+                Unit::LiteralTooLarge => return Some(self.close(BYE_LITERAL_TOO_LARGE)),
+                Unit::LiteralBytes(bytes) => {
+                    if let Routing::Login { pieces, .. } = &mut self.state {
+                        if let Some(Piece::Literal(l)) = pieces.last_mut() {
+                            l.extend_from_slice(&bytes);
+                        }
+                    }
+                    continue;
+                }
+                Unit::Line { line, first, literal } => (line, first, literal),
+            };
+            let mut body = line::trim_eol(&line);
+            if literal.is_some() {
+                let open = body.iter().rposition(|&b| b == b'{').unwrap_or(body.len());
+                body = body.get(..open).unwrap_or_default();
+            }
+            let step = if first {
+                self.begin(body, literal)
+            } else {
+                match &mut self.state {
+                    Routing::Login { pieces, .. } => {
+                        pieces.push(Piece::Text(body.to_vec()));
+                        self.login_segment(literal)
+                    }
+                    Routing::Refusing(reply) => {
+                        let reply = std::mem::take(reply);
+                        self.refuse(reply, literal)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(step) = step {
+                return Some(step);
+            }
+        }
+    }
+
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step> {
+        match self.state {
+            Routing::Replaying { .. } => self.replay_response(input),
+            _ => None,
+        }
+    }
+}
+
+/// Learns an IMAP backend's pre-login capabilities: greeting, `CAPABILITY`, tagged OK.
+#[derive(Debug, Default)]
+pub struct ImapProbe {
+    asked: bool,
+    learned: Vec<String>,
+}
+
+/// Tag of the probe's commands.
+const PROBE_TAG: &[u8] = b"mailtls";
+/// The probe's goodbye.
+pub const PROBE_LOGOUT: &[u8] = b"mailtls LOGOUT\r\n";
+/// Lines in a probe answer are short; anything longer is not an IMAP server talking.
+const PROBE_MAX_LINE: usize = 8 * 1024;
+
+impl super::CapabilityProbe for ImapProbe {
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<ProbeStep> {
+        let response = match line::take_line(input, PROBE_MAX_LINE) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(ProbeStep::Failed("response line too long".to_owned())),
+            Line::Complete(response) => response,
+        };
+        let shown = String::from_utf8_lossy(line::trim_eol(&response)).into_owned();
+        if !self.asked {
+            let (star, rest) = line::split_word(&response);
+            let (status, _) = line::split_word(rest.unwrap_or_default());
+            if star != b"*" || !status.eq_ignore_ascii_case(b"OK") {
+                return Some(ProbeStep::Failed(format!("greeting refused: {shown}")));
+            }
+            self.asked = true;
+            return Some(ProbeStep::Send(b"mailtls CAPABILITY\r\n".to_vec()));
+        }
+        let body = line::trim_eol(&response);
+        let (tag, rest) = line::split_word(body);
+        let (word, list) = line::split_word(rest.unwrap_or_default());
+        if tag == b"*" && word.eq_ignore_ascii_case(b"CAPABILITY") {
+            self.learned = list
+                .unwrap_or_default()
+                .split(|&b| b == b' ')
+                .filter(|c| !c.is_empty() && c.iter().all(|&b| b.is_ascii_graphic()))
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect();
+            return Some(ProbeStep::Send(Vec::new()));
+        }
+        if tag != PROBE_TAG {
+            return Some(ProbeStep::Send(Vec::new()));
+        }
+        if word.eq_ignore_ascii_case(b"OK") && !self.learned.is_empty() {
+            return Some(ProbeStep::Done(std::mem::take(&mut self.learned)));
+        }
+        Some(ProbeStep::Failed(format!("CAPABILITY refused: {shown}")))
+    }
+
+    fn quit(&self) -> &'static [u8] {
+        PROBE_LOGOUT
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Capability filtering
 // ---------------------------------------------------------------------------------------
 
@@ -673,6 +1242,7 @@ fn without_hidden_capabilities(list: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn settings() -> Settings {
         Settings { hostname: "mail.example.org".to_owned(), ..Settings::default() }
@@ -1450,6 +2020,348 @@ mod tests {
                     }
                 }
                 assert!(backend.len() < s.max_line || n.backend_literal_left > 0);
+            }
+        }
+    }
+    // ---- routed listeners ----
+
+    fn routed(greet: bool) -> ImapRouted {
+        let learned: Vec<String> = [
+            "IMAP4rev1",
+            "SASL-IR",
+            "LITERAL+",
+            "STARTTLS",
+            "AUTH=PLAIN",
+            "AUTH=CRAM-MD5",
+            "LOGINDISABLED",
+            "ID",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        ImapRouted::new(&Settings { backend_extensions: Arc::from(learned), ..settings() }, greet)
+    }
+
+    fn route_to(user: &str) -> Option<Step> {
+        Some(Step::to_client(Vec::new()).then(Next::Route { user: user.to_owned() }))
+    }
+
+    /// Feeds `client` and expects the routing step for `user`; then the backend's greeting,
+    /// returning the first replayed segment.
+    fn routes(n: &mut ImapRouted, client: &[u8], user: &str) -> Vec<u8> {
+        let mut input = buf(client);
+        assert_eq!(n.on_client(&mut input), route_to(user));
+        assert!(input.is_empty(), "left over: {input:?}");
+        let step = n.on_greeting(&mut buf(b"* OK Dovecot ready.\r\n")).expect("greeting step");
+        assert!(step.to_client.is_empty(), "the backend greeting is swallowed");
+        assert_eq!(step.next, Next::Negotiate);
+        step.to_backend
+    }
+
+    #[test]
+    fn routed_greeting_and_capability_show_the_learned_list_filtered() {
+        let caps = "IMAP4rev1 SASL-IR LITERAL+ AUTH=PLAIN ID";
+        let mut n = routed(true);
+        assert_eq!(
+            n.opening(),
+            Some(Step::to_client(format!("* OK [CAPABILITY {caps}] mail.example.org ready\r\n")))
+        );
+        assert_eq!(routed(false).opening(), Some(Step::to_client(Vec::new())));
+        assert_eq!(
+            n.on_client(&mut buf(b"a capability\r\n")),
+            to_client(format!("* CAPABILITY {caps}\r\na OK CAPABILITY completed\r\n").as_bytes())
+        );
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), to_client(b"b OK NOOP completed\r\n"));
+        assert_eq!(
+            n.on_client(&mut buf(b"c ID (\"name\" \"x\")\r\n")),
+            to_client(b"* ID NIL\r\nc OK ID completed\r\n")
+        );
+        assert_eq!(n.on_client(&mut buf(b"d STARTTLS\r\n")), to_client(b"d BAD TLS is already active\r\n"));
+        assert_eq!(
+            n.on_client(&mut buf(b"e SELECT INBOX\r\n")),
+            to_client(b"e BAD Command not permitted before login\r\n")
+        );
+        assert_eq!(
+            n.on_client(&mut buf(b"f LOGOUT\r\n")),
+            Some(Step::to_client(b"* BYE Logging out\r\nf OK LOGOUT completed\r\n").then(Next::Close))
+        );
+        let bare = ImapRouted::new(&settings(), true);
+        assert_eq!(bare.capabilities, "IMAP4rev1", "nothing learned yet");
+    }
+
+    #[test]
+    fn login_atom_and_quoted_forms_route_and_replay_quoted() {
+        let mut n = routed(true);
+        assert_eq!(
+            routes(&mut n, b"a LOGIN alice@example.org secret\r\n", "alice@example.org"),
+            b"a LOGIN \"alice@example.org\" \"secret\"\r\n"
+        );
+        let mut n = routed(false);
+        let replay = routes(&mut n, b"t1 login \"bob \\\"the\\\\ man\\\"\" \"p w\"\n", "bob \"the\\ man\"");
+        assert_eq!(replay, b"t1 LOGIN \"bob \\\"the\\\\ man\\\"\" \"p w\"\r\n");
+    }
+
+    #[test]
+    fn login_synchronizing_literals_get_mailtls_own_go_ahead() {
+        let mut n = routed(true);
+        let mut input = buf(b"a LOGIN {5}\r\n");
+        assert_eq!(n.on_client(&mut input), to_client(b"+ Ready for literal data\r\n"));
+        input.extend_from_slice(b"alice {6}\r\n");
+        assert_eq!(n.on_client(&mut input), to_client(b"+ Ready for literal data\r\n"));
+        input.extend_from_slice(b"se");
+        assert_eq!(n.on_client(&mut input), None);
+        input.extend_from_slice(b"cret\r\n");
+        assert_eq!(n.on_client(&mut input), route_to("alice"));
+        assert_eq!(
+            n.on_greeting(&mut buf(b"* OK hi\r\n")),
+            Some(Step::to_backend(b"a LOGIN \"alice\" \"secret\"\r\n"))
+        );
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK [CAPABILITY IMAP4rev1 STARTTLS IDLE] Logged in\r\n")),
+            Some(Step::to_client(b"a OK [CAPABILITY IMAP4rev1 IDLE] Logged in\r\n").then(Next::Relay))
+        );
+    }
+
+    #[test]
+    fn login_literal_plus_and_mixed_forms() {
+        let mut n = routed(true);
+        assert_eq!(
+            routes(&mut n, b"a LOGIN {5+}\r\nalice \"pw\"\r\n", "alice"),
+            b"a LOGIN \"alice\" \"pw\"\r\n"
+        );
+        let mut n = routed(true);
+        assert_eq!(
+            routes(&mut n, b"a LOGIN alice {3+}\r\np w\r\n", "alice"),
+            b"a LOGIN \"alice\" \"p w\"\r\n"
+        );
+        let mut n = routed(true);
+        assert_eq!(routes(&mut n, b"a LOGIN {0+}\r\n {0+}\r\n\r\n", ""), b"a LOGIN \"\" \"\"\r\n");
+    }
+
+    #[test]
+    fn eight_bit_credentials_are_replayed_as_literals_waiting_for_the_backend() {
+        let mut n = routed(true);
+        let first = routes(&mut n, "a LOGIN j\u{f6}rg {4+}\r\np\u{e4}\r\r\n".as_bytes(), "j\u{f6}rg");
+        assert_eq!(first, b"a LOGIN {5}\r\n");
+        assert_eq!(
+            n.on_backend(&mut buf(b"+ OK\r\n")),
+            Some(Step::to_backend("j\u{f6}rg {4}\r\n".as_bytes()))
+        );
+        assert_eq!(n.on_backend(&mut buf(b"+ OK\r\n")), Some(Step::to_backend("p\u{e4}\r\r\n".as_bytes())));
+        assert_eq!(n.on_backend(&mut buf(b"+ OK\r\n")), Some(backend_unavailable()), "no more segments");
+    }
+
+    #[test]
+    fn login_arguments_parse_every_form_and_refuse_the_rest() {
+        let t = |s: &[u8]| vec![Piece::Text(s.to_vec())];
+        assert_eq!(login_arguments(&t(b"a b")), Some((b"a".to_vec(), b"b".to_vec())));
+        assert_eq!(login_arguments(&t(b"\"a b\" ]x")), Some((b"a b".to_vec(), b"]x".to_vec())));
+        let mixed =
+            vec![Piece::Text(b"".to_vec()), Piece::Literal(b"u\"".to_vec()), Piece::Text(b" \"\"".to_vec())];
+        assert_eq!(login_arguments(&mixed), Some((b"u\"".to_vec(), Vec::new())));
+        for bad in [
+            &b""[..],
+            b"a",
+            b"a ",
+            b"a  b",
+            b"a b c",
+            b"a b ",
+            b"\"a b",
+            b"\"a\\x\" b",
+            b"a(b c",
+            b"a \"b",
+            b"a{ b",
+            b"* b",
+        ] {
+            assert_eq!(login_arguments(&t(bad)), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn malformed_identifications_get_bad_and_stay_unrouted() {
+        let mut n = routed(true);
+        assert_eq!(
+            n.on_client(&mut buf(b"a LOGIN alice\r\n")),
+            to_client(b"a BAD Invalid arguments to LOGIN\r\n")
+        );
+        assert_eq!(n.on_client(&mut buf(b"b LOGIN {1}\r\n")), to_client(b"+ Ready for literal data\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"x {1}\r\n")), to_client(b"+ Ready for literal data\r\n"));
+        assert_eq!(
+            n.on_client(&mut buf(b"y {1}\r\n")),
+            to_client(b"b BAD Invalid arguments to LOGIN\r\n"),
+            "a third literal"
+        );
+        assert_eq!(
+            n.on_client(&mut buf(b"c AUTHENTICATE PLAIN !!!\r\n")),
+            to_client(b"c BAD Invalid SASL PLAIN response\r\n")
+        );
+        assert_eq!(
+            n.on_client(&mut buf(b"d AUTHENTICATE PLAIN =\r\n")),
+            to_client(b"d BAD Invalid SASL PLAIN response\r\n")
+        );
+        assert_eq!(
+            n.on_client(&mut buf(b"e AUTHENTICATE CRAM-MD5\r\n")),
+            to_client(b"e NO Unsupported authentication mechanism\r\n")
+        );
+        assert_eq!(
+            n.on_client(&mut buf(b"f AUTHENTICATE\r\n")),
+            to_client(b"f BAD Missing authentication mechanism\r\n")
+        );
+        assert_eq!(
+            n.on_client(&mut buf(b"g APPEND x {3+}\r\nabc\r\nh NOOP\r\n")),
+            to_client(b"g BAD Command not permitted before login\r\n")
+        );
+        assert_eq!(n.on_client(&mut buf(b"h NOOP\r\n")), to_client(b"h OK NOOP completed\r\n"));
+    }
+
+    #[test]
+    fn authenticate_plain_with_and_without_sasl_ir_replays_without() {
+        let response = b"AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA=="; // \0alice@example.org\0secret
+        let mut n = routed(true);
+        let mut line = b"a AUTHENTICATE PLAIN ".to_vec();
+        line.extend_from_slice(response);
+        line.extend_from_slice(b"\r\n");
+        assert_eq!(routes(&mut n, &line, "alice@example.org"), b"a AUTHENTICATE PLAIN\r\n");
+        let mut expected = response.to_vec();
+        expected.extend_from_slice(b"\r\n");
+        assert_eq!(n.on_backend(&mut buf(b"+ \r\n")), Some(Step::to_backend(expected.clone())));
+        assert_eq!(
+            n.on_backend(&mut buf(b"a OK Logged in\r\n")),
+            Some(Step::to_client(b"a OK Logged in\r\n").then(Next::Relay))
+        );
+
+        let mut n = routed(true);
+        assert_eq!(n.on_client(&mut buf(b"b authenticate plain\r\n")), to_client(b"+ \r\n"));
+        let mut input = buf(response);
+        input.extend_from_slice(b"\r\n");
+        assert_eq!(n.on_client(&mut input), route_to("alice@example.org"));
+        assert_eq!(n.on_greeting(&mut buf(b"* OK\r\n")), Some(Step::to_backend(b"b AUTHENTICATE PLAIN\r\n")));
+        assert_eq!(n.on_backend(&mut buf(b"+\r\n")), Some(Step::to_backend(expected)));
+
+        let mut n = routed(true);
+        n.on_client(&mut buf(b"c AUTHENTICATE PLAIN\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"*\r\n")), to_client(b"c BAD Authentication aborted by client\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"d NOOP\r\n")), to_client(b"d OK NOOP completed\r\n"));
+    }
+
+    #[test]
+    fn refused_login_detaches_and_the_next_one_routes_afresh() {
+        let mut n = routed(true);
+        routes(&mut n, b"a LOGIN alice wrong\r\n", "alice");
+        assert_eq!(n.on_backend(&mut buf(b"* OK [ALERT] hm\r\n")), to_client(b"* OK [ALERT] hm\r\n"));
+        assert_eq!(
+            n.on_backend(&mut buf(b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")),
+            Some(
+                Step::to_client(b"a NO [AUTHENTICATIONFAILED] Authentication failed.\r\n").then(Next::Detach)
+            )
+        );
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), to_client(b"b OK NOOP completed\r\n"));
+        routes(&mut n, b"c LOGIN bob pw\r\n", "bob");
+    }
+
+    #[test]
+    fn refused_logins_are_bounded() {
+        let mut n = routed(true);
+        for _ in 0..10 {
+            routes(&mut n, b"a LOGIN alice wrong\r\n", "alice");
+            assert_eq!(n.on_backend(&mut buf(b"a NO no\r\n")).map(|s| s.next), Some(Next::Detach));
+        }
+        routes(&mut n, b"a LOGIN alice wrong\r\n", "alice");
+        assert_eq!(
+            n.on_backend(&mut buf(b"a NO no\r\n")),
+            Some(Step::to_client(b"a NO no\r\n* BYE Too many errors\r\n").then(Next::Close))
+        );
+    }
+
+    #[test]
+    fn unreachable_backend_answers_unavailable_and_the_client_may_retry() {
+        let mut n = routed(true);
+        assert_eq!(n.on_client(&mut buf(b"a7 LOGIN alice secret\r\n")), route_to("alice"));
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), None, "lock-step while routing");
+        assert_eq!(
+            n.on_route_failed(),
+            Step::to_client(b"a7 NO [UNAVAILABLE] Backend server unavailable, try again later\r\n")
+        );
+        assert_eq!(n.on_client(&mut buf(b"b NOOP\r\n")), to_client(b"b OK NOOP completed\r\n"));
+        routes(&mut n, b"a8 LOGIN alice secret\r\n", "alice");
+    }
+
+    #[test]
+    fn refusing_or_preauth_greeting_is_unavailable() {
+        for greeting in [&b"* BYE go away\r\n"[..], b"* PREAUTH hi\r\n", b"junk\r\n"] {
+            let mut n = routed(true);
+            n.on_client(&mut buf(b"a LOGIN alice secret\r\n"));
+            assert_eq!(n.on_greeting(&mut buf(greeting)).map(|s| s.next), Some(Next::Unavailable));
+            assert_eq!(
+                n.on_route_failed().to_client,
+                b"a NO [UNAVAILABLE] Backend server unavailable, try again later\r\n"
+            );
+        }
+    }
+
+    #[test]
+    fn imap_probe_learns_the_capability_list() {
+        use super::super::CapabilityProbe;
+        let mut p = ImapProbe::default();
+        assert_eq!(
+            p.on_backend(&mut buf(b"* OK [CAPABILITY IMAP4rev1] Dovecot ready.\r\n")),
+            Some(ProbeStep::Send(b"mailtls CAPABILITY\r\n".to_vec()))
+        );
+        let mut reply = buf(b"* CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN\r\nmailtls OK done\r\n");
+        assert_eq!(p.on_backend(&mut reply), Some(ProbeStep::Send(Vec::new())));
+        assert_eq!(
+            p.on_backend(&mut reply),
+            Some(ProbeStep::Done(vec![
+                "IMAP4rev1".to_owned(),
+                "SASL-IR".to_owned(),
+                "AUTH=PLAIN".to_owned()
+            ]))
+        );
+        assert_eq!(p.quit(), b"mailtls LOGOUT\r\n");
+        let mut p = ImapProbe::default();
+        assert!(matches!(p.on_backend(&mut buf(b"* BYE no\r\n")), Some(ProbeStep::Failed(_))));
+        let mut p = ImapProbe::default();
+        p.on_backend(&mut buf(b"* OK hi\r\n"));
+        assert!(matches!(p.on_backend(&mut buf(b"mailtls BAD no\r\n")), Some(ProbeStep::Failed(_))));
+    }
+
+    #[test]
+    fn routed_random_bytes_never_panic_and_buffers_stay_bounded() {
+        let s = Settings { max_line: 1024, max_literal: 64, ..settings() };
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..4000 {
+            let mut n = ImapRouted::new(&s, rng.below(2) == 0);
+            let _ = n.opening();
+            let (mut client, mut backend) = (BytesMut::new(), BytesMut::new());
+            'session: for _ in 0..8 {
+                client.extend_from_slice(&rng.bytes());
+                backend.extend_from_slice(&rng.bytes());
+                for _ in 0..64 {
+                    let step = match n.on_client(&mut client) {
+                        Some(step) => step,
+                        None => match n.on_backend(&mut backend) {
+                            Some(step) => step,
+                            None => break,
+                        },
+                    };
+                    assert!(step.to_client.len() <= s.max_line + 128);
+                    match step.next {
+                        Next::Route { .. } => {
+                            let step = match rng.below(3) {
+                                0 => Some(n.on_route_failed()),
+                                _ => n.on_greeting(&mut backend),
+                            };
+                            if step.as_ref().is_some_and(|s| s.next == Next::Unavailable) {
+                                n.on_route_failed();
+                            }
+                        }
+                        Next::Negotiate | Next::Detach => {}
+                        Next::Relay | Next::Close | Next::Unavailable => break 'session,
+                    }
+                }
+                if matches!(n.state, Routing::Unrouted) && n.client.literal_left == 0 {
+                    assert!(client.len() < s.max_line, "an unread line stays below the bound");
+                }
             }
         }
     }

@@ -8,6 +8,10 @@
 //!   backend talk through mailtls line by line. The state machine filters capability
 //!   replies, answers a repeated STARTTLS itself, and says when the client is
 //!   authenticated, at which point the session hands both sockets to the opaque relay.
+//! - On a routed IMAP/POP3 listener ([`Entry::Routed`]) the negotiation starts with no
+//!   backend: the state machine answers the client itself until the client names its user
+//!   (LOGIN, AUTHENTICATE PLAIN, USER, AUTH PLAIN), then asks the session to connect the
+//!   backend for that user ([`Next::Route`]) and replays the identification to it.
 //!
 //! The state machines do no I/O. They are fed the bytes buffered so far and return a step;
 //! the session performs the writes. Every call consumes at most one unit (one command or
@@ -16,6 +20,7 @@
 pub mod imap;
 pub mod line;
 pub mod pop3;
+pub mod sasl;
 pub mod smtp;
 
 use std::net::SocketAddr;
@@ -63,9 +68,11 @@ pub struct Settings {
     pub max_errors: u32,
     /// Largest IMAP literal accepted before authentication (`{n}` / `{n+}`), in bytes.
     pub max_literal: u64,
-    /// SMTP only: the extensions the backend announced in its EHLO reply (keywords with
-    /// their parameters, e.g. "SIZE 10240000"), learned by a [`smtp::Probe`]. Used for the
-    /// pre-TLS EHLO reply of an opportunistic listener. Empty when not (yet) known.
+    /// What the backend announced, learned by a [`CapabilityProbe`]; empty when not (yet)
+    /// known. SMTP (opportunistic listeners): its EHLO extensions, keywords with their
+    /// parameters ("SIZE 10240000"), for the pre-TLS EHLO reply. IMAP and POP3 (routed
+    /// listeners): the default backend's CAPABILITY atoms or CAPA lines, for the answers
+    /// mailtls gives before any backend is chosen.
     pub backend_extensions: Arc<[String]>,
     /// SMTP only (`xclient = true`): tell the backend who the client is with Postfix's
     /// XCLIENT command after its greeting, for backends that take no PROXY header.
@@ -135,10 +142,15 @@ pub enum Entry {
     /// negotiation for its whole life, so that no plaintext AUTH or forged client address
     /// can reach the backend after the first transaction.
     Plaintext { replay: Vec<u8> },
+    /// A routed IMAP/POP3 listener (`routes = "PATH"`): there is no backend yet. The session
+    /// writes [`Negotiation::opening`] (mailtls's own greeting when `greet`, i.e. implicit
+    /// TLS; nothing after STARTTLS) and negotiates with the client alone until the state
+    /// machine says [`Next::Route`].
+    Routed { greet: bool },
 }
 
 /// What the session does after a [`Step`] has been written out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Next {
     /// Stay in the negotiation phase.
     Negotiate,
@@ -152,6 +164,17 @@ pub enum Next {
     /// XCLIENT, a malformed reply): `to_client` is the protocol's "unavailable" reply; the
     /// session closes both connections and counts a backend failure.
     Unavailable,
+    /// Routed listeners: the client identified itself as `user` (the name is for choosing
+    /// the backend and for logs; the credentials stay inside the state machine). The session
+    /// drops any backend it still holds, chooses the backend for `user`, connects (PROXY
+    /// header as usual) and feeds its greeting to [`Negotiation::on_greeting`], whose step
+    /// starts the replay of the identification. If that fails the session writes
+    /// [`Negotiation::on_route_failed`] instead and stays in the negotiation phase.
+    Route { user: String },
+    /// Routed listeners: the routed backend refused the login (its answer is in this step's
+    /// `to_client`). The session closes the backend connection and negotiates with the
+    /// client alone again, so the next identification is routed afresh.
+    Detach,
 }
 
 /// One step of the negotiation phase: bytes for each side and what comes next.
@@ -195,6 +218,41 @@ pub trait Negotiation: Send {
     fn on_client(&mut self, input: &mut BytesMut) -> Option<Step>;
     /// Consumes at most one backend unit (a whole response, multi-line ones included).
     fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step>;
+    /// A machine that starts without a backend ([`Entry::Routed`]) gives its first step
+    /// here: mailtls's own greeting, or an empty step. `None` (every other machine): the
+    /// session connects the backend first and starts with its greeting.
+    fn opening(&mut self) -> Option<Step> {
+        None
+    }
+    /// After [`Next::Route`]: the chosen backend was unreachable or refused service. The
+    /// step answers the identifying command with the protocol's "try again later" (IMAP
+    /// `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`); the machine is back in its state before
+    /// the identification, so the client may retry. Machines that never route close.
+    fn on_route_failed(&mut self) -> Step {
+        Step::to_client(Vec::new()).then(Next::Close)
+    }
+}
+
+/// What a [`CapabilityProbe`] wants next.
+pub use smtp::ProbeStep;
+
+/// mailtls's own short conversation with a backend to learn what it offers (SMTP EHLO
+/// extensions, IMAP CAPABILITY, POP3 CAPA), so mailtls can answer for it truthfully while
+/// no backend is connected. No I/O: fed the backend's bytes, it says what to send.
+pub trait CapabilityProbe: Send {
+    /// Consumes at most one backend reply; `None` means more bytes are needed.
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<ProbeStep>;
+    /// The goodbye to send after [`ProbeStep::Done`].
+    fn quit(&self) -> &'static [u8];
+}
+
+/// The capability probe for `protocol`.
+pub fn probe(protocol: Protocol, settings: &Settings) -> Box<dyn CapabilityProbe> {
+    match protocol {
+        Protocol::Smtp => Box::new(smtp::Probe::new(&settings.hostname)),
+        Protocol::Imap => Box::new(imap::ImapProbe::default()),
+        Protocol::Pop3 => Box::new(pop3::Pop3Probe::default()),
+    }
 }
 
 /// Why mailtls itself ends a session; each protocol has its own words for it.
@@ -223,8 +281,14 @@ pub fn pre_tls(protocol: Protocol, settings: &Settings) -> Box<dyn PreTls> {
 pub fn negotiation(protocol: Protocol, settings: &Settings, entry: Entry) -> Box<dyn Negotiation> {
     match protocol {
         Protocol::Smtp => Box::new(smtp::SmtpNegotiation::new(settings, entry)),
-        Protocol::Imap => Box::new(imap::ImapNegotiation::new(settings, entry)),
-        Protocol::Pop3 => Box::new(pop3::Pop3Negotiation::new(settings, entry)),
+        Protocol::Imap => match entry {
+            Entry::Routed { greet } => Box::new(imap::ImapRouted::new(settings, greet)),
+            entry => Box::new(imap::ImapNegotiation::new(settings, entry)),
+        },
+        Protocol::Pop3 => match entry {
+            Entry::Routed { greet } => Box::new(pop3::Pop3Routed::new(settings, greet)),
+            entry => Box::new(pop3::Pop3Negotiation::new(settings, entry)),
+        },
     }
 }
 

@@ -1,10 +1,15 @@
 //! POP3 (RFC 1939, 2449, 2595, 3206, 5034): the dialogue mailtls speaks itself before STLS,
 //! and the lock-step relay after TLS that hides STLS and ends at PASS, APOP or AUTH `+OK`.
+//!
+//! On routed listeners, [`Pop3Routed`] answers for the backend until USER or AUTH PLAIN
+//! names the user, and [`Pop3Probe`] learns the default backend's CAPA list.
+
+use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
 use super::line::{self, Line};
-use super::{Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, Settings, Step};
+use super::{sasl, Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, ProbeStep, Settings, Step};
 
 // RESP-CODES and AUTH-RESP-CODE are advertised so clients may rely on the `[AUTH]` code of
 // our refusals (RFC 2449, RFC 3206). USER and SASL are absent: no login before TLS.
@@ -404,7 +409,9 @@ impl Negotiation for Pop3Negotiation {
         // unsolicited data in the TLS session.
         Some(match self.entry {
             Entry::Implicit => Step::to_client(greeting.to_vec()),
-            Entry::AfterStartTls | Entry::Plaintext { .. } => Step::to_client(Vec::new()),
+            Entry::AfterStartTls | Entry::Plaintext { .. } | Entry::Routed { .. } => {
+                Step::to_client(Vec::new())
+            }
         })
     }
 
@@ -426,6 +433,412 @@ impl Negotiation for Pop3Negotiation {
             State::MultiLine { strip_stls } => self.relay_list(strip_stls, input, Vec::new()),
             State::Done => None,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Routed listeners: mailtls answers until USER / AUTH PLAIN names the user
+// ---------------------------------------------------------------------------------------
+
+const SASL_GO_AHEAD: &[u8] = b"+ \r\n";
+const MECHANISMS: &[u8] = b"+OK\r\nPLAIN\r\n.\r\n";
+const NOT_BEFORE_LOGIN: &[u8] = b"-ERR Unknown command or not before login\r\n";
+const USER_FIRST: &[u8] = b"-ERR No user name given (USER first)\r\n";
+const NO_USER_NAME: &[u8] = b"-ERR Missing user name\r\n";
+const NO_APOP: &[u8] = b"-ERR APOP is not available here\r\n";
+const UNSUPPORTED_MECHANISM: &[u8] = b"-ERR Unsupported authentication mechanism\r\n";
+const BAD_PLAIN: &[u8] = b"-ERR Invalid SASL PLAIN response\r\n";
+const SASL_CANCELLED: &[u8] = b"-ERR Authentication cancelled\r\n";
+const ROUTE_FAILED: &[u8] = b"-ERR [SYS/TEMP] Backend server unavailable, try again later\r\n";
+
+/// The CAPA lines a routed listener announces before login: the default backend's, learned
+/// by [`Pop3Probe`], minus STLS, with the SASL line cut down to PLAIN (the only mechanism
+/// mailtls can read a user name from). Before anything was learned: USER alone.
+fn routed_capabilities(learned: &[String]) -> Vec<u8> {
+    let mut out = b"+OK Capability list follows\r\n".to_vec();
+    let mut kept = 0;
+    for capability in learned {
+        let (keyword, mechanisms) = line::split_word(capability.as_bytes());
+        if verb_is(keyword, "STLS") {
+            continue;
+        }
+        if verb_is(keyword, "SASL") {
+            let plain = mechanisms
+                .unwrap_or_default()
+                .split(|&b| b == b' ')
+                .any(|m| m.eq_ignore_ascii_case(b"PLAIN"));
+            if plain {
+                out.extend_from_slice(b"SASL PLAIN\r\n");
+                kept += 1;
+            }
+            continue;
+        }
+        out.extend_from_slice(capability.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        kept += 1;
+    }
+    if kept == 0 {
+        out.extend_from_slice(b"USER\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// Which identification is being replayed to the routed backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Identification {
+    /// `USER name`: its `+OK` leads to PASS, which the ordinary negotiation forwards.
+    User,
+    /// `AUTH PLAIN`: its `+OK` is the login.
+    AuthPlain,
+}
+
+/// Where a routed POP3 session stands.
+#[derive(Debug)]
+enum Routing {
+    /// No backend: mailtls answers commands itself.
+    Unrouted,
+    /// `+ ` was sent for AUTH PLAIN; the client's response line comes next.
+    SaslResponse,
+    /// [`Next::Route`] was given; the session is connecting the backend.
+    Connecting { what: Identification, replay: VecDeque<Vec<u8>> },
+    /// The identification went to the backend; `rest` goes after each of its `+`.
+    Replaying { what: Identification, rest: VecDeque<Vec<u8>> },
+    /// The backend accepted USER: the ordinary negotiation carries on (PASS, CAPA...).
+    /// `login` is set while the answer to a forwarded PASS is outstanding.
+    Connected { login: bool },
+    /// Relay or close was decided.
+    Done,
+}
+
+/// The negotiation of a routed POP3 listener: mailtls's own dialogue until USER or AUTH
+/// PLAIN, then the replay to the backend chosen for that user, then the ordinary
+/// negotiation (PASS) and relay.
+pub struct Pop3Routed {
+    greet: bool,
+    hostname: String,
+    capabilities: Vec<u8>,
+    max_line: usize,
+    max_errors: u32,
+    errors: u32,
+    state: Routing,
+    /// The ordinary negotiation with the routed backend, once USER was accepted.
+    connected: Pop3Negotiation,
+}
+
+impl Pop3Routed {
+    pub fn new(settings: &Settings, greet: bool) -> Self {
+        let mut connected = Pop3Negotiation::new(settings, Entry::AfterStartTls);
+        // The routed backend's greeting is consumed by this machine, never by that one.
+        connected.state = State::Idle;
+        Pop3Routed {
+            greet,
+            hostname: settings.hostname.chars().filter(|c| !c.is_control()).collect(),
+            capabilities: routed_capabilities(&settings.backend_extensions),
+            max_line: settings.max_line,
+            max_errors: settings.max_errors,
+            errors: 0,
+            state: Routing::Unrouted,
+            connected,
+        }
+    }
+
+    fn error(&mut self, reply: &[u8]) -> Step {
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.max_errors {
+            self.close(TOO_MANY_ERRORS)
+        } else {
+            Step::to_client(reply)
+        }
+    }
+
+    fn close(&mut self, reply: &[u8]) -> Step {
+        self.state = Routing::Done;
+        Step::to_client(reply).then(Next::Close)
+    }
+
+    fn backend_unavailable(&mut self) -> Step {
+        self.state = Routing::Done;
+        Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable)
+    }
+
+    fn route(&mut self, what: Identification, user: String, replay: VecDeque<Vec<u8>>) -> Step {
+        self.state = Routing::Connecting { what, replay };
+        Step::to_client(Vec::new()).then(Next::Route { user })
+    }
+
+    /// One command while no backend is chosen (or, for USER and AUTH, while one is: every
+    /// identification is routed afresh).
+    fn command(&mut self, command: &[u8]) -> Step {
+        let (verb, rest) = line::split_word(command);
+        let argument = rest.filter(|_| has_argument(rest)).unwrap_or_default();
+        if verb_is(verb, "USER") {
+            if argument.is_empty() {
+                return self.error(NO_USER_NAME);
+            }
+            let mut replay = b"USER ".to_vec();
+            replay.extend_from_slice(argument);
+            replay.extend_from_slice(b"\r\n");
+            let user = String::from_utf8_lossy(argument).into_owned();
+            return self.route(Identification::User, user, VecDeque::from([replay]));
+        }
+        if verb_is(verb, "AUTH") {
+            let (mechanism, initial) = line::split_word(argument);
+            if mechanism.is_empty() {
+                return Step::to_client(MECHANISMS);
+            }
+            if !verb_is(mechanism, "PLAIN") {
+                return self.error(UNSUPPORTED_MECHANISM);
+            }
+            return match initial.filter(|r| !r.is_empty()) {
+                // RFC 5034's initial response, on the command line.
+                Some(response) => self.plain_response(response),
+                None => {
+                    self.state = Routing::SaslResponse;
+                    Step::to_client(SASL_GO_AHEAD)
+                }
+            };
+        }
+        if verb_is(verb, "CAPA") {
+            Step::to_client(self.capabilities.clone())
+        } else if verb_is(verb, "NOOP") {
+            Step::to_client(b"+OK\r\n".to_vec())
+        } else if verb_is(verb, "QUIT") {
+            self.close(BYE)
+        } else if verb_is(verb, "STLS") {
+            self.error(TLS_ALREADY_ACTIVE)
+        } else if verb_is(verb, "PASS") {
+            self.error(USER_FIRST)
+        } else if verb_is(verb, "APOP") {
+            // APOP names its user too, but its digest needs the timestamp of a greeting
+            // the routed backend never sent to this client.
+            self.error(NO_APOP)
+        } else {
+            self.error(NOT_BEFORE_LOGIN)
+        }
+    }
+
+    /// Routes by the PLAIN response; the backend gets `AUTH PLAIN` without an initial
+    /// response and the client's base64 text after its `+`.
+    fn plain_response(&mut self, response: &[u8]) -> Step {
+        self.state = Routing::Unrouted;
+        match sasl::plain_user(response) {
+            Ok(user) => {
+                let mut data = response.to_vec();
+                data.extend_from_slice(b"\r\n");
+                let replay = VecDeque::from([b"AUTH PLAIN\r\n".to_vec(), data]);
+                self.route(Identification::AuthPlain, user, replay)
+            }
+            Err(_) => self.error(BAD_PLAIN),
+        }
+    }
+
+    fn take_client_line(&mut self, input: &mut BytesMut) -> Option<Result<BytesMut, Step>> {
+        match line::take_line(input, self.max_line) {
+            Line::Incomplete => None,
+            Line::TooLong => Some(Err(self.close(LINE_TOO_LONG))),
+            Line::Complete(command) => Some(Ok(command)),
+        }
+    }
+
+    /// A client line while the routed backend holds the session before login.
+    fn connected_command(&mut self, input: &mut BytesMut) -> Option<Step> {
+        if self.connected.state != State::Idle {
+            return None;
+        }
+        let command = match self.take_client_line(input)? {
+            Ok(command) => command,
+            Err(step) => return Some(step),
+        };
+        let (verb, _) = line::split_word(&command);
+        if ["USER", "AUTH", "APOP"].iter().any(|v| verb_is(verb, v)) {
+            self.state = Routing::Unrouted;
+            return Some(self.command(&command));
+        }
+        let login = verb_is(verb, "PASS");
+        self.state = Routing::Connected { login };
+        let mut one = command;
+        self.connected.on_client(&mut one)
+    }
+
+    /// A backend response while the routed backend holds the session before login.
+    fn connected_response(&mut self, login: bool, input: &mut BytesMut) -> Option<Step> {
+        let step = self.connected.on_backend(input)?;
+        if step.next == Next::Relay {
+            self.state = Routing::Done;
+            return Some(step);
+        }
+        if step.next != Next::Negotiate {
+            self.state = Routing::Done;
+            return Some(step);
+        }
+        self.state = Routing::Connected { login: false };
+        if login && step.to_client.starts_with(b"-ERR") {
+            return Some(self.refused_login(step.to_client));
+        }
+        Some(step)
+    }
+
+    /// The routed backend refused the login: forget it, so the next try is routed afresh;
+    /// count it, so a client cannot guess passwords without bound.
+    fn refused_login(&mut self, answer: Vec<u8>) -> Step {
+        self.errors = self.errors.saturating_add(1);
+        if self.errors > self.max_errors {
+            self.state = Routing::Done;
+            let mut both = answer;
+            both.extend_from_slice(TOO_MANY_ERRORS);
+            return Step::to_client(both).then(Next::Close);
+        }
+        self.state = Routing::Unrouted;
+        Step::to_client(answer).then(Next::Detach)
+    }
+
+    /// A backend line while the identification is being replayed.
+    fn replay_response(&mut self, what: Identification, input: &mut BytesMut) -> Option<Step> {
+        let response = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(self.backend_unavailable()),
+            Line::Complete(response) => response,
+        };
+        let Routing::Replaying { rest, .. } = &mut self.state else { return None };
+        Some(match status_of(&response) {
+            Status::Continuation => match rest.pop_front() {
+                // The `+` was for mailtls's replay; the client had its own already.
+                Some(segment) => Step::to_backend(segment),
+                None => self.backend_unavailable(),
+            },
+            Status::Ok => match what {
+                Identification::User => {
+                    self.state = Routing::Connected { login: false };
+                    Step::to_client(response.to_vec())
+                }
+                Identification::AuthPlain => {
+                    self.state = Routing::Done;
+                    Step::to_client(response.to_vec()).then(Next::Relay)
+                }
+            },
+            Status::Err => self.refused_login(response.to_vec()),
+            Status::Malformed => self.backend_unavailable(),
+        })
+    }
+}
+
+impl Negotiation for Pop3Routed {
+    fn opening(&mut self) -> Option<Step> {
+        // No APOP timestamp: APOP cannot be routed (see `command`).
+        let greeting = if self.greet {
+            format!("+OK {} POP3 ready\r\n", self.hostname).into_bytes()
+        } else {
+            Vec::new()
+        };
+        Some(Step::to_client(greeting))
+    }
+
+    fn on_greeting(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let Routing::Connecting { .. } = self.state else { return None };
+        let greeting = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(Step::to_client(Vec::new()).then(Next::Unavailable)),
+            Line::Complete(greeting) => greeting,
+        };
+        if status_of(&greeting) != Status::Ok {
+            return Some(Step::to_client(Vec::new()).then(Next::Unavailable));
+        }
+        let Routing::Connecting { what, mut replay } = std::mem::replace(&mut self.state, Routing::Done)
+        else {
+            return None;
+        };
+        let first = replay.pop_front().unwrap_or_default();
+        self.state = Routing::Replaying { what, rest: replay };
+        // The client had mailtls's greeting (or the STLS one): this one is swallowed.
+        Some(Step::to_backend(first))
+    }
+
+    fn on_route_failed(&mut self) -> Step {
+        self.state = Routing::Unrouted;
+        Step::to_client(ROUTE_FAILED)
+    }
+
+    fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
+        match self.state {
+            Routing::Unrouted => {}
+            Routing::SaslResponse => {
+                let response = match self.take_client_line(input)? {
+                    Ok(response) => response,
+                    Err(step) => return Some(step),
+                };
+                let response = line::trim_eol(&response);
+                if response == b"*" {
+                    self.state = Routing::Unrouted;
+                    return Some(Step::to_client(SASL_CANCELLED));
+                }
+                return Some(self.plain_response(response));
+            }
+            Routing::Connected { login: false } => return self.connected_command(input),
+            Routing::Connected { login: true }
+            | Routing::Connecting { .. }
+            | Routing::Replaying { .. }
+            | Routing::Done => return None,
+        }
+        let command = match self.take_client_line(input)? {
+            Ok(command) => command,
+            Err(step) => return Some(step),
+        };
+        Some(self.command(&command))
+    }
+
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step> {
+        match self.state {
+            Routing::Replaying { what, .. } => self.replay_response(what, input),
+            Routing::Connected { login } => self.connected_response(login, input),
+            _ => None,
+        }
+    }
+}
+
+/// Learns a POP3 backend's capabilities before login: greeting, `CAPA`, the list.
+#[derive(Debug, Default)]
+pub struct Pop3Probe {
+    asked: bool,
+    listing: bool,
+    learned: Vec<String>,
+}
+
+/// Lines in a probe answer are short; anything longer is not a POP3 server talking.
+const PROBE_MAX_LINE: usize = 8 * 1024;
+
+impl super::CapabilityProbe for Pop3Probe {
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<ProbeStep> {
+        let response = match line::take_line(input, PROBE_MAX_LINE) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(ProbeStep::Failed("response line too long".to_owned())),
+            Line::Complete(response) => response,
+        };
+        let body = line::trim_eol(&response);
+        let shown = String::from_utf8_lossy(body).into_owned();
+        if self.listing {
+            if body == b"." {
+                return Some(ProbeStep::Done(std::mem::take(&mut self.learned)));
+            }
+            if !body.is_empty() && body.iter().all(|&b| b == b' ' || b.is_ascii_graphic()) {
+                self.learned.push(shown);
+            }
+            return Some(ProbeStep::Send(Vec::new()));
+        }
+        if status_of(&response) != Status::Ok {
+            let what = if self.asked { "CAPA refused" } else { "greeting refused" };
+            return Some(ProbeStep::Failed(format!("{what}: {shown}")));
+        }
+        if self.asked {
+            self.listing = true;
+            return Some(ProbeStep::Send(Vec::new()));
+        }
+        self.asked = true;
+        Some(ProbeStep::Send(b"CAPA\r\n".to_vec()))
+    }
+
+    fn quit(&self) -> &'static [u8] {
+        b"QUIT\r\n"
     }
 }
 
@@ -1027,6 +1440,193 @@ mod tests {
                 if n.state == State::Idle || n.state == State::SaslResponse {
                     assert!(client.len() < small.max_line, "an undecided command outgrew its bound");
                 }
+            }
+        }
+    }
+    // ---- routed listeners ----
+
+    fn routed() -> Pop3Routed {
+        let learned: Vec<String> = ["TOP", "UIDL", "STLS", "USER", "SASL PLAIN LOGIN CRAM-MD5", "RESP-CODES"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        Pop3Routed::new(&Settings { backend_extensions: std::sync::Arc::from(learned), ..settings() }, true)
+    }
+
+    fn route_to(user: &str) -> Option<Step> {
+        Some(Step::to_client(Vec::new()).then(Next::Route { user: user.to_owned() }))
+    }
+
+    /// Routes with `client`, greets, and returns the first replayed segment.
+    fn routes(n: &mut Pop3Routed, client: &[u8], user: &str) -> Vec<u8> {
+        let mut input = buf(client);
+        assert_eq!(n.on_client(&mut input), route_to(user));
+        assert!(input.is_empty());
+        let step = n.on_greeting(&mut buf(b"+OK Dovecot ready.\r\n")).expect("greeting step");
+        assert!(step.to_client.is_empty());
+        step.to_backend
+    }
+
+    #[test]
+    fn routed_greeting_capa_and_local_commands() {
+        let mut n = routed();
+        assert_eq!(n.opening(), Some(Step::to_client(b"+OK mail.example.org POP3 ready\r\n")));
+        assert_eq!(
+            n.on_client(&mut buf(b"capa\r\n")),
+            Some(Step::to_client(
+                b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nUSER\r\nSASL PLAIN\r\nRESP-CODES\r\n.\r\n"
+            ))
+        );
+        assert_eq!(n.on_client(&mut buf(b"NOOP\r\n")), Some(Step::to_client(b"+OK\r\n")));
+        assert_eq!(n.on_client(&mut buf(b"AUTH\r\n")), Some(Step::to_client(MECHANISMS)));
+        assert_eq!(n.on_client(&mut buf(b"STLS\r\n")), Some(Step::to_client(TLS_ALREADY_ACTIVE)));
+        assert_eq!(n.on_client(&mut buf(b"PASS x\r\n")), Some(Step::to_client(USER_FIRST)));
+        assert_eq!(n.on_client(&mut buf(b"APOP a b\r\n")), Some(Step::to_client(NO_APOP)));
+        assert_eq!(n.on_client(&mut buf(b"USER\r\n")), Some(Step::to_client(NO_USER_NAME)));
+        assert_eq!(n.on_client(&mut buf(b"AUTH CRAM-MD5\r\n")), Some(Step::to_client(UNSUPPORTED_MECHANISM)));
+        assert_eq!(n.on_client(&mut buf(b"AUTH PLAIN !!\r\n")), Some(Step::to_client(BAD_PLAIN)));
+        assert_eq!(n.on_client(&mut buf(b"QUIT\r\n")), Some(Step::to_client(BYE).then(Next::Close)));
+        let bare = Pop3Routed::new(&settings(), false);
+        assert_eq!(bare.capabilities, b"+OK Capability list follows\r\nUSER\r\n.\r\n");
+    }
+
+    #[test]
+    fn user_routes_then_pass_goes_through_the_ordinary_negotiation() {
+        let mut n = routed();
+        assert_eq!(
+            routes(&mut n, b"USER alice@example.org\r\n", "alice@example.org"),
+            b"USER alice@example.org\r\n"
+        );
+        assert_eq!(n.on_backend(&mut buf(b"+OK\r\n")), Some(Step::to_client(b"+OK\r\n")));
+        forwarded_routed(&mut n, b"CAPA\r\n");
+        assert_eq!(
+            n.on_backend(&mut buf(b"+OK\r\nSTLS\r\nUSER\r\n.\r\n")),
+            Some(Step::to_client(b"+OK\r\nUSER\r\n.\r\n"))
+        );
+        forwarded_routed(&mut n, b"PASS secret\r\n");
+        assert_eq!(n.on_client(&mut buf(b"STAT\r\n")), None, "lock-step");
+        assert_eq!(
+            n.on_backend(&mut buf(b"+OK Logged in.\r\n")),
+            Some(Step::to_client(b"+OK Logged in.\r\n").then(Next::Relay))
+        );
+    }
+
+    fn forwarded_routed(n: &mut Pop3Routed, command: &[u8]) {
+        let mut input = buf(command);
+        assert_eq!(n.on_client(&mut input), Some(Step::to_backend(command)));
+        assert!(input.is_empty());
+    }
+
+    #[test]
+    fn refused_pass_or_user_detaches_and_a_new_user_routes_afresh() {
+        let mut n = routed();
+        routes(&mut n, b"USER alice\r\n", "alice");
+        n.on_backend(&mut buf(b"+OK\r\n"));
+        forwarded_routed(&mut n, b"PASS wrong\r\n");
+        assert_eq!(
+            n.on_backend(&mut buf(b"-ERR [AUTH] Authentication failed.\r\n")),
+            Some(Step::to_client(b"-ERR [AUTH] Authentication failed.\r\n").then(Next::Detach))
+        );
+        assert_eq!(n.on_client(&mut buf(b"NOOP\r\n")), Some(Step::to_client(b"+OK\r\n")), "unrouted again");
+        routes(&mut n, b"USER bob\r\n", "bob");
+        assert_eq!(
+            n.on_backend(&mut buf(b"-ERR no\r\n")),
+            Some(Step::to_client(b"-ERR no\r\n").then(Next::Detach))
+        );
+        // A second USER while the first backend holds the session is routed afresh too.
+        routes(&mut n, b"USER carol\r\n", "carol");
+        n.on_backend(&mut buf(b"+OK\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"USER dave\r\n")), route_to("dave"));
+    }
+
+    #[test]
+    fn auth_plain_with_and_without_initial_response_replays_without() {
+        let response = b"AGFsaWNlAHNlY3JldA=="; // \0alice\0secret
+        let mut line = b"AUTH PLAIN ".to_vec();
+        line.extend_from_slice(response);
+        line.extend_from_slice(b"\r\n");
+        let mut data = response.to_vec();
+        data.extend_from_slice(b"\r\n");
+        let mut n = routed();
+        assert_eq!(routes(&mut n, &line, "alice"), b"AUTH PLAIN\r\n");
+        assert_eq!(n.on_backend(&mut buf(b"+ \r\n")), Some(Step::to_backend(data.clone())));
+        assert_eq!(
+            n.on_backend(&mut buf(b"+OK Logged in.\r\n")),
+            Some(Step::to_client(b"+OK Logged in.\r\n").then(Next::Relay))
+        );
+
+        let mut n = routed();
+        assert_eq!(n.on_client(&mut buf(b"auth plain\r\n")), Some(Step::to_client(SASL_GO_AHEAD)));
+        assert_eq!(n.on_client(&mut buf(&data)), route_to("alice"));
+        assert_eq!(n.on_greeting(&mut buf(b"+OK hi\r\n")), Some(Step::to_backend(b"AUTH PLAIN\r\n")));
+        assert_eq!(n.on_backend(&mut buf(b"+ \r\n")), Some(Step::to_backend(data)));
+        assert_eq!(
+            n.on_backend(&mut buf(b"-ERR [AUTH] no\r\n")),
+            Some(Step::to_client(b"-ERR [AUTH] no\r\n").then(Next::Detach))
+        );
+
+        let mut n = routed();
+        n.on_client(&mut buf(b"AUTH PLAIN\r\n"));
+        assert_eq!(n.on_client(&mut buf(b"*\r\n")), Some(Step::to_client(SASL_CANCELLED)));
+    }
+
+    #[test]
+    fn unreachable_backend_answers_sys_temp_and_the_client_may_retry() {
+        let mut n = routed();
+        assert_eq!(n.on_client(&mut buf(b"USER alice\r\n")), route_to("alice"));
+        assert_eq!(n.on_route_failed(), Step::to_client(ROUTE_FAILED));
+        assert!(ROUTE_FAILED.starts_with(b"-ERR [SYS/TEMP] "));
+        routes(&mut n, b"USER alice\r\n", "alice");
+        let mut n = routed();
+        n.on_client(&mut buf(b"USER alice\r\n"));
+        assert_eq!(n.on_greeting(&mut buf(b"-ERR busy\r\n")).map(|s| s.next), Some(Next::Unavailable));
+    }
+
+    #[test]
+    fn pop3_probe_learns_the_capa_list() {
+        use super::super::CapabilityProbe;
+        let mut p = Pop3Probe::default();
+        assert_eq!(p.on_backend(&mut buf(b"+OK ready\r\n")), Some(ProbeStep::Send(b"CAPA\r\n".to_vec())));
+        let mut list = buf(b"+OK\r\nTOP\r\nSASL PLAIN\r\n.\r\n");
+        while let Some(step) = p.on_backend(&mut list) {
+            if let ProbeStep::Done(learned) = step {
+                assert_eq!(learned, vec!["TOP".to_owned(), "SASL PLAIN".to_owned()]);
+                return;
+            }
+        }
+        panic!("no Done");
+    }
+
+    #[test]
+    fn routed_hostile_bytes_never_panic() {
+        let mut rng = XorShift(0x51_7cc1_b727_220a);
+        for _ in 0..3000 {
+            let mut n = Pop3Routed::new(&Settings { max_line: 512, ..settings() }, true);
+            let (mut client, mut backend) = (BytesMut::new(), BytesMut::new());
+            'session: for _ in 0..8 {
+                client.extend_from_slice(&hostile_chunk(&mut rng));
+                backend.extend_from_slice(&hostile_chunk(&mut rng));
+                for _ in 0..64 {
+                    let step = match n.on_client(&mut client) {
+                        Some(step) => step,
+                        None => match n.on_backend(&mut backend) {
+                            Some(step) => step,
+                            None => break,
+                        },
+                    };
+                    match step.next {
+                        Next::Route { .. } => {
+                            if rng.below(3) == 0
+                                || n.on_greeting(&mut backend).is_none_or(|s| s.next == Next::Unavailable)
+                            {
+                                n.on_route_failed();
+                            }
+                        }
+                        Next::Negotiate | Next::Detach => {}
+                        Next::Relay | Next::Close | Next::Unavailable => break 'session,
+                    }
+                }
+                assert!(client.len() < 512 + 64 || !matches!(n.state, Routing::Unrouted));
             }
         }
     }

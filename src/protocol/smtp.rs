@@ -666,6 +666,9 @@ impl SmtpNegotiation {
         let (replay, entry_is_implicit, mode) = match entry {
             Entry::Implicit => (None, true, Mode::Tls),
             Entry::AfterStartTls => (None, false, Mode::Tls),
+            // The config refuses `routes` on SMTP listeners; were one built, it would behave
+            // as its TLS mode says.
+            Entry::Routed { greet } => (None, greet, Mode::Tls),
             Entry::Plaintext { replay } => {
                 let mode = if opaque_plaintext_is_safe(&settings.backend_extensions) {
                     Mode::PlaintextOpaque
@@ -976,7 +979,7 @@ impl Negotiation for SmtpNegotiation {
 /// What the session does after feeding a probe the backend's bytes.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ProbeStep {
-    /// Write these bytes to the backend and keep reading.
+    /// Write these bytes (possibly none) to the backend and keep reading.
     Send(Vec<u8>),
     /// The backend's EHLO extensions, one keyword with its parameters each. Send
     /// [`PROBE_QUIT`] and close.
@@ -1034,6 +1037,16 @@ impl Probe {
     fn fail(&mut self, why: String) -> ProbeStep {
         self.state = ProbeState::Finished;
         ProbeStep::Failed(why)
+    }
+}
+
+impl super::CapabilityProbe for Probe {
+    fn on_backend(&mut self, input: &mut BytesMut) -> Option<ProbeStep> {
+        Probe::on_backend(self, input)
+    }
+
+    fn quit(&self) -> &'static [u8] {
+        PROBE_QUIT
     }
 }
 

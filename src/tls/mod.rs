@@ -4,7 +4,8 @@
 pub mod load;
 pub mod prefixed;
 pub mod store;
-pub mod watch;
+/// The directory watcher, shared with the routes files; kept reachable here as before.
+pub use crate::watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -64,8 +64,16 @@ impl Backend {
         Backend::spawn(script, false).await
     }
 
+    /// A backend (with PROXY header) on a given address, e.g. one that was unreachable.
+    pub async fn start_at(script: Script, addr: SocketAddr) -> Backend {
+        Backend::spawn_on(TcpListener::bind(addr).await.unwrap(), script, true)
+    }
+
     async fn spawn(script: Script, header: bool) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Backend::spawn_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), script, header)
+    }
+
+    fn spawn_on(listener: TcpListener, script: Script, header: bool) -> Backend {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Arc<Mutex<Seen>>>>> = Arc::default();
         let all = seen.clone();

@@ -131,29 +131,8 @@ impl Interop {
         strip_ansi(&read_lossy(&self.path().join("mailtls.log")))
     }
 
-    /// A root CA, an intermediate and a leaf for localhost, mail.test and 127.0.0.1, so
-    /// clients check a real chain and host names (mbsync checks names only, not IPs).
     fn write_certificates(&self) {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-        let ca_params = |name: &str| {
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            p.distinguished_name.push(DnType::CommonName, name);
-            p
-        };
-        let root_key = KeyPair::generate().unwrap();
-        let root = ca_params("mailtls interop root").self_signed(&root_key).unwrap();
-        let mid_key = KeyPair::generate().unwrap();
-        let mid = ca_params("mailtls interop intermediate").signed_by(&mid_key, &root, &root_key).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let names = ["localhost", "mail.test", "127.0.0.1"].map(String::from).to_vec();
-        let mut leaf_params = CertificateParams::new(names).unwrap();
-        leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
-        let leaf = leaf_params.signed_by(&leaf_key, &mid, &mid_key).unwrap();
-        fs::write(self.ca(), root.pem()).unwrap();
-        fs::write(self.path().join("chain.pem"), format!("{}{}", leaf.pem(), mid.pem())).unwrap();
-        fs::write(self.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        write_certificates(self.path());
     }
 
     fn start_mailtls(&mut self) {
@@ -287,6 +266,145 @@ impl Drop for Interop {
     }
 }
 
+/// A root CA, an intermediate and a leaf for localhost, mail.test and 127.0.0.1, so
+/// clients check a real chain and host names (mbsync checks names only, not IPs); written
+/// as ca.pem, chain.pem and key.pem in `dir`.
+fn write_certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_params = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.distinguished_name.push(DnType::CommonName, name);
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root = ca_params("mailtls interop root").self_signed(&root_key).unwrap();
+    let mid_key = KeyPair::generate().unwrap();
+    let mid = ca_params("mailtls interop intermediate").signed_by(&mid_key, &root, &root_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let names = ["localhost", "mail.test", "127.0.0.1"].map(String::from).to_vec();
+    let mut leaf_params = CertificateParams::new(names).unwrap();
+    leaf_params.distinguished_name.push(DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&leaf_key, &mid, &mid_key).unwrap();
+    fs::write(dir.join("ca.pem"), root.pem()).unwrap();
+    fs::write(dir.join("chain.pem"), format!("{}{}", leaf.pem(), mid.pem())).unwrap();
+    fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+}
+
+// ---- two Dovecots behind one routed mailtls port --------------------------------------------
+
+/// The second mailbox, on the second Dovecot.
+pub const OTHER_USER: &str = "bob@other.test";
+
+/// Two Dovecot instances, each holding one user's mailbox (alice's on the first, bob's on
+/// the second, one message each), behind one mailtls IMAPS and one POP3S port whose routes
+/// send bob@other.test to the second and everyone else to the first.
+pub struct RoutedPair {
+    pub imaps: u16,
+    pub pop3s: u16,
+    mailtls: Option<Child>,
+    dovecots: Vec<Dovecot>,
+    pub dir: tempfile::TempDir,
+}
+
+impl RoutedPair {
+    pub fn start() -> RoutedPair {
+        let dir = tempfile::Builder::new().prefix("mailtls-routed-").tempdir_in("/tmp").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let held: Vec<TcpListener> = (0..6).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let p: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
+        write_certificates(dir.path());
+        let mut pair = RoutedPair { imaps: p[4], pop3s: p[5], mailtls: None, dovecots: Vec::new(), dir };
+        for (i, user) in [USER, OTHER_USER].into_iter().enumerate() {
+            let home = pair.dir.path().join(format!("dovecot-{i}"));
+            fs::create_dir_all(&home).unwrap();
+            fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
+            let local = user.split('@').next().unwrap_or(user);
+            let new = home.join(format!("mail/{local}/Maildir/new"));
+            fs::create_dir_all(&new).unwrap();
+            let message = format!("From: test@mail.test\r\nTo: {user}\r\nSubject: for {user}\r\n\r\nThis mailbox is {user}'s.\r\n");
+            fs::write(new.join("1.seed"), message).unwrap();
+            pair.dovecots.push(Dovecot::start_for(&home, user, p[2 * i], p[2 * i + 1]));
+            run_ok(Command::new("chown").arg("-R").arg("nobody:nogroup").arg(home.join("mail")));
+        }
+        let d = pair.dir.path().display().to_string();
+        let mut config = format!(
+            "hostname = \"mx.mail.test\"\n\n[tls]\n[[tls.certificates]]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/key.pem\"\n\n\
+             [timeouts]\ndrain = 1\n"
+        );
+        for (name, protocol, port, first, second) in
+            [("imaps", "imap", pair.imaps, p[0], p[2]), ("pop3s", "pop3", pair.pop3s, p[1], p[3])]
+        {
+            // Relative to the config file: the README's advice, exercised.
+            let routes = format!(
+                "default = \"127.0.0.1:{first}\"\n\n[routes]\n\"{OTHER_USER}\" = \"127.0.0.1:{second}\"\n"
+            );
+            fs::write(pair.dir.path().join(format!("routes-{protocol}.toml")), routes).unwrap();
+            config.push_str(&format!(
+                "\n[[listeners]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntls = \"implicit\"\n\
+                 listen = [\"127.0.0.1:{port}\"]\nroutes = \"routes-{protocol}.toml\"\nproxy_protocol = \"v2\"\n"
+            ));
+        }
+        let config_path = pair.dir.path().join("mailtls.toml");
+        fs::write(&config_path, config).unwrap();
+        let log = File::create(pair.dir.path().join("mailtls.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailtls"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,mailtls=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the mailtls binary");
+        pair.mailtls = Some(child);
+        for port in [pair.imaps, pair.pop3s] {
+            wait_for_port(port, "mailtls", || pair.mailtls_log());
+        }
+        pair
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn mailtls_log(&self) -> String {
+        strip_ansi(&read_lossy(&self.dir.path().join("mailtls.log")))
+    }
+
+    /// Both Dovecots' logs, first then second.
+    pub fn dovecot_logs(&self) -> String {
+        (0..2)
+            .map(|i| read_lossy(&self.dir.path().join(format!("dovecot-{i}/dovecot.log"))))
+            .collect::<Vec<_>>()
+            .join("\n----- second dovecot -----\n")
+    }
+
+    /// The log of Dovecot `i` (0: alice's, 1: bob's).
+    pub fn dovecot_log(&self, i: usize) -> String {
+        read_lossy(&self.dir.path().join(format!("dovecot-{i}/dovecot.log")))
+    }
+}
+
+impl Drop for RoutedPair {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- mailtls.log -----\n{}\n----- dovecot.log -----\n{}",
+                self.mailtls_log(),
+                self.dovecot_logs()
+            );
+        }
+        if let Some(mut child) = self.mailtls.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.dovecots.clear();
+    }
+}
+
 // ---- Dovecot ------------------------------------------------------------------------------
 
 struct Dovecot {
@@ -295,13 +413,18 @@ struct Dovecot {
 
 impl Dovecot {
     fn start(dir: &Path, ports: &Ports) -> Dovecot {
+        Dovecot::start_for(dir, USER, ports.dovecot_imap, ports.dovecot_pop3)
+    }
+
+    /// A Dovecot in `dir` holding the one mailbox of `user` (password [`PASSWORD`]).
+    fn start_for(dir: &Path, user: &str, imap: u16, pop3: u16) -> Dovecot {
         let d = dir.display();
         for sub in ["base", "state", "mail"] {
             fs::create_dir_all(dir.join(sub)).unwrap();
         }
         // Deliveries (Postfix's virtual agent) and Dovecot's mail processes both run as nobody.
         run_ok(Command::new("chown").arg("nobody:nogroup").arg(dir.join("mail")));
-        fs::write(dir.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
+        fs::write(dir.join("users"), format!("{user}:{{PLAIN}}{PASSWORD}\n")).unwrap();
         let config = format!(
             r#"base_dir = {d}/base
 state_dir = {d}/state
@@ -342,8 +465,6 @@ service auth {{
   }}
 }}
 "#,
-            imap = ports.dovecot_imap,
-            pop3 = ports.dovecot_pop3,
         );
         fs::write(dir.join("dovecot.conf"), config).unwrap();
         let out = File::create(dir.join("dovecot.out")).unwrap();
@@ -359,7 +480,7 @@ service auth {{
         let why =
             || format!("{}\n{}", read_lossy(&dir.join("dovecot.out")), read_lossy(&dir.join("dovecot.log")));
         assert!(status.success(), "dovecot did not start: {}", why());
-        for port in [ports.dovecot_imap, ports.dovecot_pop3] {
+        for port in [imap, pop3] {
             wait_for_greeting(port, Some(PROXY_V2_LOCAL), "dovecot", why);
         }
         dovecot

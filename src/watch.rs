@@ -1,6 +1,6 @@
-//! Watching the directories that hold certificate files, so a renewal takes effect by
-//! itself. Directories, not files: certbot renews by swapping symlinks under live/,
-//! Kubernetes by swapping a `..data` link; a watch on the old file would see neither.
+//! Watching the directories that hold files mailtls reloads (certificates, routes), so a
+//! change takes effect by itself. Directories, not files: certbot renews by swapping
+//! symlinks under live/, Kubernetes by swapping a `..data` link; a file watch sees neither.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,8 @@ use notify::{Event, EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 /// Quiet time after the last change before reloading: a renewal writes several files
-/// (and certbot two symlinks), and a half-written set must not be read.
+/// (and certbot two symlinks), an editor saves in steps, and a half-written set must not
+/// be read.
 pub const DEBOUNCE: Duration = Duration::from_millis(400);
 
 /// Keeps the watch alive; dropping it stops watching.
@@ -28,9 +29,13 @@ pub fn directories<'a>(files: impl IntoIterator<Item = &'a Path>) -> Vec<PathBuf
     set.into_iter().collect()
 }
 
-/// Calls `on_change` once things have settled after any change in `dirs`. Must be
-/// called inside the tokio runtime.
-pub fn spawn(dirs: &[PathBuf], on_change: impl Fn() + Send + 'static) -> notify::Result<Watch> {
+/// Calls `on_change` once things have settled after any change in `dirs`; `what` names the
+/// files in log lines ("certificate", "routes"). Must be called inside the tokio runtime.
+pub fn spawn(
+    dirs: &[PathBuf],
+    what: &'static str,
+    on_change: impl Fn() + Send + 'static,
+) -> notify::Result<Watch> {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         if event.is_ok_and(|e| is_change(&e.kind)) {
@@ -39,8 +44,8 @@ pub fn spawn(dirs: &[PathBuf], on_change: impl Fn() + Send + 'static) -> notify:
     })?;
     for dir in dirs {
         match watcher.watch(dir, RecursiveMode::NonRecursive) {
-            Ok(()) => tracing::debug!(dir = %dir.display(), "watching for certificate changes"),
-            Err(e) => tracing::warn!(dir = %dir.display(), "cannot watch for certificate changes: {e}"),
+            Ok(()) => tracing::debug!(dir = %dir.display(), "watching for {what} changes"),
+            Err(e) => tracing::warn!(dir = %dir.display(), "cannot watch for {what} changes: {e}"),
         }
     }
     tokio::spawn(async move {
