@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mailtls::metrics::Metrics;
+use mailtls::server::Control;
 
 const TIMEOUTS: &str = "[timeouts]\nhandshake = 2\ndrain = 1\n";
 
@@ -370,4 +371,50 @@ async fn a_broken_map_stops_the_start_with_file_line_and_key() {
     };
     let expected = format!("{}:3: routes.\"@example.org\": \"nope\" is not host:port", map.display());
     assert!(e.contains("listeners[0].routes: ") && e.ends_with(&expected), "{e}");
+}
+
+// A configuration reload (SIGHUP, systemctl reload) takes a listener's new routes file:
+// new logins follow the new map, while a session routed before stays where it was.
+#[tokio::test]
+async fn a_config_reload_takes_a_new_routes_file() {
+    let site = Site::start(Script::Imap).await;
+    let proxy = site.proxy("imaps", "imap", "implicit").await;
+    let mut before = imaps_ready(&proxy).await;
+    before.send("a LOGIN alice@example.org pw-before\r\n").await;
+    assert!(before.line().await.starts_with("a OK"));
+    assert_eq!(site.holders("pw-before"), ["alice"]);
+
+    // A second map elsewhere sends alice to corp; only the config names it. The watcher
+    // of the first map sees nothing change, so only the reload can move her.
+    let second = site.dir.path().join("second.toml");
+    let text = format!(
+        "default = \"{}\"\n[routes]\n\"alice@example.org\" = \"{}\"\n",
+        site.home.addr, site.corp.addr
+    );
+    write_atomically(&second, &text);
+    let config = std::fs::read_to_string(proxy.config_path()).unwrap();
+    let first = format!("routes = {:?}", site.map().display().to_string());
+    assert!(config.contains(&first), "{config}");
+    let edited = config.replace(&first, &format!("routes = {:?}", second.display().to_string()));
+    std::fs::write(proxy.config_path(), edited).unwrap();
+    proxy.control.send(Control::Reload).await.unwrap();
+
+    let mut moved_to_corp = false;
+    for attempt in 0..50 {
+        let mut c = proxy.tls("imaps").await;
+        c.line().await;
+        let password = format!("pw-after-{attempt}");
+        c.send(format!("b LOGIN alice@example.org {password}\r\n")).await;
+        assert!(c.line().await.starts_with("b OK"));
+        if site.holders(&password) == ["corp"] {
+            moved_to_corp = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(moved_to_corp, "the reloaded config's routes file was never used");
+    before.send("c NOOP\r\n").await;
+    assert_eq!(before.line().await, "c OK NOOP completed\r\n");
+    assert!(site.alice.all_text().ends_with("c NOOP\r\n"), "the open session stayed on alice's backend");
+    proxy.stop().await;
 }

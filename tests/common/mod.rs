@@ -106,6 +106,13 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// The config file the proxy was started from (re-read on Control::Reload).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.certs.dir.path().join("mailtls.toml")
+    }
+}
+
+impl Proxy {
     pub async fn start(listeners: &[Listener]) -> Proxy {
         Proxy::start_with(listeners, "").await
     }
@@ -123,8 +130,10 @@ impl Proxy {
     ) -> Proxy {
         let certs = Arc::new(certs());
         let text = edit(config_text(&certs, listeners, extra));
-        let config =
-            mailtls::config::parse(&certs.dir.path().join("mailtls.toml"), &text).expect("test config");
+        // Written out too, so that a reload (Control::Reload, as SIGHUP sends) can re-read it.
+        let path = certs.dir.path().join("mailtls.toml");
+        std::fs::write(&path, &text).expect("write test config");
+        let config = mailtls::config::parse(&path, &text).expect("test config");
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let server = Server::bind(config).expect("proxy starts");
         let addrs = server.local_addrs();
