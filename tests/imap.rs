@@ -786,3 +786,20 @@ async fn starttls_and_implicit_listeners_share_one_proxy() {
     assert_eq!(s.line().await, IMAPS_GREETING);
     proxy.stop().await;
 }
+
+// matrix #46 (IMAP): an ID naming an originating address never reaches the backend as
+// such; the backend gets `ID NIL`, answers it, and the client still gets an ID reply.
+#[tokio::test]
+async fn id_with_an_originating_address_reaches_the_backend_as_id_nil() {
+    let (backend, proxy) = start_imaps().await;
+    let mut t = proxy.tls("imaps").await;
+    assert_eq!(t.line().await, IMAPS_GREETING);
+    t.send("a ID (\"name\" \"evil\" \"x-originating-ip\" \"192.0.2.99\")\r\n").await;
+    assert_eq!(t.line().await, "* ID (\"name\" \"Dovecot\")\r\n");
+    assert_eq!(t.line().await, "a OK ID completed\r\n");
+    t.send("b ID (\"name\" \"Thunderbird\")\r\n").await;
+    assert_eq!(t.line().await, "* ID (\"name\" \"Dovecot\")\r\n");
+    assert_eq!(t.line().await, "b OK ID completed\r\n");
+    assert_eq!(backend.seen(0).text(), "a ID NIL\r\nb ID (\"name\" \"Thunderbird\")\r\n");
+    proxy.stop().await;
+}

@@ -197,6 +197,16 @@ fn parse_command(line: &[u8]) -> (&[u8], &[u8], Option<&[u8]>) {
     (tag, name, args)
 }
 
+/// Whether an ID command's first line could carry parameters that name the client's
+/// origin (Dovecot's x-originating-*, x-connected-*, x-proxy-*, x-forward-*, x-session-*,
+/// x-client-transport). A literal could hide any of them, so one counts too.
+fn may_name_an_origin(line: &[u8]) -> bool {
+    const KEYS: [&[u8]; 6] =
+        [b"x-originating-", b"x-connected-", b"x-proxy-", b"x-forward", b"x-session-", b"x-client-"];
+    let lower = line.to_ascii_lowercase();
+    lower.contains(&b'{') || KEYS.iter().any(|k| lower.windows(k.len()).any(|w| w == *k))
+}
+
 fn tagged(tag: &[u8], text: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(tag.len() + text.len() + 3);
     out.extend_from_slice(tag);
@@ -347,6 +357,9 @@ enum Turn {
     Command,
     /// Reading the rest of a command that is answered locally, never forwarded.
     Refusing(Vec<u8>),
+    /// Reading the rest of a command that is never forwarded as sent: once it is whole,
+    /// `command` goes to the backend in its place and its tagged reply is awaited.
+    Replacing { tag: Vec<u8>, command: Vec<u8> },
     /// The command was forwarded whole; its tagged response is awaited.
     Waiting,
     /// A synchronizing literal was announced; the backend's `+` or tagged reply is awaited.
@@ -408,6 +421,11 @@ impl ImapNegotiation {
             self.turn = Turn::Refusing(BAD_TAG.to_vec());
         } else if name.eq_ignore_ascii_case(b"STARTTLS") {
             self.turn = Turn::Refusing(tagged(tag, "BAD TLS is already active"));
+        } else if name.eq_ignore_ascii_case(b"ID") && may_name_an_origin(line) {
+            // Dovecot takes the client's address from ID's x-originating-ip (and friends)
+            // when the connection counts as trusted; mailtls's own connection must never
+            // lend that trust to a client. The backend still answers an ID, with none.
+            self.turn = Turn::Replacing { tag: tag.to_vec(), command: tagged(tag, "ID NIL") };
         } else {
             let authenticates =
                 name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"AUTHENTICATE");
@@ -486,7 +504,7 @@ impl ImapNegotiation {
             }
             Turn::Waiting | Turn::Sasl => self.turn = Turn::Command,
             // Mid-command (LITERAL+ data still coming): keep framing the client's bytes.
-            Turn::Command | Turn::Refusing(_) => {}
+            Turn::Command | Turn::Refusing(_) | Turn::Replacing { .. } => {}
         }
         if ok && authenticates {
             Next::Relay
@@ -543,7 +561,7 @@ impl Negotiation for ImapNegotiation {
             match self.turn {
                 Turn::Waiting | Turn::Continuation(_) => return None,
                 Turn::Sasl => return self.forward_sasl_line(input),
-                Turn::Command | Turn::Refusing(_) => {}
+                Turn::Command | Turn::Refusing(_) | Turn::Replacing { .. } => {}
             }
             let (line, first, literal) = match self.client.next(input)? {
                 Unit::TooLong => return Some(Step::to_client(BYE_LINE_TOO_LONG).then(Next::Close)),
@@ -551,7 +569,7 @@ impl Negotiation for ImapNegotiation {
                     return Some(Step::to_client(BYE_LITERAL_TOO_LARGE).then(Next::Close))
                 }
                 Unit::LiteralBytes(bytes) => match self.turn {
-                    Turn::Refusing(_) => continue,
+                    Turn::Refusing(_) | Turn::Replacing { .. } => continue,
                     _ => return Some(Step::to_backend(bytes.to_vec())),
                 },
                 Unit::Line { line, first, literal } => (line, first, literal),
@@ -559,16 +577,21 @@ impl Negotiation for ImapNegotiation {
             if first {
                 self.begin_command(&line);
             }
-            if let Turn::Refusing(_) = self.turn {
+            if let Turn::Refusing(_) | Turn::Replacing { .. } = self.turn {
                 match literal {
                     Some(Literal { sync: false, .. }) => continue,
                     Some(Literal { sync: true, .. }) => self.client.abandon_command(),
                     None => {}
                 }
-                let Turn::Refusing(reply) = std::mem::replace(&mut self.turn, Turn::Command) else {
-                    continue;
-                };
-                return Some(self.local_error(reply));
+                match std::mem::replace(&mut self.turn, Turn::Command) {
+                    Turn::Refusing(reply) => return Some(self.local_error(reply)),
+                    Turn::Replacing { tag, command } => {
+                        self.outstanding = Some(Outstanding { tag, authenticates: false });
+                        self.turn = Turn::Waiting;
+                        return Some(Step::to_backend(command));
+                    }
+                    _ => continue,
+                }
             }
             self.after_forwarded_segment(literal);
             return Some(Step::to_backend(line.to_vec()));
@@ -1695,6 +1718,30 @@ mod tests {
         let mut input = buf(b"c STARTTLS {5+}\r\nhello\r\nd NOOP\r\n");
         assert_eq!(n.on_client(&mut input), to_client(b"c BAD TLS is already active\r\n"));
         assert_eq!(n.on_client(&mut input), to_backend(b"d NOOP\r\n"));
+    }
+
+    #[test]
+    fn id_naming_an_origin_reaches_the_backend_as_id_nil() {
+        // Matrix row 46: a client must not lend itself mailtls's trust with Dovecot.
+        let mut n = greeted(Entry::Implicit);
+        let mut input = buf(b"a ID (\"name\" \"x\" \"X-Originating-IP\" \"192.0.2.9\")\r\nb NOOP\r\n");
+        assert_eq!(n.on_client(&mut input), to_backend(b"a ID NIL\r\n"));
+        assert_eq!(n.on_client(&mut input), None, "lock-step: a's reply is awaited");
+        let mut reply = buf(b"* ID (\"name\" \"Dovecot\")\r\na OK ID completed\r\n");
+        assert_eq!(n.on_backend(&mut reply), to_client(b"* ID (\"name\" \"Dovecot\")\r\n"));
+        assert_eq!(n.on_backend(&mut reply), to_client(b"a OK ID completed\r\n"));
+        assert_eq!(n.on_client(&mut input), to_backend(b"b NOOP\r\n"));
+
+        // A literal could hide the key: replaced too, its bytes never forwarded.
+        let mut n = greeted(Entry::Implicit);
+        let mut input = buf(b"c ID ({16+}\r\nx-originating-ip \"192.0.2.9\")\r\n");
+        assert_eq!(n.on_client(&mut input), to_backend(b"c ID NIL\r\n"));
+        assert!(input.is_empty(), "the whole command was consumed");
+
+        // An ID that names only the client program is forwarded as sent.
+        let mut n = greeted(Entry::Implicit);
+        let id = b"d ID (\"name\" \"Thunderbird\" \"version\" \"128\")\r\n";
+        assert_eq!(n.on_client(&mut buf(id)), to_backend(id));
     }
 
     #[test]
