@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use ktls::CryptoInfo;
 use ktls_sys::bindings as sys;
@@ -179,6 +179,25 @@ fn set_ulp(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The upper-layer protocol on a TCP socket: "tls" once kernel TLS is on it, "" for none.
+/// Lets tests and diagnostics see that the kernel path was really taken.
+pub fn socket_ulp(socket: BorrowedFd<'_>) -> io::Result<String> {
+    // TCP_ULP_NAME_MAX in the kernel is 16.
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: `socket` is borrowed open for the whole call; the kernel writes at most `len`
+    // bytes into `name` (16, its buffer size) and stores the length written in `len`.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_TCP, libc::TCP_ULP, name.as_mut_ptr().cast(), &mut len)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let written = &name[..(len as usize).min(name.len())];
+    let end = written.iter().position(|&b| b == 0).unwrap_or(written.len());
+    Ok(String::from_utf8_lossy(&written[..end]).into_owned())
 }
 
 fn set_crypto(fd: RawFd, direction: libc::c_int, info: &CryptoInfo) -> io::Result<()> {
