@@ -6,7 +6,9 @@
 //! outgoing records flushed. Anything that makes that uncertain falls back to `copy`
 //! *before* the keys leave rustls, so a fallback never loses a byte. After the switch, a
 //! client close_notify is the end of its stream; other non-data records (a TLS 1.3
-//! KeyUpdate) cannot be followed by the kernel and end the session, logged as such.
+//! KeyUpdate) cannot be followed by the kernel (Linux 6.1 has no TLS 1.3 rekey), so the
+//! client gets a fatal internal_error alert and the session ends, reported as failed.
+//! tests/ktls-qemu.sh proves all of this on a real kernel with the TLS ULP.
 //! TLS 1.3 session tickets are sent by rustls during the handshake, before the switch.
 
 use std::fmt;
@@ -28,6 +30,9 @@ use crate::tls::prefixed::Prefixed;
 const RECORD_ALERT: u8 = 21;
 /// The close_notify alert: level warning (1), description 0.
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// A fatal (2) internal_error (80) alert: what the client is told when the session must
+/// end because the kernel cannot follow a record (RFC 8446 6.2).
+const INTERNAL_ERROR: [u8; 2] = [2, 80];
 
 /// A (version, AEAD) pair the kernel may or may not implement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -374,6 +379,11 @@ pub(super) async fn read_control_record(socket: &TcpStream) -> io::Result<()> {
     if kind == RECORD_ALERT && body.get(1) == Some(&CLOSE_NOTIFY[1]) {
         return Ok(());
     }
+    // Tell the client why the connection ends instead of a bare TCP close, which it could
+    // take for a truncation attack or a network fault. The kernel's send keys are still
+    // valid (only the client's changed). Best effort: the session ends either way.
+    let _ =
+        socket.try_io(Interest::WRITABLE, || send_record(socket.as_raw_fd(), RECORD_ALERT, &INTERNAL_ERROR));
     Err(io::Error::other(format!(
         "the client sent a TLS record of type {kind} after the switch to kernel TLS (a KeyUpdate?), \
          which the kernel cannot follow"
@@ -410,7 +420,7 @@ fn send_record(fd: RawFd, kind: u8, body: &[u8]) -> io::Result<()> {
     match sent {
         n if n < 0 => Err(io::Error::last_os_error()),
         n if n as usize == body.len() => Ok(()),
-        _ => Err(io::Error::other("close_notify alert sent only in part")),
+        _ => Err(io::Error::other("TLS control record sent only in part")),
     }
 }
 
