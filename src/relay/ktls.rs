@@ -6,12 +6,14 @@
 //! outgoing records flushed. Anything that makes that uncertain falls back to `copy`
 //! *before* the keys leave rustls, so a fallback never loses a byte. After the switch, a
 //! client close_notify is the end of its stream; other non-data records (a TLS 1.3
-//! KeyUpdate) cannot be followed by the kernel and end the session, logged as such.
+//! KeyUpdate) cannot be followed by the kernel (Linux 6.1 has no TLS 1.3 rekey), so the
+//! client gets a fatal internal_error alert and the session ends, reported as failed.
+//! tests/ktls-qemu.sh proves all of this on a real kernel with the TLS ULP.
 //! TLS 1.3 session tickets are sent by rustls during the handshake, before the switch.
 
 use std::fmt;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use ktls::CryptoInfo;
 use ktls_sys::bindings as sys;
@@ -28,6 +30,9 @@ use crate::tls::prefixed::Prefixed;
 const RECORD_ALERT: u8 = 21;
 /// The close_notify alert: level warning (1), description 0.
 const CLOSE_NOTIFY: [u8; 2] = [1, 0];
+/// A fatal (2) internal_error (80) alert: what the client is told when the session must
+/// end because the kernel cannot follow a record (RFC 8446 6.2).
+const INTERNAL_ERROR: [u8; 2] = [2, 80];
 
 /// A (version, AEAD) pair the kernel may or may not implement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +184,25 @@ fn set_ulp(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The upper-layer protocol on a TCP socket: "tls" once kernel TLS is on it, "" for none.
+/// Lets tests and diagnostics see that the kernel path was really taken.
+pub fn socket_ulp(socket: BorrowedFd<'_>) -> io::Result<String> {
+    // TCP_ULP_NAME_MAX in the kernel is 16.
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: `socket` is borrowed open for the whole call; the kernel writes at most `len`
+    // bytes into `name` (16, its buffer size) and stores the length written in `len`.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_TCP, libc::TCP_ULP, name.as_mut_ptr().cast(), &mut len)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let written = &name[..(len as usize).min(name.len())];
+    let end = written.iter().position(|&b| b == 0).unwrap_or(written.len());
+    Ok(String::from_utf8_lossy(&written[..end]).into_owned())
 }
 
 fn set_crypto(fd: RawFd, direction: libc::c_int, info: &CryptoInfo) -> io::Result<()> {
@@ -355,6 +379,11 @@ pub(super) async fn read_control_record(socket: &TcpStream) -> io::Result<()> {
     if kind == RECORD_ALERT && body.get(1) == Some(&CLOSE_NOTIFY[1]) {
         return Ok(());
     }
+    // Tell the client why the connection ends instead of a bare TCP close, which it could
+    // take for a truncation attack or a network fault. The kernel's send keys are still
+    // valid (only the client's changed). Best effort: the session ends either way.
+    let _ =
+        socket.try_io(Interest::WRITABLE, || send_record(socket.as_raw_fd(), RECORD_ALERT, &INTERNAL_ERROR));
     Err(io::Error::other(format!(
         "the client sent a TLS record of type {kind} after the switch to kernel TLS (a KeyUpdate?), \
          which the kernel cannot follow"
@@ -391,7 +420,7 @@ fn send_record(fd: RawFd, kind: u8, body: &[u8]) -> io::Result<()> {
     match sent {
         n if n < 0 => Err(io::Error::last_os_error()),
         n if n as usize == body.len() => Ok(()),
-        _ => Err(io::Error::other("close_notify alert sent only in part")),
+        _ => Err(io::Error::other("TLS control record sent only in part")),
     }
 }
 

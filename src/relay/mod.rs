@@ -26,7 +26,7 @@ use crate::config::RelayMode;
 use crate::metrics::Metrics;
 use crate::tls::prefixed::Prefixed;
 
-pub use ktls::{KtlsSupport, Suite};
+pub use ktls::{socket_ulp, Cipher, KtlsSupport, Suite};
 
 /// Which engine moved a session's bytes; logged per connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
