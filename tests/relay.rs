@@ -308,6 +308,13 @@ async fn started_tls_session(
     (client_app, Running { backend_app, relay }, watch)
 }
 
+/// Says plainly that the kernel-TLS path could not run. Written to the process's stderr
+/// directly: libtest hides `eprintln!` of passing tests, and this must show in CI output.
+fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: the ktls engine could not run on this machine: {why}");
+}
+
 fn ktls_available(engines: &Engines) -> Option<&str> {
     match engines.ktls() {
         KtlsSupport::Available(_) => None,
@@ -345,7 +352,7 @@ fn assert_kernel_carried(run: &TlsRun, what: &str, to_backend: usize) {
 async fn ktls_relays_64_mib_each_way_where_the_kernel_has_tls() {
     let auto = engines(RelayMode::Auto, Faults::default());
     if let Some(why) = ktls_available(&auto) {
-        eprintln!("SKIPPED: the ktls engine could not run on this machine: {why}");
+        say_skipped(why);
         return;
     }
     let early = b"a1 NOOP\r\n";
@@ -364,7 +371,7 @@ async fn ktls_relays_every_suite_the_kernel_takes() {
     let offered = match auto.ktls() {
         KtlsSupport::Available(suites) => suites.clone(),
         KtlsSupport::Unavailable(why) => {
-            eprintln!("SKIPPED: the ktls engine could not run on this machine: {why}");
+            say_skipped(why);
             return;
         }
     };
@@ -390,7 +397,7 @@ async fn ktls_relays_every_suite_the_kernel_takes() {
 async fn ktls_ends_the_session_on_a_key_update() {
     let auto = engines(RelayMode::Auto, Faults::default());
     if let Some(why) = ktls_available(&auto) {
-        eprintln!("SKIPPED: the ktls engine could not run on this machine: {why}");
+        say_skipped(why);
         return;
     }
     let early = b"a1 NOOP\r\n";
