@@ -641,17 +641,20 @@ async fn connection(
 ) {
     ctx.metrics.opened(&ctx.name);
     let _open = Open(ctx.clone());
-    let Some(ends) = real_ends(&mut stream, peer, &ctx).await else { return };
+    // Each phase is boxed: a task's future is as large as its largest state, and it is
+    // held for the connection's whole life. Boxed, a session idling in the relay for hours
+    // holds only the relay's state, not the handshake's or the refusal's.
+    let Some(ends) = Box::pin(real_ends(&mut stream, peer, &ctx)).await else { return };
     let _address_slot = match shared.limiter.admit_address(ends.client.ip()) {
         Ok(slot) => slot,
         Err(limit) => {
             ctx.metrics.refused(&ctx.name, limit);
             log_refusal(&ctx, ends.client, limit);
-            let _ = tokio::time::timeout(REFUSAL_DEADLINE, refuse(stream, &ctx)).await;
+            let _ = tokio::time::timeout(REFUSAL_DEADLINE, Box::pin(refuse(stream, &ctx))).await;
             return;
         }
     };
-    session::serve(stream, ends, ctx, stop).await;
+    Box::pin(session::serve(stream, ends, ctx, stop)).await;
 }
 
 /// The client's addresses: from the PROXY header when the source is a trusted balancer

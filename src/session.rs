@@ -201,15 +201,20 @@ async fn run(
     settings.client = Some(record.client);
     let prefix = match ctx.tls_mode {
         TlsMode::Implicit => BytesMut::new(),
-        TlsMode::Starttls => match pre_tls(&mut stream, ctx, &settings, record.client, stop).await {
-            Ok(PreTlsEnd::StartTls(leftover)) => leftover,
-            Ok(PreTlsEnd::Plaintext { replay, buffered }) => {
-                let peer = Peer { client: record.client, local, tls: None };
-                let entry = Entry::Plaintext { replay };
-                return after_handshake(stream, buffered, peer, entry, ctx, &settings, record, stop).await;
+        TlsMode::Starttls => {
+            match Box::pin(pre_tls(&mut stream, ctx, &settings, record.client, stop)).await {
+                Ok(PreTlsEnd::StartTls(leftover)) => leftover,
+                Ok(PreTlsEnd::Plaintext { replay, buffered }) => {
+                    let peer = Peer { client: record.client, local, tls: None };
+                    let entry = Entry::Plaintext { replay };
+                    return Box::pin(after_handshake(
+                        stream, buffered, peer, entry, ctx, &settings, record, stop,
+                    ))
+                    .await;
+                }
+                Err(outcome) => return outcome,
             }
-            Err(outcome) => return outcome,
-        },
+        }
     };
     let entry = match (ctx.tls_mode, &ctx.routes) {
         // No backend until the client says who it is; on implicit TLS mailtls greets.
@@ -217,7 +222,8 @@ async fn run(
         (TlsMode::Implicit, None) => Entry::Implicit,
         (TlsMode::Starttls, None) => Entry::AfterStartTls,
     };
-    let tls = match handshake(stream, prefix, ctx, record.client).await {
+    // Boxed phases: see server::connection; only the live phase's state is allocated.
+    let tls = match Box::pin(handshake(stream, prefix, ctx, record.client)).await {
         Ok(tls) => tls,
         Err(outcome) => {
             let counted = if matches!(outcome, Outcome::HandshakeTimeout) {
@@ -233,7 +239,7 @@ async fn run(
     ctx.metrics.handshake(&ctx.name, Handshake::Ok(facts.version));
     record.tls = Some(facts.clone());
     let peer = Peer { client: record.client, local, tls: Some(facts) };
-    after_handshake(tls, BytesMut::new(), peer, entry, ctx, &settings, record, stop).await
+    Box::pin(after_handshake(tls, BytesMut::new(), peer, entry, ctx, &settings, record, stop)).await
 }
 
 // ---- phase 1: the dialogue before TLS --------------------------------------------------
@@ -398,7 +404,7 @@ async fn after_handshake<C: ClientLeg>(
     let first = match negotiation.opening() {
         // A routed listener: no backend until the client has identified itself.
         Some(opening) => opening,
-        None => match open_backend(ctx, &peer, None, negotiation.as_mut()).await {
+        None => match Box::pin(open_backend(ctx, &peer, None, negotiation.as_mut())).await {
             Ok(opened) => link.attach(opened),
             Err(e) => {
                 note_unavailable(ctx, &peer, None, &e);
@@ -411,10 +417,9 @@ async fn after_handshake<C: ClientLeg>(
         Ok(next) => next,
         Err(outcome) => return outcome,
     };
-    let next = match link
-        .negotiate(next, negotiation.as_mut(), &mut client_buf, ctx, &peer, settings, silence, stop)
-        .await
-    {
+    let negotiating =
+        link.negotiate(next, negotiation.as_mut(), &mut client_buf, ctx, &peer, settings, silence, stop);
+    let next = match Box::pin(negotiating).await {
         Ok(next) => next,
         Err(outcome) => return outcome,
     };
@@ -441,6 +446,9 @@ async fn after_handshake<C: ClientLeg>(
             return Outcome::Closed;
         }
     };
+    // The negotiation's state (framers, pending replies) is of no use to an opaque relay
+    // that may idle for hours: free it first.
+    drop(negotiation);
     let pending = relay::Pending::from_buffers(client_buf, backend_buf);
     let report = relay::run(client, backend, pending, &ctx.engines, &ctx.name, &mut record.engine).await;
     record.to_backend += report.totals.client_to_backend;
@@ -581,7 +589,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
     ) -> Result<Next, Outcome> {
         // A backend left from an earlier identification may be the wrong one for this user.
         self.detach();
-        let step = match open_backend(ctx, peer, Some(&user), negotiation).await {
+        let step = match Box::pin(open_backend(ctx, peer, Some(&user), negotiation)).await {
             Ok(opened) => {
                 if let Some(rule) = opened.rule {
                     ctx.metrics.routed(&ctx.name, rule.name());
