@@ -426,3 +426,40 @@ fn capability_watch_sees_what_a_client_sees() {
     assert!(w.feed(b"* CAPABI").is_ok());
     assert!(w.feed(b"LITY STARTTLS\r\n").is_err(), "a line split across steps");
 }
+
+// ---- regressions found by the targets above ---------------------------------------------
+
+/// Found by `negotiation_imap`: a local reply (here to a second STARTTLS) written while a
+/// backend response was half-relayed, its literal still coming, landed inside the literal:
+/// the client read the reply as literal data and the literal's tail as new lines (so a
+/// crafted tail could show STARTTLS after TLS). Local replies now wait for the response
+/// to end.
+#[test]
+fn imap_local_reply_never_lands_inside_a_backend_literal() {
+    let mut n = protocol::negotiation(Protocol::Imap, &Settings::default(), Entry::Implicit);
+    let mut backend = BytesMut::from(&b"* OK hi\r\n"[..]);
+    let mut to_client = n.on_greeting(&mut backend).expect("greeting").to_client;
+    let mut client = BytesMut::new();
+    let mut run = |backend: &mut BytesMut, client: &mut BytesMut, out: &mut Vec<u8>| loop {
+        let step = match n.on_backend(backend) {
+            Some(step) => step,
+            None => match n.on_client(client) {
+                Some(step) => step,
+                None => return,
+            },
+        };
+        assert!(step.to_backend.is_empty(), "nothing is forwarded here");
+        out.extend_from_slice(&step.to_client);
+    };
+    // An untagged response whose literal arrives in two segments, and between them a
+    // command the proxy answers itself.
+    backend.extend_from_slice(b"* ID (\"name\" {7}\r\nDov");
+    client.extend_from_slice(b"b STARTTLS\r\n");
+    run(&mut backend, &mut client, &mut to_client);
+    backend.extend_from_slice(b"ecot)\r\n");
+    run(&mut backend, &mut client, &mut to_client);
+    assert_eq!(
+        String::from_utf8_lossy(&to_client),
+        "* OK hi\r\n* ID (\"name\" {7}\r\nDovecot)\r\nb BAD TLS is already active\r\n"
+    );
+}
