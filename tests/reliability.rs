@@ -599,7 +599,13 @@ async fn soak_every_role_moves_bytes_both_ways_intact() {
 
 // ---- 3. faults -------------------------------------------------------------------------
 
-const FAULT_TIMEOUTS: &str = "[timeouts]\nhandshake = 2\npre_auth_idle = 3\nbackend_connect = 1\ndrain = 1\n";
+/// Short timeouts, and an address limit above the sizes here: every client is 127.0.0.1,
+/// and the default (100) would turn the full-size runs away for another reason.
+const FAULT_TIMEOUTS: &str = "[timeouts]\nhandshake = 2\npre_auth_idle = 3\nbackend_connect = 1\ndrain = 1\n\
+                              [limits]\nmax_connections_per_address = 5000\n";
+
+/// IMAP's words for a backend that cannot serve (not those of a limit).
+const BACKEND_UNAVAILABLE: &str = "* BYE [UNAVAILABLE] Backend server unavailable";
 
 /// A proxy with a healthy "imaps" listener (for bystanders) and `target` beside it.
 async fn with_bystander_listener(target: Listener, extra: &str) -> (Backend, Proxy) {
@@ -654,7 +660,7 @@ async fn fault_backend_refuses_connections() {
     let (_good, proxy) = with_bystander_listener(target, FAULT_TIMEOUTS).await;
     let mut bystanders = Bystanders::open(&proxy, Role::Imaps, 10).await;
     let n = size(50, 500);
-    let slowest = all_told(&proxy, "refusing", n, "* BYE [UNAVAILABLE]", Duration::from_secs(10)).await;
+    let slowest = all_told(&proxy, "refusing", n, BACKEND_UNAVAILABLE, Duration::from_secs(10)).await;
     bystanders.check("after the backend refused").await;
     gauge_returns_to(&proxy, "refusing", 0.0, Duration::from_secs(10)).await;
     let failures = metric(&proxy, "mailtls_backend_failures_total{listener=\"refusing\"}");
@@ -677,7 +683,7 @@ async fn fault_backend_accepts_but_never_greets() {
     let mut bystanders = Bystanders::open(&proxy, Role::Imaps, 10).await;
     let n = size(50, 500);
     // backend_connect = 1 s: each is told within that plus a generous margin.
-    let slowest = all_told(&proxy, "silent", n, "* BYE [UNAVAILABLE]", Duration::from_secs(15)).await;
+    let slowest = all_told(&proxy, "silent", n, BACKEND_UNAVAILABLE, Duration::from_secs(15)).await;
     bystanders.check("after the silent backend").await;
     gauge_returns_to(&proxy, "silent", 0.0, Duration::from_secs(10)).await;
     assert_eq!(silent.connections(), n, "each session tried the backend once");
@@ -1023,7 +1029,7 @@ async fn sigterm_under_load_refuses_new_drains_open_and_loses_no_acknowledged_ma
     let text = config_text(
         &certs,
         &[Listener::new("submissions", "smtp", "implicit", backend.addr)],
-        &format!("[timeouts]\ndrain = {}\n", drain.as_secs()),
+        &format!("[timeouts]\ndrain = {}\n[limits]\nmax_connections_per_address = 5000\n", drain.as_secs()),
     )
     .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
     let config = certs.dir.path().join("mailtls.toml");
