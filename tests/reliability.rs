@@ -585,12 +585,29 @@ async fn soak_every_role_moves_bytes_both_ways_intact() {
         gauge_returns_to(&proxy, role.name(), 0.0, Duration::from_secs(20)).await;
     }
     let total = sessions as f64 * len as f64 * 2.0 / MIB as f64;
+    let engines: Vec<String> = ["copy", "splice", "ktls"]
+        .iter()
+        .map(|engine| {
+            let n: f64 = LISTED_ROLES
+                .iter()
+                .map(|r| {
+                    let series = format!(
+                        "mailtls_sessions_by_engine_total{{listener=\"{}\",engine=\"{engine}\"}}",
+                        r.name()
+                    );
+                    metric(&proxy, &series)
+                })
+                .sum();
+            format!("{engine}={n}")
+        })
+        .collect();
     report(
         "soak",
         &format!(
             "sessions={sessions} roles={} per_role={per_role} bytes_each_way={len} concurrency={concurrency} \
-             total_mib={total:.0} lost_or_altered=0 seconds={secs:.1}",
-            ALL_ROLES.len()
+             total_mib={total:.0} lost_or_altered=0 seconds={secs:.1} engines: {}",
+            ALL_ROLES.len(),
+            engines.join(" ")
         ),
     );
     proxy.stop().await;
