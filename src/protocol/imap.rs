@@ -557,6 +557,12 @@ impl Negotiation for ImapNegotiation {
     }
 
     fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
+        // A backend response is half-relayed (its literal still coming): a local reply now
+        // would land inside it, and the client would read it as literal data and the rest
+        // of the response as new lines. The client's turn comes when the response ends.
+        if self.response.is_some() || self.backend_literal_left > 0 {
+            return None;
+        }
         loop {
             match self.turn {
                 Turn::Waiting | Turn::Continuation(_) => return None,
@@ -2061,7 +2067,9 @@ mod tests {
                             break 'neg;
                         }
                     }
-                    let reads_client = !matches!(n.turn, Turn::Waiting | Turn::Continuation(_));
+                    let reads_client = !matches!(n.turn, Turn::Waiting | Turn::Continuation(_))
+                        && n.response.is_none()
+                        && n.backend_literal_left == 0;
                     if from_client && reads_client && n.client.literal_left == 0 {
                         assert!(client.len() < s.max_line, "an unread line stays below the bound");
                     }

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod mailservers;
 pub mod process;
+pub mod roles;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
