@@ -1981,20 +1981,9 @@ mod tests {
 
     // ---- hostile bytes ----
 
-    struct XorShift(u64);
+    use crate::protocol::testing::XorShift;
 
     impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> usize {
-            (self.next() % n) as usize
-        }
-
         /// Random bytes biased towards IMAP syntax so the parsers get past their first checks.
         fn bytes(&mut self) -> Vec<u8> {
             const PIECES: [&[u8]; 14] = [
@@ -2016,7 +2005,7 @@ mod tests {
             let mut out = Vec::new();
             for _ in 0..self.below(12) {
                 match self.below(3) {
-                    0 => out.extend_from_slice(PIECES[self.below(PIECES.len() as u64)]),
+                    0 => out.extend_from_slice(PIECES[self.below(PIECES.len())]),
                     1 => out.extend(std::iter::repeat_n(b'x', self.below(700))),
                     _ => out.extend((0..self.below(16)).map(|_| self.next() as u8)),
                 }

@@ -22,6 +22,8 @@ pub mod line;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
+#[cfg(test)]
+mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

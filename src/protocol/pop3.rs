@@ -1345,19 +1345,7 @@ mod tests {
 
     // ---- hostile input ----
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::protocol::testing::XorShift;
 
     /// Random bytes salted with the tokens the state machines react to.
     fn hostile_chunk(rng: &mut XorShift) -> Vec<u8> {

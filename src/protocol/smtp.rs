@@ -2135,20 +2135,9 @@ mod tests {
 
     // --- hostile input ----------------------------------------------------------------
 
-    struct XorShift(u64);
+    use crate::protocol::testing::XorShift;
 
     impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
         /// Mostly SMTP-shaped pieces, so the fuzzing reaches past the parsers.
         fn chunk(&mut self) -> Vec<u8> {
             const PIECES: [&[u8]; 25] = [
