@@ -31,8 +31,6 @@ use crate::tls::TlsFacts;
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Read granularity while lines are being examined.
 const READ_CHUNK: usize = 4096;
-/// Enough of a pre-TLS command to see its verb (`AUTHENTICATE` after an IMAP tag).
-const VERB_PEEK: usize = 32;
 
 /// Everything a session needs to know about the listener that accepted it.
 pub struct ListenerContext {
@@ -266,17 +264,14 @@ async fn pre_tls(
     let mut deadline = Instant::now() + ctx.timeouts.pre_auth_idle;
     loop {
         loop {
-            // The command's first bytes, to tell a refused login from other refusals.
-            let verb = buf[..buf.len().min(VERB_PEEK)].to_vec();
+            let refused_before = dialogue.refused_logins();
             let Some(step) = dialogue.on_client(&mut buf) else { break };
+            if dialogue.refused_logins() > refused_before {
+                ctx.metrics.plaintext_login_refused(&ctx.name);
+            }
             deadline = Instant::now() + ctx.timeouts.pre_auth_idle;
             match step {
-                PreTlsStep::Reply(reply) => {
-                    if protocol::refuses_login(ctx.protocol, &verb, &reply) {
-                        ctx.metrics.plaintext_login_refused(&ctx.name);
-                    }
-                    stream.write_all(&reply).await?
-                }
+                PreTlsStep::Reply(reply) => stream.write_all(&reply).await?,
                 PreTlsStep::StartTls(reply) => {
                     stream.write_all(&reply).await?;
                     note_starttls(ctx, &buf, client);

@@ -226,6 +226,8 @@ enum Verdict {
     Reply(Vec<u8>),
     /// A NO or BAD: counts against `max_errors`.
     Error(Vec<u8>),
+    /// LOGIN or AUTHENTICATE before TLS: an error that is also a refused login.
+    LoginRefused(Vec<u8>),
     Close(Vec<u8>),
     StartTls(Vec<u8>),
 }
@@ -242,6 +244,7 @@ pub struct ImapPreTls {
     framer: Framer,
     /// The answer to the command whose literals are still being skipped.
     pending: Option<Verdict>,
+    refused_logins: u32,
 }
 
 impl ImapPreTls {
@@ -256,6 +259,7 @@ impl ImapPreTls {
             errors: 0,
             framer: Framer::new(settings.max_pre_tls_line, settings.max_literal),
             pending: None,
+            refused_logins: 0,
         }
     }
 
@@ -285,7 +289,7 @@ impl ImapPreTls {
                 Some(_) => Verdict::Error(tagged(tag, "BAD STARTTLS takes no arguments")),
             }
         } else if is("LOGIN") || is("AUTHENTICATE") {
-            Verdict::Error(tagged(
+            Verdict::LoginRefused(tagged(
                 tag,
                 "NO [PRIVACYREQUIRED] Plaintext authentication is disabled, use STARTTLS first",
             ))
@@ -299,6 +303,10 @@ impl ImapPreTls {
             Verdict::Reply(bytes) => PreTlsStep::Reply(bytes),
             Verdict::Close(bytes) => PreTlsStep::Close(bytes),
             Verdict::StartTls(bytes) => PreTlsStep::StartTls(bytes),
+            Verdict::LoginRefused(bytes) => {
+                self.refused_logins = self.refused_logins.saturating_add(1);
+                self.deliver(Verdict::Error(bytes))
+            }
             Verdict::Error(bytes) => {
                 self.errors = self.errors.saturating_add(1);
                 if self.errors > self.max_errors {
@@ -312,6 +320,10 @@ impl ImapPreTls {
 }
 
 impl PreTls for ImapPreTls {
+    fn refused_logins(&self) -> u32 {
+        self.refused_logins
+    }
+
     fn greeting(&self) -> Vec<u8> {
         format!("* OK [CAPABILITY {PRE_TLS_CAPABILITIES}] {} ready\r\n", self.hostname).into_bytes()
     }
@@ -1275,6 +1287,22 @@ mod tests {
 
     fn settings() -> Settings {
         Settings { hostname: "mail.example.org".to_owned(), ..Settings::default() }
+    }
+
+    #[test]
+    fn only_login_attempts_count_as_refused_logins() {
+        // The session counts these in metrics; other refusals must not inflate them.
+        let mut pre = ImapPreTls::new(&settings());
+        for command in [
+            &b"a CAPABILITY\r\n"[..],
+            &b"b LOGIN u p\r\n"[..],
+            &b"c SELECT INBOX\r\n"[..],
+            &b"d authenticate PLAIN\r\n"[..],
+            &b"e STARTTLS x\r\n"[..],
+        ] {
+            assert!(pre.on_client(&mut BytesMut::from(command)).is_some(), "{command:?}");
+        }
+        assert_eq!(pre.refused_logins(), 2);
     }
 
     fn buf(bytes: &[u8]) -> BytesMut {

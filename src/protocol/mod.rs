@@ -127,6 +127,9 @@ pub trait PreTls: Send {
     /// needed. Enforces the line, command-count and error bounds of [`Settings`] itself
     /// (answering with a `Close` step when one is exceeded).
     fn on_client(&mut self, input: &mut BytesMut) -> Option<PreTlsStep>;
+    /// Plaintext login attempts refused so far (AUTH, LOGIN, AUTHENTICATE, USER, PASS,
+    /// APOP): the state machine knows which refusals they are; the session counts them.
+    fn refused_logins(&self) -> u32;
 }
 
 /// How the session reached the negotiation phase; decides what happens to the greeting.
@@ -291,20 +294,6 @@ pub fn negotiation(protocol: Protocol, settings: &Settings, entry: Entry) -> Box
             Entry::Routed { greet } => Box::new(pop3::Pop3Routed::new(settings, greet)),
             entry => Box::new(pop3::Pop3Negotiation::new(settings, entry)),
         },
-    }
-}
-
-/// Whether `reply`, mailtls's answer before TLS to the command starting `command`, refuses
-/// a login (for the plaintext-logins metric): SMTP 530 to AUTH, IMAP `NO
-/// [PRIVACYREQUIRED]` (only LOGIN and AUTHENTICATE get it), POP3 `-ERR [AUTH]` (only
-/// USER, PASS, APOP and AUTH get it).
-pub fn refuses_login(protocol: Protocol, command: &[u8], reply: &[u8]) -> bool {
-    match protocol {
-        Protocol::Smtp => {
-            reply.starts_with(b"530") && command.len() >= 4 && command[..4].eq_ignore_ascii_case(b"AUTH")
-        }
-        Protocol::Imap => reply.windows(17).any(|w| w == b"[PRIVACYREQUIRED]"),
-        Protocol::Pop3 => reply.starts_with(b"-ERR [AUTH]"),
     }
 }
 

@@ -83,6 +83,7 @@ pub struct Pop3PreTls {
     errors: u32,
     /// Set once STLS was accepted or the session closed: the buffer is no longer ours.
     finished: bool,
+    refused_logins: u32,
 }
 
 impl Pop3PreTls {
@@ -95,6 +96,7 @@ impl Pop3PreTls {
             commands: 0,
             errors: 0,
             finished: false,
+            refused_logins: 0,
         }
     }
 
@@ -114,6 +116,10 @@ impl Pop3PreTls {
 }
 
 impl PreTls for Pop3PreTls {
+    fn refused_logins(&self) -> u32 {
+        self.refused_logins
+    }
+
     // No APOP timestamp: APOP must not look usable before TLS (RFC 2595 section 4).
     fn greeting(&self) -> Vec<u8> {
         format!("+OK {} POP3 ready\r\n", self.hostname).into_bytes()
@@ -134,7 +140,12 @@ impl PreTls for Pop3PreTls {
         }
         Some(match answer_before_tls(&command) {
             PreTlsAnswer::Reply(reply) => PreTlsStep::Reply(reply.to_vec()),
-            PreTlsAnswer::Refuse(reply) => self.refuse(reply),
+            PreTlsAnswer::Refuse(reply) => {
+                if reply == PLAINTEXT_AUTH_DISABLED {
+                    self.refused_logins = self.refused_logins.saturating_add(1);
+                }
+                self.refuse(reply)
+            }
             PreTlsAnswer::Quit => self.close(BYE),
             PreTlsAnswer::StartTls => {
                 // Whatever follows the STLS line belongs to the TLS handshake, not to us.
@@ -848,6 +859,24 @@ mod tests {
 
     fn settings() -> Settings {
         Settings { hostname: "mail.example.org".to_owned(), ..Settings::default() }
+    }
+
+    #[test]
+    fn only_login_attempts_count_as_refused_logins() {
+        // The session counts these in metrics; other refusals must not inflate them.
+        let mut pre = Pop3PreTls::new(&settings());
+        for command in [
+            &b"CAPA\r\n"[..],
+            &b"USER u\r\n"[..],
+            &b"PASS p\r\n"[..],
+            &b"STAT\r\n"[..],
+            &b"APOP u d\r\n"[..],
+            &b"AUTH PLAIN\r\n"[..],
+            &b"STLS x\r\n"[..],
+        ] {
+            assert!(pre.on_client(&mut BytesMut::from(command)).is_some(), "{command:?}");
+        }
+        assert_eq!(pre.refused_logins(), 4);
     }
 
     fn pre_tls() -> Pop3PreTls {

@@ -472,6 +472,7 @@ pub struct SmtpPreTls {
     /// Set once a step hands the connection on (TLS, plaintext relay, close): from then on
     /// the buffer belongs to someone else and is never read again.
     finished: bool,
+    refused_logins: u32,
 }
 
 impl SmtpPreTls {
@@ -487,6 +488,7 @@ impl SmtpPreTls {
             commands: 0,
             errors: 0,
             finished: false,
+            refused_logins: 0,
         }
     }
 
@@ -539,7 +541,10 @@ impl SmtpPreTls {
             Verb::Ehlo | Verb::Helo => self.greet_back(&command, line),
             Verb::StartTls if command.has_argument() => self.refuse(STARTTLS_WITH_ARGUMENT),
             Verb::StartTls => PreTlsStep::StartTls(READY_FOR_TLS.to_vec()),
-            Verb::Auth => self.refuse(TLS_FIRST),
+            Verb::Auth => {
+                self.refused_logins = self.refused_logins.saturating_add(1);
+                self.refuse(TLS_FIRST)
+            }
             verb if self.require_tls && verb.needs_tls_when_required() => self.refuse(TLS_FIRST),
             Verb::Mail => match &self.helo {
                 Some(replay) => PreTlsStep::Plaintext { replay: replay.clone() },
@@ -558,6 +563,10 @@ impl SmtpPreTls {
 }
 
 impl PreTls for SmtpPreTls {
+    fn refused_logins(&self) -> u32 {
+        self.refused_logins
+    }
+
     fn greeting(&self) -> Vec<u8> {
         format!("220 {} ESMTP\r\n", self.hostname).into_bytes()
     }
@@ -1063,6 +1072,22 @@ mod tests {
 
     fn settings() -> Settings {
         Settings { hostname: "mx.test".to_owned(), ..Settings::default() }
+    }
+
+    #[test]
+    fn only_login_attempts_count_as_refused_logins() {
+        // The session counts these in metrics; other refusals must not inflate them.
+        let mut pre = SmtpPreTls::new(&settings());
+        for command in [
+            &b"EHLO x\r\n"[..],
+            &b"AUTH PLAIN eHh4\r\n"[..],
+            &b"MAIL FROM:<a@b>\r\n"[..],
+            &b"auth login\r\n"[..],
+            &b"BOGUS\r\n"[..],
+        ] {
+            assert!(pre.on_client(&mut BytesMut::from(command)).is_some(), "{command:?}");
+        }
+        assert_eq!(pre.refused_logins(), 2);
     }
 
     fn opportunistic() -> Settings {
