@@ -33,11 +33,22 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # The interop tests start Postfix and Dovecot from private directories, which takes root
 # and the packages above; they are #[ignore]d so that plain `cargo test` works anywhere.
+# Criterion's bench binaries take no libtest flags; `cargo test` runs them once, quickly.
+# The examples (benchmark backend and load generator) have no tests: clippy built them.
+cargo test --benches
+ignored=()
 if [ "$(id -u)" = 0 ] && [ ${#missing[@]} -eq 0 ]; then
-  # Criterion's bench binaries take no libtest flags; `cargo test` runs them once, quickly.
-  cargo test --benches
-  cargo test --lib --bins --tests --examples -- --include-ignored
+  ignored=(--include-ignored)
 else
   echo "tests/run.sh: NOT running the interop tests (they need root and: ${packages[*]})" >&2
-  cargo test --all-targets
 fi
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --lib --bins --tests -- "${ignored[@]}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One plain total over every test binary, as the last line.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests/run.sh: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
