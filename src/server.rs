@@ -196,7 +196,7 @@ impl Server {
     }
 
     /// Reloads certificates when their directories change, unless `tls.watch = false`.
-    fn watch_certificates(&self) -> Option<tls::watch::Watch> {
+    fn watch_certificates(&self) -> Option<crate::watch::Watch> {
         if !self.config.tls.watch {
             return None;
         }
@@ -204,7 +204,7 @@ impl Server {
         let on_change = move || {
             certificates.reload("file change");
         };
-        match tls::watch::spawn(&self.certificates.directories(), "certificate", on_change) {
+        match crate::watch::spawn(&self.certificates.directories(), "certificate", on_change) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("certificate files are not watched (reload with SIGHUP): {e}");
@@ -215,7 +215,7 @@ impl Server {
 
     /// Reloads every routes file when a directory holding one changes (each map all or
     /// nothing; a bad one is refused and the map in service stays).
-    fn watch_routes(&self) -> Option<tls::watch::Watch> {
+    fn watch_routes(&self) -> Option<crate::watch::Watch> {
         let tables: Vec<Arc<RouteTable>> = self.listeners.iter().filter_map(|l| l.routes.clone()).collect();
         if tables.is_empty() {
             return None;

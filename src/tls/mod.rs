@@ -4,8 +4,6 @@
 pub mod load;
 pub mod prefixed;
 pub mod store;
-/// The directory watcher, shared with the routes files; kept reachable here as before.
-pub use crate::watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,6 +15,7 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::config::{Config, TlsConfig, TlsVersion};
 use crate::metrics::Metrics;
+use crate::watch;
 pub use load::{LoadError, LoadedCert};
 pub use store::CertStore;
 
@@ -106,19 +105,9 @@ impl Certificates {
     pub fn reload(&self, trigger: &str) -> bool {
         match load_certificates(&self.config.load(), SelfSigned::Create) {
             Ok(certs) => {
-                let current = self.store.current();
-                let unchanged = certs.len() == current.len()
-                    && certs.iter().zip(current.iter()).all(|(new, old)| same_cert(new, old));
-                if unchanged {
+                if !self.take_if_changed(certs) {
                     tracing::debug!(trigger, "certificates unchanged");
-                    return true;
                 }
-                for cert in &certs {
-                    log_loaded(cert, "reloaded");
-                }
-                self.metrics.set_certificates(&certs);
-                self.store.replace(certs);
-                self.metrics.cert_reload(true);
                 true
             }
             Err(e) => {
@@ -132,18 +121,26 @@ impl Certificates {
     /// Adopts a reloaded config whose certificates the caller has loaded and checked
     /// (all of them: a config that fails to load never gets here).
     pub fn adopt(&self, config: &Config, certs: Vec<LoadedCert>) {
-        let current = self.store.current();
-        let changed = certs.len() != current.len()
-            || certs.iter().zip(current.iter()).any(|(new, old)| !same_cert(new, old));
-        if changed {
-            for cert in &certs {
-                log_loaded(cert, "reloaded");
-            }
-            self.metrics.set_certificates(&certs);
-            self.store.replace(certs);
-            self.metrics.cert_reload(true);
-        }
+        self.take_if_changed(certs);
         self.config.store(Arc::new(config.clone()));
+    }
+
+    /// Swaps in a checked set, logged and counted as a reload, unless it is the set already
+    /// in service (a watcher fires on any change in the directory). Whether it was taken.
+    fn take_if_changed(&self, certs: Vec<LoadedCert>) -> bool {
+        let current = self.store.current();
+        let unchanged = certs.len() == current.len()
+            && certs.iter().zip(current.iter()).all(|(new, old)| same_cert(new, old));
+        if unchanged {
+            return false;
+        }
+        for cert in &certs {
+            log_loaded(cert, "reloaded");
+        }
+        self.metrics.set_certificates(&certs);
+        self.store.replace(certs);
+        self.metrics.cert_reload(true);
+        true
     }
 
     /// Counts certificates that failed to load during a config reload.
