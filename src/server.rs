@@ -242,6 +242,9 @@ impl Server {
         let mut watch = self.watch_certificates();
         let mut route_watch = self.watch_routes();
         let loops = self.start_listeners(&stop, &sessions);
+        // Serving from here on (the accept loops run); said before the admin endpoint starts,
+        // or a health check could be answered "not serving" by a process that is.
+        self.health.set_serving(true);
         if let Some(socket) = self.admin.take() {
             tokio::spawn(admin::serve(
                 socket,
@@ -257,7 +260,6 @@ impl Server {
             last_reload_error: Mutex::new(None),
         });
         spawn_status_and_watchdog(status.clone(), stop.graceful.clone());
-        self.health.set_serving(true);
         systemd::ready(&status.line());
         while let Some(request) = control.recv().await {
             match request {
