@@ -226,7 +226,9 @@ pub struct ListenerConfig {
     pub max_connections: Option<u32>,
     /// Sources that must open with a PROXY header (a load balancer); empty: none may.
     pub accept_proxy_protocol: Vec<IpNet>,
-    /// SMTP only: announce the client to the backend with XCLIENT (Postfix).
+    /// Name the client to a backend that takes no PROXY header, with the command it trusts
+    /// mailtls for: XCLIENT (Postfix smtpd; Dovecot pop3-login) or, on IMAP, Dovecot's ID
+    /// fields `x-originating-ip`/`x-originating-port`.
     pub xclient: bool,
 }
 
@@ -729,7 +731,7 @@ impl Validator<'_> {
         }
         let accept_proxy_protocol =
             self.networks(&key("accept_proxy_protocol"), &raw.accept_proxy_protocol)?;
-        let xclient = self.xclient(&key("xclient"), raw.protocol, &raw.xclient)?;
+        let xclient = self.xclient(&key("xclient"), raw.protocol, raw.proxy_protocol, &raw.xclient)?;
         Ok(ListenerConfig {
             name,
             protocol: raw.protocol,
@@ -762,19 +764,27 @@ impl Validator<'_> {
             .collect()
     }
 
-    /// XCLIENT is an SMTP command (Postfix's); IMAP and POP3 have no equivalent here.
+    /// Dovecot's login processes judge trust by the PROXY header's client address when one
+    /// is sent, so on IMAP and POP3 a header and a naming command exclude each other: with
+    /// both, Dovecot would ignore mailtls's XCLIENT/ID and every session would fail.
     fn xclient(
         &self,
         key: &str,
         protocol: Protocol,
+        proxy_protocol: ProxyProtocol,
         raw: &Option<Spanned<bool>>,
     ) -> Result<bool, ConfigError> {
         match raw {
-            Some(v) if *v.get_ref() && protocol != Protocol::Smtp => Err(self.invalid(
-                key,
-                v.span(),
-                "XCLIENT is an SMTP command: only an smtp listener can use it (use proxy_protocol for IMAP and POP3)",
-            )),
+            Some(v)
+                if *v.get_ref() && protocol != Protocol::Smtp && proxy_protocol != ProxyProtocol::None =>
+            {
+                Err(self.invalid(
+                    key,
+                    v.span(),
+                    "on imap and pop3 listeners xclient needs proxy_protocol = \"none\" (the PROXY header \
+                     already names the client, and Dovecot then ignores XCLIENT and ID from mailtls)",
+                ))
+            }
             Some(v) => Ok(*v.get_ref()),
             None => Ok(false),
         }
@@ -1041,13 +1051,19 @@ backend = "127.0.0.1:2525"
     }
 
     #[test]
-    fn xclient_only_on_smtp_listeners() {
+    fn xclient_on_imap_and_pop3_needs_proxy_protocol_none() {
         let c =
             parse_text(&GOOD.replace("require_tls = false", "require_tls = false\nxclient = true")).unwrap();
         assert!(!c.listeners[0].xclient);
         assert!(c.listeners[1].xclient);
         let e = error_of(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nxclient = true"));
-        assert!(e.contains(":17: listeners[0].xclient") && e.contains("only an smtp listener"), "{e}");
+        assert!(e.contains(":17: listeners[0].xclient") && e.contains("proxy_protocol = \"none\""), "{e}");
+        for protocol in ["imap", "pop3"] {
+            let text = GOOD
+                .replace("proxy_protocol = \"v2\"", "proxy_protocol = \"none\"\nxclient = true")
+                .replace("protocol = \"imap\"", &format!("protocol = \"{protocol}\""));
+            assert!(parse_text(&text).expect("valid").listeners[0].xclient, "{protocol}");
+        }
     }
 
     #[test]

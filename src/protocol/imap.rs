@@ -8,14 +8,61 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
+use std::net::SocketAddr;
+
 use super::line::{self, Line};
-use super::{sasl, Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, ProbeStep, Settings, Step};
+use super::trusted_proxy::{id_may_speak_for_client, is_proxy_command};
+use super::{
+    sasl, Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, ProbeStep, Protocol, Settings, Step,
+};
 
 /// What mailtls announces before TLS: no AUTH= at all, so no client tries to log in.
 const PRE_TLS_CAPABILITIES: &str = "IMAP4rev1 STARTTLS LOGINDISABLED";
 
 /// Capabilities that are false once the client's TLS is up, whatever the backend says.
 const HIDDEN_CAPABILITIES: [&[u8]; 2] = [b"STARTTLS", b"LOGINDISABLED"];
+
+/// What the client must not be shown: what TLS made false, and the commands by which a
+/// trusted proxy names its client (`trusted_proxy`), whose trust is mailtls's alone.
+fn is_hidden_capability(token: &[u8]) -> bool {
+    HIDDEN_CAPABILITIES.iter().any(|h| token.eq_ignore_ascii_case(h))
+        || is_proxy_command(Protocol::Imap, token)
+}
+
+/// The tag of the commands mailtls itself sends to a backend (probe, ID naming the client).
+const OWN_TAG: &[u8] = b"mailtls";
+
+/// mailtls's own ID naming the client to a backend that trusts it (Dovecot's
+/// `x-originating-ip` and `x-originating-port`, `xclient = true`).
+fn naming_id(client: SocketAddr) -> Vec<u8> {
+    format!(
+        "mailtls ID (\"x-originating-ip\" \"{}\" \"x-originating-port\" \"{}\")\r\n",
+        client.ip().to_canonical(),
+        client.port()
+    )
+    .into_bytes()
+}
+
+/// What a backend answered to mailtls's naming ID, one line at a time.
+#[derive(Debug, PartialEq, Eq)]
+enum Naming {
+    /// An untagged line (`* ID ...`): swallowed, the client never asked.
+    More,
+    Accepted,
+    /// NO, BAD, a literal, or a line that is no IMAP response.
+    Refused,
+}
+
+fn naming_answer(line: &[u8]) -> Naming {
+    if literal_marker(line) != Marker::None {
+        return Naming::Refused;
+    }
+    match classify_response(line) {
+        Response::Untagged => Naming::More,
+        Response::Tagged { tag, ok: true } if tag == OWN_TAG => Naming::Accepted,
+        Response::Tagged { .. } | Response::Continuation => Naming::Refused,
+    }
+}
 
 /// RFC 3501 caps a literal size at a 32-bit number; anything larger is a lie or an attack.
 const LARGEST_LITERAL_NUMBER: u64 = u32::MAX as u64;
@@ -37,6 +84,8 @@ const BYE_LITERAL_TOO_LARGE: &[u8] = b"* BYE Literal too large\r\n";
 const BYE_TOO_MANY_ERRORS: &[u8] = b"* BYE Too many errors\r\n";
 const BYE_TOO_MANY_COMMANDS: &[u8] = b"* BYE Too many commands\r\n";
 const BAD_TAG: &[u8] = b"* BAD Invalid tag\r\n";
+/// The answer to XCLIENT from a client (see `trusted_proxy`).
+const PROXY_ONLY: &str = "BAD Command not permitted: only the proxy may name the client";
 
 // ---------------------------------------------------------------------------------------
 // Framing shared by both phases
@@ -195,16 +244,6 @@ fn parse_command(line: &[u8]) -> (&[u8], &[u8], Option<&[u8]>) {
     let (tag, rest) = line::split_word(line);
     let (name, args) = line::split_word(rest.unwrap_or_default());
     (tag, name, args)
-}
-
-/// Whether an ID command's first line could carry parameters that name the client's
-/// origin (Dovecot's x-originating-*, x-connected-*, x-proxy-*, x-forward-*, x-session-*,
-/// x-client-transport). A literal could hide any of them, so one counts too.
-fn may_name_an_origin(line: &[u8]) -> bool {
-    const KEYS: [&[u8]; 6] =
-        [b"x-originating-", b"x-connected-", b"x-proxy-", b"x-forward", b"x-session-", b"x-client-"];
-    let lower = line.to_ascii_lowercase();
-    lower.contains(&b'{') || KEYS.iter().any(|k| lower.windows(k.len()).any(|w| w == *k))
 }
 
 fn tagged(tag: &[u8], text: &str) -> Vec<u8> {
@@ -398,6 +437,10 @@ enum Response {
 /// The lock-step relay between an IMAP client inside TLS and the cleartext backend.
 pub struct ImapNegotiation {
     entry: Entry,
+    /// The ID naming the client, sent after the greeting (`xclient = true` listeners).
+    naming: Option<Vec<u8>>,
+    /// The greeting's step, held back until the backend has answered that ID.
+    held: Option<Step>,
     max_line: usize,
     max_literal: u64,
     max_errors: u32,
@@ -414,6 +457,8 @@ impl ImapNegotiation {
     pub fn new(settings: &Settings, entry: Entry) -> Self {
         ImapNegotiation {
             entry,
+            naming: settings.client.filter(|_| settings.xclient).map(naming_id),
+            held: None,
             max_line: settings.max_line,
             max_literal: settings.max_literal,
             max_errors: settings.max_errors,
@@ -433,15 +478,38 @@ impl ImapNegotiation {
             self.turn = Turn::Refusing(BAD_TAG.to_vec());
         } else if name.eq_ignore_ascii_case(b"STARTTLS") {
             self.turn = Turn::Refusing(tagged(tag, "BAD TLS is already active"));
-        } else if name.eq_ignore_ascii_case(b"ID") && may_name_an_origin(line) {
-            // Dovecot takes the client's address from ID's x-originating-ip (and friends)
+        } else if is_proxy_command(Protocol::Imap, name) {
+            self.turn = Turn::Refusing(tagged(tag, PROXY_ONLY));
+        } else if name.eq_ignore_ascii_case(b"ID") && id_may_speak_for_client(line) {
+            // Dovecot takes the client's address (and more: `trusted_proxy`) from ID fields
             // when the connection counts as trusted; mailtls's own connection must never
-            // lend that trust to a client. The backend still answers an ID, with none.
+            // lend that trust to a client. The backend still answers an ID, with none:
+            // rewriting the list without those fields would need a parser that agrees with
+            // every backend's on every escape, and a client loses only its name and version.
             self.turn = Turn::Replacing { tag: tag.to_vec(), command: tagged(tag, "ID NIL") };
         } else {
             let authenticates =
                 name.eq_ignore_ascii_case(b"LOGIN") || name.eq_ignore_ascii_case(b"AUTHENTICATE");
             self.outstanding = Some(Outstanding { tag: tag.to_vec(), authenticates });
+        }
+    }
+
+    /// One line of the backend's answer to mailtls's naming ID. Its tagged OK releases the
+    /// held greeting; a refusal leaves the backend believing the client is mailtls, so the
+    /// session ends as unavailable.
+    fn naming_reply(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let reply = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(backend_unavailable()),
+            Line::Complete(reply) => reply,
+        };
+        match naming_answer(&reply) {
+            Naming::More => Some(Step::to_client(Vec::new())),
+            Naming::Accepted => self.held.take(),
+            Naming::Refused => {
+                self.held = None;
+                Some(backend_unavailable())
+            }
         }
     }
 
@@ -565,14 +633,23 @@ impl Negotiation for ImapNegotiation {
             // The client already had mailtls's own greeting.
             Entry::AfterStartTls | Entry::Plaintext { .. } | Entry::Routed { .. } => Vec::new(),
         };
-        Some(Step::to_client(to_client).then(next))
+        let greeting = Step::to_client(to_client).then(next);
+        // PREAUTH leaves no login phase in which an ID would count.
+        match self.naming.take().filter(|_| greeting.next == Next::Negotiate) {
+            Some(id) => {
+                self.held = Some(greeting);
+                Some(Step::to_backend(id))
+            }
+            None => Some(greeting),
+        }
     }
 
     fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
         // A backend response is half-relayed (its literal still coming): a local reply now
         // would land inside it, and the client would read it as literal data and the rest
         // of the response as new lines. The client's turn comes when the response ends.
-        if self.response.is_some() || self.backend_literal_left > 0 {
+        // Nor does the client have a turn before the backend has answered mailtls's ID.
+        if self.response.is_some() || self.backend_literal_left > 0 || self.held.is_some() {
             return None;
         }
         loop {
@@ -617,6 +694,9 @@ impl Negotiation for ImapNegotiation {
     }
 
     fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step> {
+        if self.held.is_some() {
+            return self.naming_reply(input);
+        }
         if self.backend_literal_left > 0 {
             return self.forward_backend_literal(input);
         }
@@ -675,7 +755,7 @@ fn routed_capabilities(learned: &[String]) -> String {
     let kept: Vec<&str> = learned
         .iter()
         .map(String::as_str)
-        .filter(|c| !HIDDEN_CAPABILITIES.iter().any(|h| c.as_bytes().eq_ignore_ascii_case(h)))
+        .filter(|c| !is_hidden_capability(c.as_bytes()))
         .filter(|c| match c.as_bytes().get(..5) {
             Some(prefix) if prefix.eq_ignore_ascii_case(b"AUTH=") => {
                 c.as_bytes().get(5..).is_some_and(|m| m.eq_ignore_ascii_case(ROUTABLE_MECHANISM))
@@ -822,6 +902,8 @@ enum Routing {
     SaslResponse { tag: Vec<u8> },
     /// [`Next::Route`] was given; the session is connecting the backend.
     Connecting { tag: Vec<u8>, replay: VecDeque<Vec<u8>> },
+    /// mailtls's naming ID went to the routed backend; the replay follows its tagged OK.
+    Naming { tag: Vec<u8>, replay: VecDeque<Vec<u8>> },
     /// The identification went to the backend; `rest` goes after each of its `+`.
     Replaying { tag: Vec<u8>, rest: VecDeque<Vec<u8>> },
     /// Relay or close was decided.
@@ -832,6 +914,8 @@ enum Routing {
 /// AUTHENTICATE PLAIN, then the replay to the backend chosen for that user, then relay.
 pub struct ImapRouted {
     greet: bool,
+    /// The ID naming the client that each routed backend gets first (`xclient = true`).
+    naming: Option<Vec<u8>>,
     hostname: String,
     capabilities: String,
     max_line: usize,
@@ -845,6 +929,7 @@ impl ImapRouted {
     pub fn new(settings: &Settings, greet: bool) -> Self {
         ImapRouted {
             greet,
+            naming: settings.client.filter(|_| settings.xclient).map(naming_id),
             hostname: settings.hostname.chars().filter(|c| !c.is_control()).collect(),
             capabilities: routed_capabilities(&settings.backend_extensions),
             max_line: settings.max_line,
@@ -1021,6 +1106,33 @@ impl ImapRouted {
         Some(self.plain_response(tag, response))
     }
 
+    /// Sends the first segment of the identification; the rest follows the backend's `+`.
+    fn replay(&mut self, tag: Vec<u8>, mut replay: VecDeque<Vec<u8>>) -> Step {
+        let first = replay.pop_front().unwrap_or_default();
+        self.state = Routing::Replaying { tag, rest: replay };
+        Step::to_backend(first)
+    }
+
+    /// One line of the routed backend's answer to mailtls's naming ID.
+    fn naming_reply(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let reply = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(self.backend_unavailable()),
+            Line::Complete(reply) => reply,
+        };
+        match naming_answer(&reply) {
+            Naming::More => Some(Step::to_client(Vec::new())),
+            Naming::Refused => Some(self.backend_unavailable()),
+            Naming::Accepted => {
+                let Routing::Naming { tag, replay } = std::mem::replace(&mut self.state, Routing::Done)
+                else {
+                    return None;
+                };
+                Some(self.replay(tag, replay))
+            }
+        }
+    }
+
     /// A backend line while the identification is being replayed.
     fn replay_response(&mut self, input: &mut BytesMut) -> Option<Step> {
         let response = match line::take_line(input, self.max_line) {
@@ -1092,19 +1204,22 @@ impl Negotiation for ImapRouted {
         if star != b"*" || !status.eq_ignore_ascii_case(b"OK") {
             return Some(backend_unavailable());
         }
-        let Routing::Connecting { tag, mut replay } = std::mem::replace(&mut self.state, Routing::Done)
-        else {
+        let Routing::Connecting { tag, replay } = std::mem::replace(&mut self.state, Routing::Done) else {
             return None;
         };
-        let first = replay.pop_front().unwrap_or_default();
-        self.state = Routing::Replaying { tag, rest: replay };
         // The client had mailtls's greeting (or the STARTTLS one): this one is swallowed.
-        Some(Step::to_backend(first))
+        if let Some(id) = &self.naming {
+            self.state = Routing::Naming { tag, replay };
+            return Some(Step::to_backend(id.clone()));
+        }
+        Some(self.replay(tag, replay))
     }
 
     fn on_route_failed(&mut self) -> Step {
         let tag = match std::mem::replace(&mut self.state, Routing::Unrouted) {
-            Routing::Connecting { tag, .. } | Routing::Replaying { tag, .. } => tag,
+            Routing::Connecting { tag, .. }
+            | Routing::Naming { tag, .. }
+            | Routing::Replaying { tag, .. } => tag,
             _ => b"*".to_vec(),
         };
         Step::to_client(tagged(&tag, "NO [UNAVAILABLE] Backend server unavailable, try again later"))
@@ -1116,7 +1231,10 @@ impl Negotiation for ImapRouted {
                 Routing::Unrouted | Routing::Login { .. } | Routing::Refusing(_) => {}
                 Routing::SaslResponse { .. } => return self.sasl_line(input),
                 // Lock-step: nothing is read while the backend has the word.
-                Routing::Connecting { .. } | Routing::Replaying { .. } | Routing::Done => return None,
+                Routing::Connecting { .. }
+                | Routing::Naming { .. }
+                | Routing::Replaying { .. }
+                | Routing::Done => return None,
             }
             let (line, first, literal) = match self.client.next(input)? {
                 Unit::TooLong => return Some(self.close(BYE_LINE_TOO_LONG)),
@@ -1159,6 +1277,7 @@ impl Negotiation for ImapRouted {
 
     fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step> {
         match self.state {
+            Routing::Naming { .. } => self.naming_reply(input),
             Routing::Replaying { .. } => self.replay_response(input),
             _ => None,
         }
@@ -1173,7 +1292,7 @@ pub struct ImapProbe {
 }
 
 /// Tag of the probe's commands.
-const PROBE_TAG: &[u8] = b"mailtls";
+const PROBE_TAG: &[u8] = OWN_TAG;
 /// The probe's goodbye.
 pub const PROBE_LOGOUT: &[u8] = b"mailtls LOGOUT\r\n";
 /// Lines in a probe answer are short; anything longer is not an IMAP server talking.
@@ -1226,7 +1345,7 @@ impl super::CapabilityProbe for ImapProbe {
 // Capability filtering
 // ---------------------------------------------------------------------------------------
 
-/// Removes STARTTLS and LOGINDISABLED from an untagged CAPABILITY response or from a
+/// Removes the hidden capabilities (STARTTLS, LOGINDISABLED, XCLIENT) from an untagged CAPABILITY response or from a
 /// `[CAPABILITY ...]` response code; every other byte of the line is kept as it was.
 fn filter_capabilities(line: &[u8]) -> Vec<u8> {
     let body = line::trim_eol(line);
@@ -1273,10 +1392,7 @@ fn capability_list_range(body: &[u8]) -> Option<(usize, usize)> {
 }
 
 fn without_hidden_capabilities(list: &[u8]) -> Vec<u8> {
-    let kept: Vec<&[u8]> = list
-        .split(|&b| b == b' ')
-        .filter(|token| !HIDDEN_CAPABILITIES.iter().any(|h| token.eq_ignore_ascii_case(h)))
-        .collect();
+    let kept: Vec<&[u8]> = list.split(|&b| b == b' ').filter(|token| !is_hidden_capability(token)).collect();
     kept.join(&b' ')
 }
 
@@ -1776,6 +1892,87 @@ mod tests {
         let mut n = greeted(Entry::Implicit);
         let id = b"d ID (\"name\" \"Thunderbird\" \"version\" \"128\")\r\n";
         assert_eq!(n.on_client(&mut buf(id)), to_backend(id));
+    }
+
+    #[test]
+    fn id_with_any_trusted_proxy_field_reaches_the_backend_as_id_nil() {
+        for id in [
+            &b"a ID (\"x-forward-user\" \"root\")\r\n"[..],
+            b"a ID (\"X-SESSION-EXT-ID\" \"x\")\r\n",
+            b"a ID (\"x-proxy-ttl\" \"9\")\r\n",
+            b"a ID (\"x-client-transport\" \"TLS\")\r\n",
+            b"a ID (\"x-originating\\-ip\" \"203.0.113.77\")\r\n",
+            b"a id (x-connected-ip 127.0.0.1)\r\n",
+        ] {
+            let mut n = greeted(Entry::Implicit);
+            assert_eq!(n.on_client(&mut buf(id)), to_backend(b"a ID NIL\r\n"), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn client_xclient_after_tls_is_answered_locally_never_forwarded() {
+        let mut n = greeted(Entry::Implicit);
+        let mut input = buf(b"a XCLIENT ADDR=203.0.113.77\r\nb NOOP\r\n");
+        assert_eq!(n.on_client(&mut input), to_client(&tagged(b"a", PROXY_ONLY)));
+        assert_eq!(n.on_client(&mut input), to_backend(b"b NOOP\r\n"));
+    }
+
+    #[test]
+    fn capability_reply_and_response_code_hide_xclient() {
+        let mut n = greeted(Entry::Implicit);
+        n.on_client(&mut buf(b"a CAPABILITY\r\n"));
+        assert_eq!(
+            n.on_backend(&mut buf(b"* CAPABILITY IMAP4rev1 XCLIENT ID xclient\r\n")),
+            to_client(b"* CAPABILITY IMAP4rev1 ID\r\n")
+        );
+        assert_eq!(
+            filter_capabilities(b"* OK [CAPABILITY IMAP4rev1 XCLIENT AUTH=PLAIN] ready\r\n"),
+            b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n"
+        );
+        assert_eq!(routed_capabilities(&["IMAP4rev1".to_owned(), "XCLIENT".to_owned()]), "IMAP4rev1");
+    }
+
+    fn naming() -> Settings {
+        Settings { xclient: true, client: Some("192.0.2.7:4242".parse().unwrap()), ..settings() }
+    }
+
+    const OWN_ID: &[u8] =
+        b"mailtls ID (\"x-originating-ip\" \"192.0.2.7\" \"x-originating-port\" \"4242\")\r\n";
+
+    #[test]
+    fn own_id_names_the_real_client_before_the_greeting_goes_on() {
+        let mut n = ImapNegotiation::new(&naming(), Entry::Implicit);
+        assert_eq!(n.on_greeting(&mut buf(DOVECOT_GREETING)), to_backend(OWN_ID));
+        assert_eq!(n.on_client(&mut buf(b"a LOGIN u p\r\n")), None, "the client waits for the ID's answer");
+        let mut reply = buf(b"* ID (\"name\" \"Dovecot\")\r\nmailtls OK Trusted ID completed.\r\n");
+        assert_eq!(n.on_backend(&mut reply), to_client(b""), "the ID's untagged answer is swallowed");
+        let greeting = n.on_backend(&mut reply).expect("the held greeting");
+        assert_eq!(greeting.to_client, filter_capabilities(DOVECOT_GREETING));
+        assert_eq!(greeting.next, Next::Negotiate);
+        assert_eq!(n.on_client(&mut buf(b"a LOGIN u p\r\n")), to_backend(b"a LOGIN u p\r\n"));
+
+        let mut n = ImapNegotiation::new(&naming(), Entry::AfterStartTls);
+        assert_eq!(n.on_greeting(&mut buf(DOVECOT_GREETING)), to_backend(OWN_ID));
+        assert_eq!(n.on_backend(&mut buf(b"mailtls OK ID completed.\r\n")), to_client(b""));
+    }
+
+    #[test]
+    fn own_id_refused_by_the_backend_is_unavailable() {
+        for answer in [&b"mailtls BAD Invalid ID parameters\r\n"[..], b"mailtls NO x\r\n", b"* ID {5}\r\n"] {
+            let mut n = ImapNegotiation::new(&naming(), Entry::Implicit);
+            n.on_greeting(&mut buf(DOVECOT_GREETING));
+            assert_eq!(n.on_backend(&mut buf(answer)), Some(backend_unavailable()), "{answer:?}");
+        }
+    }
+
+    #[test]
+    fn routed_own_id_goes_before_the_replay() {
+        let mut n = ImapRouted::new(&naming(), true);
+        assert_eq!(n.on_client(&mut buf(b"a LOGIN alice secret\r\n")), route_to("alice"));
+        assert_eq!(n.on_greeting(&mut buf(b"* OK Dovecot ready.\r\n")), to_backend(OWN_ID));
+        assert_eq!(n.on_backend(&mut buf(b"* ID NIL\r\n")), to_client(b""));
+        let replay = n.on_backend(&mut buf(b"mailtls OK Trusted ID completed.\r\n")).expect("replay");
+        assert!(replay.to_backend.starts_with(b"a LOGIN "), "{replay:?}");
     }
 
     #[test]

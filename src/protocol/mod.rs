@@ -24,6 +24,7 @@ pub mod sasl;
 pub mod smtp;
 #[cfg(test)]
 mod testing;
+pub mod trusted_proxy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -8,8 +8,13 @@ use std::collections::VecDeque;
 
 use bytes::BytesMut;
 
+use std::net::SocketAddr;
+
 use super::line::{self, Line};
-use super::{sasl, Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, ProbeStep, Settings, Step};
+use super::trusted_proxy::is_proxy_command;
+use super::{
+    sasl, Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, ProbeStep, Protocol, Settings, Step,
+};
 
 // RESP-CODES and AUTH-RESP-CODE are advertised so clients may rely on the `[AUTH]` code of
 // our refusals (RFC 2449, RFC 3206). USER and SASL are absent: no login before TLS.
@@ -25,6 +30,9 @@ const LINE_TOO_LONG: &[u8] = b"-ERR Line too long\r\n";
 const TOO_MANY_ERRORS: &[u8] = b"-ERR Too many errors\r\n";
 const TOO_MANY_COMMANDS: &[u8] = b"-ERR Too many commands\r\n";
 const TLS_ALREADY_ACTIVE: &[u8] = b"-ERR TLS already active\r\n";
+/// The answer to XCLIENT, XOIP and the like from a client (see `trusted_proxy`): only
+/// mailtls may speak for its clients, and the backend must never hear a client try.
+const PROXY_ONLY: &[u8] = b"-ERR Command not permitted: only the proxy may name the client\r\n";
 
 /// mailtls's last words to a POP3 client when it ends the session itself.
 pub fn farewell(why: Farewell) -> Vec<u8> {
@@ -68,6 +76,8 @@ fn answer_before_tls(command: &[u8]) -> PreTlsAnswer {
         PreTlsAnswer::Refuse(PLAINTEXT_AUTH_DISABLED)
     } else if verb_is(verb, "QUIT") {
         PreTlsAnswer::Quit
+    } else if is_proxy_command(Protocol::Pop3, verb) {
+        PreTlsAnswer::Refuse(PROXY_ONLY)
     } else {
         PreTlsAnswer::Refuse(UNKNOWN_COMMAND)
     }
@@ -228,9 +238,43 @@ fn is_terminator(response_line: &[u8]) -> bool {
     line::trim_eol(response_line) == b"."
 }
 
-fn is_stls_capability(capability: &[u8]) -> bool {
+/// CAPA lines the client must not see: STLS (the TLS is mailtls's) and the commands by
+/// which a trusted proxy names its client (that trust is mailtls's alone).
+fn is_hidden_capability(capability: &[u8]) -> bool {
     let (keyword, _) = line::split_word(capability);
-    verb_is(keyword, "STLS")
+    verb_is(keyword, "STLS") || is_proxy_command(Protocol::Pop3, keyword)
+}
+
+/// The greeting without a leading response code that announces a proxy command: Dovecot
+/// greets a trusted peer (every client, seen through mailtls) with `+OK [XCLIENT] ...`.
+fn without_proxy_code(greeting: &[u8]) -> Vec<u8> {
+    let Some(text) =
+        greeting.get(4..).filter(|_| greeting.get(..4).is_some_and(|s| s.eq_ignore_ascii_case(b"+OK ")))
+    else {
+        return greeting.to_vec();
+    };
+    let Some(code) =
+        text.strip_prefix(b"[").and_then(|rest| rest.iter().position(|&b| b == b']').map(|end| &rest[..end]))
+    else {
+        return greeting.to_vec();
+    };
+    if !is_proxy_command(Protocol::Pop3, code) {
+        return greeting.to_vec();
+    }
+    let after = text.get(code.len() + 2..).unwrap_or_default();
+    let mut out = b"+OK ".to_vec();
+    out.extend_from_slice(after.strip_prefix(b" ").unwrap_or(after));
+    out
+}
+
+/// Whether the greeting offers Dovecot's XCLIENT, i.e. the backend trusts mailtls.
+fn offers_xclient(greeting: &[u8]) -> bool {
+    without_proxy_code(greeting) != greeting
+}
+
+/// mailtls's own XCLIENT naming the client (Dovecot pop3-login's ADDR and PORT fields).
+fn xclient_command(client: SocketAddr) -> Vec<u8> {
+    format!("XCLIENT ADDR={} PORT={}\r\n", client.ip().to_canonical(), client.port()).into_bytes()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,8 +285,11 @@ enum State {
     Idle,
     /// The first line of the response to this command is outstanding.
     Awaiting(Command),
-    /// Inside a dot-terminated response.
-    MultiLine { strip_stls: bool },
+    /// Inside a dot-terminated response; `capa`: hidden capabilities are removed.
+    MultiLine { capa: bool },
+    /// mailtls's own XCLIENT was sent after the backend's positive greeting (kept in
+    /// `Pop3Negotiation::greeting`); its answer is awaited before the greeting goes on.
+    Xclient,
     /// The backend sent a SASL challenge: the client's next line is SASL data.
     SaslResponse,
     /// Relay or close was decided; nothing more is examined.
@@ -252,6 +299,10 @@ enum State {
 /// The POP3 negotiation after TLS, until the backend accepts the client's credentials.
 pub struct Pop3Negotiation {
     entry: Entry,
+    /// The XCLIENT to send after the greeting (`xclient = true` listeners).
+    xclient: Option<Vec<u8>>,
+    /// The greeting held back while XCLIENT is answered.
+    greeting: Vec<u8>,
     max_line: usize,
     max_errors: u32,
     errors: u32,
@@ -262,6 +313,8 @@ impl Pop3Negotiation {
     pub fn new(settings: &Settings, entry: Entry) -> Self {
         Pop3Negotiation {
             entry,
+            xclient: settings.client.filter(|_| settings.xclient).map(xclient_command),
+            greeting: Vec::new(),
             max_line: settings.max_line,
             max_errors: settings.max_errors,
             errors: 0,
@@ -303,19 +356,23 @@ impl Pop3Negotiation {
         };
         let (verb, _) = line::split_word(&command);
         if verb_is(verb, "STLS") {
-            return Some(self.refuse_stls());
+            return Some(self.refuse(TLS_ALREADY_ACTIVE));
+        }
+        if is_proxy_command(Protocol::Pop3, verb) {
+            return Some(self.refuse(PROXY_ONLY));
         }
         self.state = State::Awaiting(classify(&command));
         Some(Step::to_backend(command.to_vec()))
     }
 
-    /// A second STLS inside TLS is answered here: the backend must never see it.
-    fn refuse_stls(&mut self) -> Step {
+    /// A second STLS inside TLS, or a client trying to name itself, is answered here: the
+    /// backend must never see either.
+    fn refuse(&mut self, reply: &[u8]) -> Step {
         self.errors = self.errors.saturating_add(1);
         if self.errors > self.max_errors {
             self.close_client(TOO_MANY_ERRORS)
         } else {
-            Step::to_client(TLS_ALREADY_ACTIVE)
+            Step::to_client(reply)
         }
     }
 
@@ -351,9 +408,9 @@ impl Pop3Negotiation {
                 Step::to_client(relayed).then(Next::Relay)
             }
             (Command::Capa | Command::Listing, Status::Ok) => {
-                let strip_stls = command == Command::Capa;
-                self.state = State::MultiLine { strip_stls };
-                return self.relay_list(strip_stls, input, relayed);
+                let capa = command == Command::Capa;
+                self.state = State::MultiLine { capa };
+                return self.relay_list(capa, input, relayed);
             }
             (_, Status::Ok | Status::Err) => {
                 self.state = State::Idle;
@@ -365,7 +422,7 @@ impl Pop3Negotiation {
 
     /// Relays the list lines buffered so far, up to and including the terminating `.`.
     /// Memory stays bounded by what is already buffered: the list is never held whole.
-    fn relay_list(&mut self, strip_stls: bool, input: &mut BytesMut, mut relayed: Vec<u8>) -> Option<Step> {
+    fn relay_list(&mut self, capa: bool, input: &mut BytesMut, mut relayed: Vec<u8>) -> Option<Step> {
         let mut consumed = !relayed.is_empty();
         loop {
             match line::take_line(input, self.max_line) {
@@ -380,13 +437,40 @@ impl Pop3Negotiation {
                         relayed.extend_from_slice(&list_line);
                         break;
                     }
-                    if !(strip_stls && is_stls_capability(&list_line)) {
+                    if !(capa && is_hidden_capability(&list_line)) {
                         relayed.extend_from_slice(&list_line);
                     }
                 }
             }
         }
         consumed.then(|| Step::to_client(relayed))
+    }
+
+    /// The backend's greeting as the client may see it: relayed without its `[XCLIENT]`
+    /// code on implicit TLS; swallowed after STLS, since the client already has mailtls's
+    /// greeting and a second one would be unsolicited data in the TLS session.
+    fn greet(&self, greeting: &[u8]) -> Step {
+        match self.entry {
+            Entry::Implicit => Step::to_client(without_proxy_code(greeting)),
+            Entry::AfterStartTls | Entry::Plaintext { .. } | Entry::Routed { .. } => {
+                Step::to_client(Vec::new())
+            }
+        }
+    }
+
+    /// Dovecot answers a trusted XCLIENT with `+OK Updated`; anything else leaves the
+    /// backend believing the client is mailtls, so the session ends as unavailable.
+    fn xclient_reply(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let reply = match self.take_backend_line(input)? {
+            Ok(reply) => reply,
+            Err(step) => return Some(step),
+        };
+        if status_of(&reply) != Status::Ok {
+            return Some(self.backend_unavailable());
+        }
+        self.state = State::Idle;
+        let greeting = std::mem::take(&mut self.greeting);
+        Some(self.greet(&greeting))
     }
 
     /// A status line nobody asked for (e.g. an idle timeout notice) is passed on; anything
@@ -415,15 +499,18 @@ impl Negotiation for Pop3Negotiation {
         if status_of(&greeting) != Status::Ok {
             return Some(self.backend_unavailable());
         }
-        self.state = State::Idle;
-        // After STLS the client already has mailtls's greeting; a second one would be
-        // unsolicited data in the TLS session.
-        Some(match self.entry {
-            Entry::Implicit => Step::to_client(greeting.to_vec()),
-            Entry::AfterStartTls | Entry::Plaintext { .. } | Entry::Routed { .. } => {
-                Step::to_client(Vec::new())
+        if let Some(xclient) = self.xclient.take() {
+            // A backend that does not offer XCLIENT does not trust mailtls: it would ignore
+            // the command and log mailtls's address for every client. Better said at once.
+            if !offers_xclient(&greeting) {
+                return Some(self.backend_unavailable());
             }
-        })
+            self.state = State::Xclient;
+            self.greeting = greeting.to_vec();
+            return Some(Step::to_backend(xclient));
+        }
+        self.state = State::Idle;
+        Some(self.greet(&greeting))
     }
 
     fn on_client(&mut self, input: &mut BytesMut) -> Option<Step> {
@@ -441,7 +528,8 @@ impl Negotiation for Pop3Negotiation {
             State::Awaiting(command) => self.response(command, input),
             // The backend may end a SASL exchange before the client answers (e.g. timeout).
             State::SaslResponse => self.response(Command::AuthMechanism, input),
-            State::MultiLine { strip_stls } => self.relay_list(strip_stls, input, Vec::new()),
+            State::MultiLine { capa } => self.relay_list(capa, input, Vec::new()),
+            State::Xclient => self.xclient_reply(input),
             State::Done => None,
         }
     }
@@ -470,7 +558,7 @@ fn routed_capabilities(learned: &[String]) -> Vec<u8> {
     let mut kept = 0;
     for capability in learned {
         let (keyword, mechanisms) = line::split_word(capability.as_bytes());
-        if verb_is(keyword, "STLS") {
+        if is_hidden_capability(capability.as_bytes()) {
             continue;
         }
         if verb_is(keyword, "SASL") {
@@ -513,6 +601,8 @@ enum Routing {
     SaslResponse,
     /// [`Next::Route`] was given; the session is connecting the backend.
     Connecting { what: Identification, replay: VecDeque<Vec<u8>> },
+    /// mailtls's own XCLIENT went to the routed backend; the replay follows its `+OK`.
+    Naming { what: Identification, replay: VecDeque<Vec<u8>> },
     /// The identification went to the backend; `rest` goes after each of its `+`.
     Replaying { what: Identification, rest: VecDeque<Vec<u8>> },
     /// The backend accepted USER: the ordinary negotiation carries on (PASS, CAPA...).
@@ -527,6 +617,8 @@ enum Routing {
 /// negotiation (PASS) and relay.
 pub struct Pop3Routed {
     greet: bool,
+    /// The XCLIENT each routed backend gets before the replay (`xclient = true`).
+    xclient: Option<Vec<u8>>,
     hostname: String,
     capabilities: Vec<u8>,
     max_line: usize,
@@ -544,6 +636,7 @@ impl Pop3Routed {
         connected.state = State::Idle;
         Pop3Routed {
             greet,
+            xclient: connected.xclient.take(),
             hostname: settings.hostname.chars().filter(|c| !c.is_control()).collect(),
             capabilities: routed_capabilities(&settings.backend_extensions),
             max_line: settings.max_line,
@@ -618,6 +711,8 @@ impl Pop3Routed {
             self.close(BYE)
         } else if verb_is(verb, "STLS") {
             self.error(TLS_ALREADY_ACTIVE)
+        } else if is_proxy_command(Protocol::Pop3, verb) {
+            self.error(PROXY_ONLY)
         } else if verb_is(verb, "PASS") {
             self.error(USER_FIRST)
         } else if verb_is(verb, "APOP") {
@@ -704,6 +799,30 @@ impl Pop3Routed {
         Step::to_client(answer).then(Next::Detach)
     }
 
+    /// Sends the first segment of the identification; the rest follows the backend's `+`.
+    fn replay(&mut self, what: Identification, mut replay: VecDeque<Vec<u8>>) -> Step {
+        let first = replay.pop_front().unwrap_or_default();
+        self.state = Routing::Replaying { what, rest: replay };
+        Step::to_backend(first)
+    }
+
+    /// The routed backend's answer to mailtls's XCLIENT: `+OK`, or the session cannot name
+    /// its client and ends as unavailable.
+    fn naming_reply(&mut self, input: &mut BytesMut) -> Option<Step> {
+        let reply = match line::take_line(input, self.max_line) {
+            Line::Incomplete => return None,
+            Line::TooLong => return Some(self.backend_unavailable()),
+            Line::Complete(reply) => reply,
+        };
+        let Routing::Naming { what, replay } = std::mem::replace(&mut self.state, Routing::Done) else {
+            return None;
+        };
+        if status_of(&reply) != Status::Ok {
+            return Some(self.backend_unavailable());
+        }
+        Some(self.replay(what, replay))
+    }
+
     /// A backend line while the identification is being replayed.
     fn replay_response(&mut self, what: Identification, input: &mut BytesMut) -> Option<Step> {
         let response = match line::take_line(input, self.max_line) {
@@ -752,17 +871,19 @@ impl Negotiation for Pop3Routed {
             Line::TooLong => return Some(Step::to_client(Vec::new()).then(Next::Unavailable)),
             Line::Complete(greeting) => greeting,
         };
-        if status_of(&greeting) != Status::Ok {
+        // Without [XCLIENT] the backend does not trust mailtls (see Pop3Negotiation).
+        if status_of(&greeting) != Status::Ok || (self.xclient.is_some() && !offers_xclient(&greeting)) {
             return Some(Step::to_client(Vec::new()).then(Next::Unavailable));
         }
-        let Routing::Connecting { what, mut replay } = std::mem::replace(&mut self.state, Routing::Done)
-        else {
+        let Routing::Connecting { what, replay } = std::mem::replace(&mut self.state, Routing::Done) else {
             return None;
         };
-        let first = replay.pop_front().unwrap_or_default();
-        self.state = Routing::Replaying { what, rest: replay };
         // The client had mailtls's greeting (or the STLS one): this one is swallowed.
-        Some(Step::to_backend(first))
+        if let Some(xclient) = &self.xclient {
+            self.state = Routing::Naming { what, replay };
+            return Some(Step::to_backend(xclient.clone()));
+        }
+        Some(self.replay(what, replay))
     }
 
     fn on_route_failed(&mut self) -> Step {
@@ -788,6 +909,7 @@ impl Negotiation for Pop3Routed {
             Routing::Connected { login: false } => return self.connected_command(input),
             Routing::Connected { login: true }
             | Routing::Connecting { .. }
+            | Routing::Naming { .. }
             | Routing::Replaying { .. }
             | Routing::Done => return None,
         }
@@ -800,6 +922,7 @@ impl Negotiation for Pop3Routed {
 
     fn on_backend(&mut self, input: &mut BytesMut) -> Option<Step> {
         match self.state {
+            Routing::Naming { .. } => self.naming_reply(input),
             Routing::Replaying { what, .. } => self.replay_response(what, input),
             Routing::Connected { login } => self.connected_response(login, input),
             _ => None,
@@ -1372,6 +1495,159 @@ mod tests {
         assert_eq!(farewell(Farewell::ShuttingDown), b"-ERR [SYS/TEMP] Server shutting down\r\n");
     }
 
+    // ---- commands by which a trusted proxy names its client (trusted_proxy) ----
+
+    #[test]
+    fn xclient_and_xoip_before_tls_are_refused_as_proxy_only() {
+        let mut p = pre_tls();
+        for command in [&b"XCLIENT ADDR=203.0.113.77 PORT=4343\r\n"[..], b"xoip 203.0.113.77\r\n"] {
+            assert_eq!(p.on_client(&mut buf(command)), reply(PROXY_ONLY));
+        }
+        assert_eq!(p.refused_logins(), 0, "not a login attempt");
+    }
+
+    #[test]
+    fn client_xclient_and_xoip_after_tls_are_answered_locally_never_forwarded() {
+        for entry in [Entry::Implicit, Entry::AfterStartTls] {
+            let mut n = negotiating(entry);
+            for command in [
+                &b"XCLIENT ADDR=203.0.113.77 PORT=4343\r\n"[..],
+                b"xclient addr=203.0.113.77\n",
+                b"XCLIENT\r\n",
+                b"XOIP 203.0.113.77\r\n",
+            ] {
+                let mut input = buf(command);
+                assert_eq!(n.on_client(&mut input), Some(Step::to_client(PROXY_ONLY)), "{command:?}");
+                assert!(input.is_empty());
+            }
+            forwarded(&mut n, b"USER alice\r\n");
+        }
+    }
+
+    #[test]
+    fn repeated_client_xclient_counts_as_errors_and_closes() {
+        let mut n = negotiating(Entry::Implicit);
+        for _ in 0..settings().max_errors {
+            assert_eq!(n.on_client(&mut buf(b"XCLIENT ADDR=1.2.3.4\r\n")), Some(Step::to_client(PROXY_ONLY)));
+        }
+        assert_eq!(
+            n.on_client(&mut buf(b"XCLIENT ADDR=1.2.3.4\r\n")),
+            Some(Step::to_client(TOO_MANY_ERRORS).then(Next::Close))
+        );
+    }
+
+    #[test]
+    fn implicit_greeting_loses_the_xclient_code() {
+        let mut n = Pop3Negotiation::new(&settings(), Entry::Implicit);
+        assert_eq!(
+            n.on_greeting(&mut buf(b"+OK [XCLIENT] Dovecot (Debian) ready.\r\n")),
+            Some(Step::to_client(b"+OK Dovecot (Debian) ready.\r\n"))
+        );
+        for kept in
+            [&b"+OK Dovecot ready. <1.2.3@host>\r\n"[..], b"+OK [SYS/TEMP] x\r\n", b"+OK [XCLIENTS] x\r\n"]
+        {
+            assert_eq!(without_proxy_code(kept), kept);
+        }
+        assert_eq!(without_proxy_code(b"+ok [xoip] hi\r\n"), b"+OK hi\r\n");
+    }
+
+    #[test]
+    fn capa_loses_xclient_and_xoip_lines() {
+        let mut n = negotiating(Entry::Implicit);
+        forwarded(&mut n, b"CAPA\r\n");
+        assert_eq!(
+            from_backend(&mut n, b"+OK\r\nTOP\r\nXCLIENT\r\nSTLS\r\nxoip\r\nUSER\r\n.\r\n"),
+            Some(Step::to_client(&b"+OK\r\nTOP\r\nUSER\r\n.\r\n"[..]))
+        );
+        let learned = ["TOP".to_owned(), "XCLIENT".to_owned(), "USER".to_owned()];
+        assert_eq!(routed_capabilities(&learned), b"+OK Capability list follows\r\nTOP\r\nUSER\r\n.\r\n");
+    }
+
+    #[test]
+    fn routed_client_xclient_is_refused_before_and_after_routing() {
+        let mut n = routed();
+        assert_eq!(
+            n.on_client(&mut buf(b"XCLIENT ADDR=203.0.113.77\r\n")),
+            Some(Step::to_client(PROXY_ONLY))
+        );
+        routes(&mut n, b"USER alice\r\n", "alice");
+        n.on_backend(&mut buf(b"+OK\r\n"));
+        assert_eq!(
+            n.on_client(&mut buf(b"XCLIENT ADDR=203.0.113.77\r\n")),
+            Some(Step::to_client(PROXY_ONLY))
+        );
+        forwarded_routed(&mut n, b"PASS secret\r\n");
+    }
+
+    fn naming() -> Settings {
+        Settings { xclient: true, client: Some("192.0.2.7:4242".parse().unwrap()), ..settings() }
+    }
+
+    const OWN_XCLIENT: &[u8] = b"XCLIENT ADDR=192.0.2.7 PORT=4242\r\n";
+    const TRUSTING_GREETING: &[u8] = b"+OK [XCLIENT] Dovecot (Debian) ready.\r\n";
+
+    #[test]
+    fn own_xclient_names_the_real_client_before_the_greeting_goes_on() {
+        let mut n = Pop3Negotiation::new(&naming(), Entry::Implicit);
+        assert_eq!(n.on_greeting(&mut buf(TRUSTING_GREETING)), Some(Step::to_backend(OWN_XCLIENT)));
+        assert_eq!(n.on_client(&mut buf(b"USER alice\r\n")), None, "the client waits for XCLIENT's answer");
+        assert_eq!(
+            from_backend(&mut n, b"+OK Updated\r\n"),
+            Some(Step::to_client(&b"+OK Dovecot (Debian) ready.\r\n"[..]))
+        );
+        forwarded(&mut n, b"USER alice\r\n");
+
+        let mut n = Pop3Negotiation::new(&naming(), Entry::AfterStartTls);
+        assert_eq!(n.on_greeting(&mut buf(TRUSTING_GREETING)), Some(Step::to_backend(OWN_XCLIENT)));
+        assert_eq!(from_backend(&mut n, b"+OK Updated\r\n"), Some(Step::to_client(Vec::new())));
+
+        let v6 = Settings { client: Some("[::ffff:192.0.2.7]:25".parse().unwrap()), ..naming() };
+        let mut n = Pop3Negotiation::new(&v6, Entry::Implicit);
+        assert_eq!(
+            n.on_greeting(&mut buf(TRUSTING_GREETING)),
+            Some(Step::to_backend(b"XCLIENT ADDR=192.0.2.7 PORT=25\r\n"))
+        );
+    }
+
+    #[test]
+    fn own_xclient_to_an_untrusting_or_refusing_backend_is_unavailable() {
+        let unavailable =
+            Some(Step::to_client(farewell(Farewell::BackendUnavailable)).then(Next::Unavailable));
+        let mut n = Pop3Negotiation::new(&naming(), Entry::Implicit);
+        assert_eq!(
+            n.on_greeting(&mut buf(b"+OK Dovecot ready.\r\n")),
+            unavailable,
+            "no [XCLIENT]: not trusted"
+        );
+        let mut n = Pop3Negotiation::new(&naming(), Entry::Implicit);
+        n.on_greeting(&mut buf(TRUSTING_GREETING));
+        assert_eq!(from_backend(&mut n, b"-ERR Invalid parameters\r\n"), unavailable);
+        let no_setting = Settings { xclient: false, ..naming() };
+        let mut n = Pop3Negotiation::new(&no_setting, Entry::Implicit);
+        assert_eq!(
+            n.on_greeting(&mut buf(TRUSTING_GREETING)),
+            Some(Step::to_client(&b"+OK Dovecot (Debian) ready.\r\n"[..]))
+        );
+    }
+
+    #[test]
+    fn routed_own_xclient_goes_before_the_replay() {
+        let mut n = Pop3Routed::new(&naming(), true);
+        assert_eq!(n.on_client(&mut buf(b"USER alice\r\n")), route_to("alice"));
+        assert_eq!(
+            n.on_greeting(&mut buf(b"+OK Dovecot ready.\r\n")).map(|s| s.next),
+            Some(Next::Unavailable)
+        );
+        assert_eq!(n.on_route_failed(), Step::to_client(ROUTE_FAILED));
+        assert_eq!(n.on_client(&mut buf(b"USER alice\r\n")), route_to("alice"));
+        assert_eq!(n.on_greeting(&mut buf(TRUSTING_GREETING)), Some(Step::to_backend(OWN_XCLIENT)));
+        assert_eq!(
+            n.on_backend(&mut buf(b"+OK Updated\r\n")),
+            Some(Step::to_backend(&b"USER alice\r\n"[..]))
+        );
+        assert_eq!(n.on_backend(&mut buf(b"+OK\r\n")), Some(Step::to_client(b"+OK\r\n")));
+    }
+
     // ---- hostile input ----
 
     use crate::protocol::testing::XorShift;
@@ -1379,8 +1655,28 @@ mod tests {
     /// Random bytes salted with the tokens the state machines react to.
     fn hostile_chunk(rng: &mut XorShift) -> Vec<u8> {
         const TOKENS: &[&[u8]] = &[
-            b"STLS", b"CAPA", b"USER ", b"PASS ", b"APOP ", b"AUTH", b" PLAIN", b"QUIT", b"LIST", b"RETR 1",
-            b"+OK", b"-ERR", b"+ ", b"+", b".", b"..", b"\r\n", b"\n", b" ", b"*",
+            b"STLS",
+            b"CAPA",
+            b"USER ",
+            b"PASS ",
+            b"APOP ",
+            b"AUTH",
+            b" PLAIN",
+            b"QUIT",
+            b"LIST",
+            b"RETR 1",
+            b"XCLIENT ",
+            b"[XCLIENT] ",
+            b"+OK",
+            b"-ERR",
+            b"+ ",
+            b"+",
+            b".",
+            b"..",
+            b"\r\n",
+            b"\n",
+            b" ",
+            b"*",
         ];
         let mut chunk = Vec::new();
         for _ in 0..rng.below(12) {

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::line::{self, Line};
-use super::{Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, Settings, Step};
+use super::trusted_proxy::is_proxy_command;
+use super::{Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, Protocol, Settings, Step};
 
 /// Sent by the session to end a probe connection politely once [`ProbeStep::Done`] came.
 pub const PROBE_QUIT: &[u8] = b"QUIT\r\n";
@@ -83,14 +84,17 @@ enum Verb {
     Rset,
     Quit,
     Help,
-    Xclient,
-    Xforward,
+    /// XCLIENT, XFORWARD: a trusted proxy naming its client (`trusted_proxy`).
+    ProxyOnly,
     Unknown,
 }
 
 impl Verb {
     fn of(word: &[u8]) -> Verb {
-        const VERBS: [(&[u8], Verb); 17] = [
+        if is_proxy_command(Protocol::Smtp, word) {
+            return Verb::ProxyOnly;
+        }
+        const VERBS: [(&[u8], Verb); 15] = [
             (b"EHLO", Verb::Ehlo),
             (b"HELO", Verb::Helo),
             (b"STARTTLS", Verb::StartTls),
@@ -106,8 +110,6 @@ impl Verb {
             (b"RSET", Verb::Rset),
             (b"QUIT", Verb::Quit),
             (b"HELP", Verb::Help),
-            (b"XCLIENT", Verb::Xclient),
-            (b"XFORWARD", Verb::Xforward),
         ];
         VERBS
             .iter()
@@ -197,7 +199,7 @@ fn is_keyword(extension: &[u8], names: &[&[u8]]) -> bool {
 
 /// After TLS: the TLS is mailtls's, and the XCLIENT/XFORWARD trust is mailtls's alone.
 fn hidden_after_tls(extension: &[u8]) -> bool {
-    is_keyword(extension, &[b"STARTTLS", b"XCLIENT", b"XFORWARD"])
+    is_keyword(extension, &[b"STARTTLS"]) || is_proxy_command(Protocol::Smtp, keyword(extension))
 }
 
 /// `AUTH mechanisms` or the old `AUTH=mechanisms` form some clients still look for.
@@ -225,7 +227,7 @@ fn opaque_plaintext_is_safe(extensions: &[String]) -> bool {
     !extensions.is_empty()
         && !extensions.iter().any(|extension| {
             let extension = extension.as_bytes();
-            is_auth(extension) || is_keyword(extension, &[b"XCLIENT", b"XFORWARD"])
+            is_auth(extension) || is_proxy_command(Protocol::Smtp, keyword(extension))
         })
 }
 
@@ -557,7 +559,7 @@ impl SmtpPreTls {
             Verb::Noop | Verb::Rset => reply(OK),
             Verb::Quit => PreTlsStep::Close(BYE.to_vec()),
             Verb::Help => reply(HELP),
-            Verb::Xclient | Verb::Xforward | Verb::Unknown => self.refuse(UNRECOGNIZED),
+            Verb::ProxyOnly | Verb::Unknown => self.refuse(UNRECOGNIZED),
         }
     }
 }
@@ -756,7 +758,7 @@ impl SmtpNegotiation {
         match command.verb {
             Verb::StartTls => self.refuse(TLS_ALREADY_ACTIVE),
             // They would let the client tell the backend a forged address or identity.
-            Verb::Xclient | Verb::Xforward => self.refuse(NOT_AUTHORIZED),
+            Verb::ProxyOnly => self.refuse(NOT_AUTHORIZED),
             Verb::Auth => self.forward(line, Pending::Auth),
             Verb::Mail => self.relay_from(line),
             Verb::Ehlo => self.forward(line, Pending::Ehlo),
@@ -774,7 +776,7 @@ impl SmtpNegotiation {
             // be mailtls's to give (and the backend's STARTTLS is hidden from it).
             Verb::StartTls => self.refuse(TLS_NOT_AVAILABLE),
             // They would let the client tell the backend a forged address or identity.
-            Verb::Xclient | Verb::Xforward => self.refuse(NOT_AUTHORIZED),
+            Verb::ProxyOnly => self.refuse(NOT_AUTHORIZED),
             // HELO too: its reply resets what the backend announced (no CHUNKING).
             Verb::Ehlo | Verb::Helo => self.forward(line, Pending::Ehlo),
             Verb::Data => self.forward(line, Pending::Data),
