@@ -803,3 +803,76 @@ async fn id_with_an_originating_address_reaches_the_backend_as_id_nil() {
     assert_eq!(backend.seen(0).text(), "a ID NIL\r\nb ID (\"name\" \"Thunderbird\")\r\n");
     proxy.stop().await;
 }
+
+// ---- commands and ID fields by which a trusted proxy names its client (issue 19) ---------
+
+/// Every ID field Dovecot takes from a trusted proxy, one ID each (the escaped one is read
+/// by Dovecot as `x-originating-ip`).
+const TRUSTED_ID_FIELDS: [&str; 9] = [
+    "\"x-originating-ip\" \"203.0.113.77\"",
+    "\"x-originating-port\" \"4343\"",
+    "\"x-connected-ip\" \"203.0.113.78\"",
+    "\"x-connected-port\" \"4344\"",
+    "\"x-proxy-ttl\" \"1\"",
+    "\"x-session-id\" \"forged\"",
+    "\"x-session-ext-id\" \"forged\"",
+    "\"x-forward-user\" \"root\"",
+    "\"x-originating\\-ip\" \"203.0.113.77\"",
+];
+
+#[tokio::test]
+async fn client_xclient_and_trusted_id_fields_on_imaps_never_reach_the_backend() {
+    let backend = Backend::start(Script::ImapTrusting).await;
+    let proxy = proxy_for(&backend, "imaps").await;
+    let mut t = proxy.tls("imaps").await;
+    assert_eq!(t.line().await, IMAPS_GREETING, "XCLIENT is gone from the greeting's capabilities");
+    t.send("a CAPABILITY\r\n").await;
+    assert_eq!(t.line().await, TLS_CAPABILITY, "and from CAPABILITY");
+    assert_eq!(t.line().await, "a OK Pre-login capabilities listed\r\n");
+    t.send("b XCLIENT ADDR=203.0.113.77\r\n").await;
+    assert_eq!(t.line().await, "b BAD Command not permitted: only the proxy may name the client\r\n");
+    for (i, field) in TRUSTED_ID_FIELDS.iter().enumerate() {
+        t.send(format!("i{i} ID (\"name\" \"mutt\" {field})\r\n")).await;
+        assert_eq!(t.line().await, "* ID (\"name\" \"Dovecot\")\r\n");
+        assert_eq!(t.line().await, format!("i{i} OK ID completed\r\n"));
+    }
+    let seen = backend.seen(0).text();
+    let expected: String = (0..TRUSTED_ID_FIELDS.len()).map(|i| format!("i{i} ID NIL\r\n")).collect();
+    assert_eq!(seen, format!("a CAPABILITY\r\n{expected}"));
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn trusted_id_fields_after_starttls_reach_the_backend_as_id_nil() {
+    let backend = Backend::start(Script::ImapTrusting).await;
+    let proxy = proxy_for(&backend, "imap").await;
+    let mut t = upgraded(&proxy).await;
+    t.send("a ID (\"x-forward-user\" \"root\" \"x-originating-ip\" \"203.0.113.77\")\r\n").await;
+    assert_eq!(t.line().await, "* ID (\"name\" \"Dovecot\")\r\n");
+    assert_eq!(t.line().await, "a OK ID completed\r\n");
+    t.send("b XCLIENT ADDR=203.0.113.77\r\n").await;
+    assert!(t.line().await.starts_with("b BAD Command not permitted"));
+    assert_eq!(backend.seen(0).text(), "a ID NIL\r\n");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn xclient_setting_names_the_real_client_to_the_imap_backend_with_id() {
+    let backend = Backend::start_without_header(Script::Imap).await;
+    let listener = Listener::new("imaps", "imap", "implicit", backend.addr).proxy("none");
+    let proxy = Proxy::start_edited(&[listener], TIMEOUTS, |text| {
+        text.replace("proxy_protocol = \"none\"", "proxy_protocol = \"none\"\nxclient = true")
+    })
+    .await;
+    let tcp = TcpStream::connect(proxy.addr("imaps")).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let mut t = Conn::new(tls_handshake(tcp, &proxy.certs).await.unwrap());
+    assert_eq!(t.line().await, IMAPS_GREETING, "the ID's answer is swallowed, the greeting relayed");
+    t.send("a ID (\"x-originating-ip\" \"203.0.113.77\")\r\n").await;
+    assert_eq!(t.line().await, "* ID (\"name\" \"Dovecot\")\r\n");
+    assert_eq!(t.line().await, "a OK ID completed\r\n");
+    let own =
+        format!("mailtls ID (\"x-originating-ip\" \"127.0.0.1\" \"x-originating-port\" \"{port}\")\r\n");
+    assert_eq!(backend.seen(0).text(), format!("{own}a ID NIL\r\n"));
+    proxy.stop().await;
+}

@@ -588,3 +588,98 @@ async fn plaintext_capa_on_pop3s_gets_no_pop3_reply_and_is_closed() {
     assert_eq!(backend.connections(), 0);
     proxy.stop().await;
 }
+
+// ---- commands by which a trusted proxy names its client (issue 19) -----------------------
+
+/// What a client sends to forge its address to a Dovecot that trusts mailtls.
+const FORGERIES: [&str; 3] =
+    ["XCLIENT ADDR=203.0.113.77 PORT=4343\r\n", "xclient addr=203.0.113.77\r\n", "XOIP 203.0.113.77\r\n"];
+
+/// Sends every forgery and expects mailtls's own `-ERR` to each, then a CAPA without XCLIENT
+/// (or STLS), then a USER that does reach the backend.
+async fn forgeries_are_answered_locally<S: AsyncRead + AsyncWrite + Unpin>(t: &mut Conn<S>) {
+    for forgery in FORGERIES {
+        t.send(forgery).await;
+        let reply = t.line().await;
+        assert!(reply.starts_with("-ERR Command not permitted"), "{forgery:?} got {reply:?}");
+    }
+    t.send("CAPA\r\n").await;
+    let capa = pop3_list(t).await;
+    assert!(capa.contains(&"TOP\r\n".to_owned()), "{capa:?}");
+    assert!(!capa.iter().any(|l| l.contains("XCLIENT") || l.contains("STLS")), "{capa:?}");
+    t.send("USER u\r\n").await;
+    assert_eq!(t.line().await, "+OK\r\n");
+}
+
+fn assert_no_forgery_reached(backend: &Backend) {
+    let all = backend.all_text();
+    assert!(!all.to_ascii_uppercase().contains("XCLIENT") && !all.contains("XOIP"), "{all:?}");
+    assert!(!all.contains("203.0.113.77"), "{all:?}");
+}
+
+#[tokio::test]
+async fn client_xclient_on_pop3s_is_refused_locally_and_the_greeting_loses_its_xclient_code() {
+    let backend = Backend::start(Script::Pop3Trusting).await;
+    let proxy = pop3s_proxy(&backend).await;
+    let mut t = proxy.tls("pop3s").await;
+    assert_eq!(t.line().await, "+OK Dovecot ready. <1.2.3@backend.test>\r\n");
+    forgeries_are_answered_locally(&mut t).await;
+    assert_no_forgery_reached(&backend);
+    assert_eq!(backend.seen(0).text(), "CAPA\r\nUSER u\r\n");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn client_xclient_before_and_after_stls_never_reaches_the_backend() {
+    let backend = Backend::start(Script::Pop3Trusting).await;
+    let proxy = pop3_proxy(&backend).await;
+    let mut c = greeted(&proxy).await;
+    c.send(FORGERIES[0]).await;
+    let reply = c.line().await;
+    assert!(reply.starts_with("-ERR Command not permitted"), "{reply:?}");
+    c.send("STLS\r\n").await;
+    assert_eq!(c.line().await, GO_AHEAD);
+    let mut t = c.upgrade(&proxy.certs).await;
+    assert_eq!(t.silent_for(QUIET).await, None, "the backend's greeting is swallowed after STLS");
+    forgeries_are_answered_locally(&mut t).await;
+    assert_no_forgery_reached(&backend);
+    proxy.stop().await;
+}
+
+/// A pop3s listener with `proxy_protocol = "none"` and `xclient = true` in front of `backend`.
+async fn naming_pop3s_proxy(backend: &Backend) -> Proxy {
+    let listener = Listener::new("pop3s", "pop3", "implicit", backend.addr).proxy("none");
+    Proxy::start_edited(&[listener], "", |text| {
+        text.replace("proxy_protocol = \"none\"", "proxy_protocol = \"none\"\nxclient = true")
+    })
+    .await
+}
+
+#[tokio::test]
+async fn xclient_setting_names_the_real_client_to_a_trusting_pop3_backend() {
+    let backend = Backend::start_without_header(Script::Pop3Trusting).await;
+    let proxy = naming_pop3s_proxy(&backend).await;
+    let tcp = TcpStream::connect(proxy.addr("pop3s")).await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let mut t = Conn::new(tls_handshake(tcp, &proxy.certs).await.unwrap());
+    assert_eq!(t.line().await, "+OK Dovecot ready. <1.2.3@backend.test>\r\n");
+    forgeries_are_answered_locally(&mut t).await;
+    let seen = backend.seen(0).text();
+    assert_eq!(seen, format!("XCLIENT ADDR=127.0.0.1 PORT={port}\r\nCAPA\r\nUSER u\r\n"));
+    proxy.stop().await;
+}
+
+// A Dovecot that does not offer XCLIENT does not trust mailtls and would log mailtls's
+// address for every client: with xclient = true that is a backend failure, said at once.
+#[tokio::test]
+async fn xclient_setting_in_front_of_an_untrusting_pop3_backend_is_unavailable() {
+    let backend = Backend::start_without_header(Script::Pop3).await;
+    let proxy = naming_pop3s_proxy(&backend).await;
+    let mut t = proxy.tls("pop3s").await;
+    assert_eq!(t.line().await, "-ERR [SYS/TEMP] Backend server unavailable\r\n");
+    assert!(t.closed_within(Duration::from_secs(2)).await);
+    assert_eq!(backend.all_text(), "", "no XCLIENT to a backend that does not offer it");
+    let failures = &proxy.metrics.backend_failures;
+    assert!(eventually(|| Metrics::get(failures) == 1).await, "counted {}", Metrics::get(failures));
+    proxy.stop().await;
+}

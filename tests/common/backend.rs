@@ -20,6 +20,11 @@ pub enum Script {
     SmtpNoAuth,
     Imap,
     Pop3,
+    /// POP3 as Dovecot answers a peer in its login_trusted_networks (every client, seen
+    /// through mailtls): `[XCLIENT]` in the greeting, XCLIENT in CAPA, `+OK Updated` to it.
+    Pop3Trusting,
+    /// IMAP whose capabilities announce XCLIENT (no real server's, a worst case).
+    ImapTrusting,
     /// Accepts and never says anything.
     Silent,
     /// Greets negatively (SMTP 554 / IMAP BYE / POP3 -ERR) and closes.
@@ -220,8 +225,10 @@ async fn serve(stream: TcpStream, script: Script, header: bool, record: Arc<Mute
     match script {
         Script::Smtp => smtp(c, SMTP_EHLO).await,
         Script::SmtpNoAuth => smtp(c, SMTP_EHLO_NO_AUTH).await,
-        Script::Imap => imap(c).await,
-        Script::Pop3 => pop3(c).await,
+        Script::Imap => imap(c, false).await,
+        Script::Pop3 => pop3(c, false).await,
+        Script::ImapTrusting => imap(c, true).await,
+        Script::Pop3Trusting => pop3(c, true).await,
         Script::Silent => while c.fill().await {},
         Script::Refuse => {
             let _ = c.say("554 5.3.2 go away\r\n* BYE go away\r\n-ERR go away\r\n").await;
@@ -289,8 +296,10 @@ async fn smtp(mut c: Conn, ehlo: &str) {
 pub const IMAP_GREETING: &str =
     "* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID IDLE STARTTLS AUTH=PLAIN] Dovecot ready.\r\n";
 
-async fn imap(mut c: Conn) {
-    if !c.say(IMAP_GREETING).await {
+async fn imap(mut c: Conn, trusting: bool) {
+    let greeting =
+        if trusting { IMAP_GREETING.replace(" ID ", " ID XCLIENT ") } else { IMAP_GREETING.to_owned() };
+    if !c.say(&greeting).await {
         return;
     }
     while let Some(mut line) = c.line().await {
@@ -315,8 +324,9 @@ async fn imap(mut c: Conn) {
         let args: Vec<&str> = words.collect();
         match cmd.as_str() {
             "CAPABILITY" => {
+                let xclient = if trusting { " XCLIENT" } else { "" };
                 c.say(&format!(
-                    "* CAPABILITY IMAP4rev1 SASL-IR STARTTLS AUTH=PLAIN LOGINDISABLED IDLE\r\n{tag} OK Pre-login capabilities listed\r\n"
+                    "* CAPABILITY IMAP4rev1 SASL-IR STARTTLS AUTH=PLAIN LOGINDISABLED IDLE{xclient}\r\n{tag} OK Pre-login capabilities listed\r\n"
                 ))
                 .await;
             }
@@ -353,14 +363,17 @@ async fn imap(mut c: Conn) {
     }
 }
 
-async fn pop3(mut c: Conn) {
-    if !c.say("+OK Dovecot ready. <1.2.3@backend.test>\r\n").await {
+async fn pop3(mut c: Conn, trusting: bool) {
+    let code = if trusting { "[XCLIENT] " } else { "" };
+    if !c.say(&format!("+OK {code}Dovecot ready. <1.2.3@backend.test>\r\n")).await {
         return;
     }
     let mut user = String::new();
     while let Some(line) = c.line().await {
         let reply = match verb(&line).as_str() {
+            "CAPA" if trusting => "+OK\r\nCAPA\r\nTOP\r\nXCLIENT\r\nSTLS\r\nUSER\r\nSASL PLAIN\r\n.\r\n".to_owned(),
             "CAPA" => "+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nSTLS\r\nUSER\r\nSASL PLAIN\r\n.\r\n".to_owned(),
+            "XCLIENT" | "XOIP" if trusting => "+OK Updated\r\n".to_owned(),
             "USER" => {
                 user = line.split(' ').nth(1).unwrap_or("").to_owned();
                 "+OK\r\n".to_owned()
