@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::mailservers::{
-    run, Interop, Output, Parts, RoutedPair, SmtpLines, CLIENT_TIMEOUT, OTHER_USER, PASSWORD, USER,
+    run, Interop, Output, Parts, RoutedPair, SmtpLines, TrustingDovecot, CLIENT_TIMEOUT, OTHER_USER,
+    PASSWORD, USER,
 };
 
 /// The address real clients bind to where they can: not mailtls's own 127.0.0.1, so the
@@ -598,4 +599,89 @@ fn two_dovecots_behind_one_routed_port_each_user_reaches_their_own_mailbox() {
         second.contains(&format!("user=<{OTHER_USER}>")) && !second.contains(&format!("user=<{USER}>")),
         "{second}"
     );
+}
+
+// ---- issue 19: a Dovecot that trusts mailtls's address ------------------------------------
+
+/// The address forge.py claims with every command and ID field by which a trusted proxy
+/// names its client.
+const FORGED_IP: &str = "203.0.113.77";
+
+/// Runs forge.py from [`CLIENT_IP`] on the four IMAP/POP3 roles and checks what each client
+/// saw: no `[XCLIENT]` or XCLIENT anywhere, every POP3/IMAP XCLIENT refused by mailtls
+/// (never Dovecot's `+OK Updated`), and a successful login. Then waits for Dovecot to log
+/// the four logins and returns those lines.
+fn forge_on_every_role(it: &TrustingDovecot) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/forge.py");
+    let roles = [
+        ("pop3", "implicit", it.pop3s),
+        ("pop3", "starttls", it.pop3),
+        ("imap", "implicit", it.imaps),
+        ("imap", "starttls", it.imap),
+    ];
+    for (protocol, mode, port) in roles {
+        let mut c = tool("python3");
+        c.arg(&script)
+            .args([protocol, mode, &port.to_string()])
+            .arg(it.ca())
+            .args([CLIENT_IP, USER, PASSWORD]);
+        let out = must(&format!("forge.py {protocol} {mode}"), run(&mut c, CLIENT_TIMEOUT));
+        let what = format!("{protocol} {mode}:\n{}", out.stdout);
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert!(lines.iter().any(|l| l.starts_with("greeting ")), "{what}");
+        assert!(
+            !out.stdout.to_ascii_uppercase().contains("[XCLIENT]"),
+            "the greeting told of XCLIENT: {what}"
+        );
+        let capability = lines.iter().find(|l| l.starts_with("capability ")).expect("capability line");
+        assert!(!capability.to_ascii_uppercase().contains("XCLIENT"), "{what}");
+        assert!(!out.stdout.contains("Updated"), "Dovecot accepted a client's XCLIENT: {what}");
+        let xclients: Vec<&&str> = lines
+            .iter()
+            .filter(|l| {
+                l.starts_with("reply XCLIENT")
+                    || l.starts_with("reply xclient")
+                    || l.starts_with("reply XOIP")
+            })
+            .collect();
+        assert!(!xclients.is_empty(), "{what}");
+        assert!(xclients.iter().all(|l| l.contains("Command not permitted")), "{what}");
+        let login = lines.iter().find(|l| l.starts_with("login ")).expect("login line");
+        assert!(login.contains("Logged in") || login.contains("OK"), "{what}");
+    }
+    let deadline = std::time::Instant::now() + common::mailservers::STARTUP;
+    loop {
+        let log = it.dovecot_log();
+        let logins: Vec<String> =
+            log.lines().filter(|l| l.contains("-login: Info: Login: ")).map(str::to_owned).collect();
+        if logins.len() >= roles.len() {
+            assert_eq!(logins.len(), roles.len(), "{log}");
+            assert!(!log.contains(FORGED_IP), "a forged address reached Dovecot's log:\n{log}");
+            return logins;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {} logins logged:\n{log}", logins.len());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Issue 19 as reported: without PROXY headers and without `xclient`, Dovecot can only log
+/// mailtls's own address; what matters is that no client can make it log another.
+#[test]
+#[ignore = "needs dovecot: run tests/run.sh"]
+fn a_client_cannot_forge_its_address_to_a_dovecot_that_trusts_mailtls() {
+    let it = TrustingDovecot::start(false);
+    for login in forge_on_every_role(&it) {
+        assert!(login.contains("rip=127.0.0.1, lip=127.0.0.1,"), "not mailtls's own address: {login}");
+    }
+}
+
+/// With `xclient = true` mailtls itself names the real client (POP3 XCLIENT, IMAP ID), as
+/// the trusted proxy it is: every login shows the client's own address, whatever it forged.
+#[test]
+#[ignore = "needs dovecot: run tests/run.sh"]
+fn xclient_names_the_real_client_to_a_dovecot_that_trusts_mailtls() {
+    let it = TrustingDovecot::start(true);
+    for login in forge_on_every_role(&it) {
+        assert!(login.contains(&format!("rip={CLIENT_IP}, lip=127.0.0.1,")), "not the real client: {login}");
+    }
 }

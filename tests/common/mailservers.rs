@@ -418,6 +418,14 @@ impl Dovecot {
 
     /// A Dovecot in `dir` holding the one mailbox of `user` (password [`PASSWORD`]).
     fn start_for(dir: &Path, user: &str, imap: u16, pop3: u16) -> Dovecot {
+        let config = Dovecot::config(dir, user, imap, pop3);
+        Dovecot::launch(dir, &config, [imap, pop3], Some(PROXY_V2_LOCAL))
+    }
+
+    /// Prepares `dir` (mail directory, users file) and returns the config of
+    /// [`Dovecot::start_for`]: listeners that take a PROXY header from
+    /// `haproxy_trusted_networks`, the README's recommended set-up.
+    fn config(dir: &Path, user: &str, imap: u16, pop3: u16) -> String {
         let d = dir.display();
         for sub in ["base", "state", "mail"] {
             fs::create_dir_all(dir.join(sub)).unwrap();
@@ -425,7 +433,7 @@ impl Dovecot {
         // Deliveries (Postfix's virtual agent) and Dovecot's mail processes both run as nobody.
         run_ok(Command::new("chown").arg("nobody:nogroup").arg(dir.join("mail")));
         fs::write(dir.join("users"), format!("{user}:{{PLAIN}}{PASSWORD}\n")).unwrap();
-        let config = format!(
+        format!(
             r#"base_dir = {d}/base
 state_dir = {d}/state
 log_path = {d}/dovecot.log
@@ -465,7 +473,11 @@ service auth {{
   }}
 }}
 "#,
-        );
+        )
+    }
+
+    /// Starts Dovecot on `config` and waits for its greeting on `ports` (after `header`).
+    fn launch(dir: &Path, config: &str, ports: [u16; 2], header: Option<&[u8]>) -> Dovecot {
         fs::write(dir.join("dovecot.conf"), config).unwrap();
         let out = File::create(dir.join("dovecot.out")).unwrap();
         let status = Command::new("dovecot")
@@ -480,8 +492,8 @@ service auth {{
         let why =
             || format!("{}\n{}", read_lossy(&dir.join("dovecot.out")), read_lossy(&dir.join("dovecot.log")));
         assert!(status.success(), "dovecot did not start: {}", why());
-        for port in [imap, pop3] {
-            wait_for_greeting(port, Some(PROXY_V2_LOCAL), "dovecot", why);
+        for port in ports {
+            wait_for_greeting(port, header, "dovecot", why);
         }
         dovecot
     }
@@ -842,5 +854,111 @@ impl SmtpLines {
                 return Ok(out);
             }
         }
+    }
+}
+
+// ---- a Dovecot that trusts mailtls's address, behind listeners without PROXY headers --------
+
+/// Issue 19's set-up, as Dovecot's documentation suggests for a proxy in front: plain
+/// listeners (no `haproxy = yes`), `login_trusted_networks` = mailtls's address, mailtls's
+/// IMAP and POP3 listeners with `proxy_protocol = "none"` and, when `xclient`, naming the
+/// real client themselves (POP3 XCLIENT, IMAP ID x-originating-ip).
+pub struct TrustingDovecot {
+    pub pop3s: u16,
+    pub pop3: u16,
+    pub imaps: u16,
+    pub imap: u16,
+    mailtls: Option<Child>,
+    dovecot: Option<Dovecot>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TrustingDovecot {
+    pub fn start(xclient: bool) -> TrustingDovecot {
+        let dir = tempfile::Builder::new().prefix("mailtls-trusting-").tempdir_in("/tmp").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let held: Vec<TcpListener> = (0..6).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let p: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
+        write_certificates(dir.path());
+        let (dovecot_imap, dovecot_pop3) = (p[0], p[1]);
+        let config = Dovecot::config(dir.path(), USER, dovecot_imap, dovecot_pop3)
+            .replace("haproxy_trusted_networks = 127.0.0.0/8", "login_trusted_networks = 127.0.0.1/32")
+            .replace("    haproxy = yes\n", "");
+        assert!(!config.contains("haproxy"), "{config}");
+        let dovecot = Dovecot::launch(dir.path(), &config, [dovecot_imap, dovecot_pop3], None);
+        let mut it = TrustingDovecot {
+            imaps: p[2],
+            imap: p[3],
+            pop3s: p[4],
+            pop3: p[5],
+            mailtls: None,
+            dovecot: Some(dovecot),
+            dir,
+        };
+        let d = it.dir.path().display().to_string();
+        let mut text = format!(
+            "hostname = \"mx.mail.test\"\n\n[tls]\n[[tls.certificates]]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/key.pem\"\n\n\
+             [timeouts]\ndrain = 1\n"
+        );
+        let listeners = [
+            ("imaps", "imap", "implicit", it.imaps, dovecot_imap),
+            ("imap", "imap", "starttls", it.imap, dovecot_imap),
+            ("pop3s", "pop3", "implicit", it.pop3s, dovecot_pop3),
+            ("pop3", "pop3", "starttls", it.pop3, dovecot_pop3),
+        ];
+        for (name, protocol, tls, port, backend) in listeners {
+            text.push_str(&format!(
+                "\n[[listeners]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntls = \"{tls}\"\n\
+                 listen = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:{backend}\"\nproxy_protocol = \"none\"\n\
+                 xclient = {xclient}\n"
+            ));
+        }
+        let config_path = it.dir.path().join("mailtls.toml");
+        fs::write(&config_path, text).unwrap();
+        let log = File::create(it.dir.path().join("mailtls.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailtls"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start the mailtls binary");
+        it.mailtls = Some(child);
+        for port in [it.imaps, it.imap, it.pop3s, it.pop3] {
+            wait_for_port(port, "mailtls", || it.mailtls_log());
+        }
+        it
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn mailtls_log(&self) -> String {
+        strip_ansi(&read_lossy(&self.dir.path().join("mailtls.log")))
+    }
+
+    pub fn dovecot_log(&self) -> String {
+        read_lossy(&self.dir.path().join("dovecot.log"))
+    }
+}
+
+impl Drop for TrustingDovecot {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- mailtls.log -----\n{}\n----- dovecot.log -----\n{}",
+                self.mailtls_log(),
+                self.dovecot_log()
+            );
+        }
+        if let Some(mut child) = self.mailtls.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.dovecot.take();
     }
 }
