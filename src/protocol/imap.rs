@@ -1968,6 +1968,13 @@ mod tests {
     #[test]
     fn routed_own_id_goes_before_the_replay() {
         let mut n = ImapRouted::new(&naming(), true);
+        n.opening();
+        // Before routing there is no backend: a client's XCLIENT or ID is answered here.
+        let refused = n.on_client(&mut buf(b"x XCLIENT ADDR=203.0.113.77\r\n")).expect("answered");
+        assert!(refused.to_client.starts_with(b"x BAD ") && refused.to_backend.is_empty());
+        let id =
+            n.on_client(&mut buf(b"y ID (\"x-originating-ip\" \"203.0.113.77\")\r\n")).expect("answered");
+        assert_eq!(id, Step::to_client(&b"* ID NIL\r\ny OK ID completed\r\n"[..]));
         assert_eq!(n.on_client(&mut buf(b"a LOGIN alice secret\r\n")), route_to("alice"));
         assert_eq!(n.on_greeting(&mut buf(b"* OK Dovecot ready.\r\n")), to_backend(OWN_ID));
         assert_eq!(n.on_backend(&mut buf(b"* ID NIL\r\n")), to_client(b""));
