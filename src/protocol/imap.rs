@@ -5,10 +5,9 @@
 //! PLAIN names the user, and [`ImapProbe`] learns the default backend's capabilities.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
-
-use std::net::SocketAddr;
 
 use super::line::{self, Line};
 use super::trusted_proxy::{id_may_speak_for_client, is_proxy_command};

@@ -5,10 +5,9 @@
 //! names the user, and [`Pop3Probe`] learns the default backend's CAPA list.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
-
-use std::net::SocketAddr;
 
 use super::line::{self, Line};
 use super::trusted_proxy::is_proxy_command;
@@ -254,7 +253,7 @@ fn without_proxy_code(greeting: &[u8]) -> Vec<u8> {
         return greeting.to_vec();
     };
     let Some(code) =
-        text.strip_prefix(b"[").and_then(|rest| rest.iter().position(|&b| b == b']').map(|end| &rest[..end]))
+        text.strip_prefix(b"[").and_then(|rest| rest.get(..rest.iter().position(|&b| b == b']')?))
     else {
         return greeting.to_vec();
     };
