@@ -592,8 +592,13 @@ async fn plaintext_capa_on_pop3s_gets_no_pop3_reply_and_is_closed() {
 // ---- commands by which a trusted proxy names its client (issue 19) -----------------------
 
 /// What a client sends to forge its address to a Dovecot that trusts mailtls.
-const FORGERIES: [&str; 3] =
-    ["XCLIENT ADDR=203.0.113.77 PORT=4343\r\n", "xclient addr=203.0.113.77\r\n", "XOIP 203.0.113.77\r\n"];
+const FORGERIES: [&str; 4] = [
+    "XCLIENT ADDR=203.0.113.77 PORT=4343\r\n",
+    "xclient addr=203.0.113.77\r\n",
+    "XOIP 203.0.113.77\r\n",
+    // Dovecot ends a command name at a CR too, and reads this as XCLIENT ADDR=...
+    "XCLIENT\rADDR=203.0.113.77\r\n",
+];
 
 /// Sends every forgery and expects mailtls's own `-ERR` to each, then a CAPA without XCLIENT
 /// (or STLS), then a USER that does reach the backend.

@@ -473,6 +473,9 @@ impl ImapNegotiation {
     /// Decides on a command's first line whether it is forwarded or answered locally.
     fn begin_command(&mut self, line: &[u8]) {
         let (tag, name, _) = parse_command(line);
+        // As a backend may read it: a blank or control byte ends a command name, not only a
+        // space (`a ID\r(...)` must not pass as something other than ID).
+        let name = name.split(|&b| b <= b' ' || b == 0x7f).next().unwrap_or_default();
         if !is_valid_tag(tag) {
             self.turn = Turn::Refusing(BAD_TAG.to_vec());
         } else if name.eq_ignore_ascii_case(b"STARTTLS") {
@@ -1902,6 +1905,7 @@ mod tests {
             b"a ID (\"x-client-transport\" \"TLS\")\r\n",
             b"a ID (\"x-originating\\-ip\" \"203.0.113.77\")\r\n",
             b"a id (x-connected-ip 127.0.0.1)\r\n",
+            b"a ID\r(\"x-originating-ip\" \"203.0.113.77\")\r\n",
         ] {
             let mut n = greeted(Entry::Implicit);
             assert_eq!(n.on_client(&mut buf(id)), to_backend(b"a ID NIL\r\n"), "{id:?}");
@@ -1911,9 +1915,11 @@ mod tests {
     #[test]
     fn client_xclient_after_tls_is_answered_locally_never_forwarded() {
         let mut n = greeted(Entry::Implicit);
-        let mut input = buf(b"a XCLIENT ADDR=203.0.113.77\r\nb NOOP\r\n");
+        let mut input = buf(b"a XCLIENT ADDR=203.0.113.77\r\nb NOOP\r\nc XCLIENT\rADDR=1.2.3.4\r\n");
         assert_eq!(n.on_client(&mut input), to_client(&tagged(b"a", PROXY_ONLY)));
         assert_eq!(n.on_client(&mut input), to_backend(b"b NOOP\r\n"));
+        n.on_backend(&mut buf(b"b OK NOOP completed\r\n"));
+        assert_eq!(n.on_client(&mut input), to_client(&tagged(b"c", PROXY_ONLY)));
     }
 
     #[test]

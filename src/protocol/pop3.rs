@@ -48,6 +48,15 @@ fn verb_is(verb: &[u8], name: &str) -> bool {
     verb.eq_ignore_ascii_case(name.as_bytes())
 }
 
+/// The command name as the backend reads it: Dovecot ends it at a CR as at a space and takes
+/// the rest of the line as arguments, so `XCLIENT\rADDR=...` is an XCLIENT. Any blank or
+/// control byte ends it here.
+fn verb_of(command: &[u8]) -> &[u8] {
+    let command = line::trim_eol(command);
+    let end = command.iter().position(|&b| b <= b' ' || b == 0x7f).unwrap_or(command.len());
+    command.get(..end).unwrap_or_default()
+}
+
 /// Trailing blanks are not an argument: `STLS \r\n` is still a plain STLS.
 fn has_argument(rest: Option<&[u8]>) -> bool {
     rest.is_some_and(|rest| rest.iter().any(|&b| b != b' ' && b != b'\t'))
@@ -75,7 +84,7 @@ fn answer_before_tls(command: &[u8]) -> PreTlsAnswer {
         PreTlsAnswer::Refuse(PLAINTEXT_AUTH_DISABLED)
     } else if verb_is(verb, "QUIT") {
         PreTlsAnswer::Quit
-    } else if is_proxy_command(Protocol::Pop3, verb) {
+    } else if is_proxy_command(Protocol::Pop3, verb_of(command)) {
         PreTlsAnswer::Refuse(PROXY_ONLY)
     } else {
         PreTlsAnswer::Refuse(UNKNOWN_COMMAND)
@@ -183,7 +192,8 @@ enum Command {
 }
 
 fn classify(command: &[u8]) -> Command {
-    let (verb, rest) = line::split_word(command);
+    let (_, rest) = line::split_word(command);
+    let verb = verb_of(command);
     let argument = has_argument(rest);
     if verb_is(verb, "CAPA") {
         Command::Capa
@@ -353,7 +363,7 @@ impl Pop3Negotiation {
             Ok(command) => command,
             Err(step) => return Some(step),
         };
-        let (verb, _) = line::split_word(&command);
+        let verb = verb_of(&command);
         if verb_is(verb, "STLS") {
             return Some(self.refuse(TLS_ALREADY_ACTIVE));
         }
@@ -710,7 +720,7 @@ impl Pop3Routed {
             self.close(BYE)
         } else if verb_is(verb, "STLS") {
             self.error(TLS_ALREADY_ACTIVE)
-        } else if is_proxy_command(Protocol::Pop3, verb) {
+        } else if is_proxy_command(Protocol::Pop3, verb_of(command)) {
             self.error(PROXY_ONLY)
         } else if verb_is(verb, "PASS") {
             self.error(USER_FIRST)
@@ -1514,6 +1524,9 @@ mod tests {
                 b"xclient addr=203.0.113.77\n",
                 b"XCLIENT\r\n",
                 b"XOIP 203.0.113.77\r\n",
+                // Dovecot reads these as XCLIENT with ADDR=... (its name ends at a CR too).
+                b"XCLIENT\rADDR=203.0.113.77\r\n",
+                b"XCLIENT\tADDR=203.0.113.77\r\n",
             ] {
                 let mut input = buf(command);
                 assert_eq!(n.on_client(&mut input), Some(Step::to_client(PROXY_ONLY)), "{command:?}");

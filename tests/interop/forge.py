@@ -62,6 +62,8 @@ if proto == "pop3":
         "XCLIENT SESSION=forged TTL=1 FORWARD=%s" % forward,
         "xclient addr=%s" % FORGED,
         "XOIP %s" % FORGED,
+        # Dovecot ends a command name at a CR too: the rest of the line is its argument.
+        "XCLIENT\rADDR=%s" % FORGED,
     ]:
         try:
             show("reply", "%s -> %s" % (command, conn._shortcmd(command)))
