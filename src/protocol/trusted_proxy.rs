@@ -93,16 +93,18 @@ pub fn is_proxy_command(protocol: Protocol, verb: &[u8]) -> bool {
 /// list, and must therefore reach the backend as `ID NIL`.
 ///
 /// Deliberately coarse: backslashes are dropped before matching (Dovecot's quoted strings
-/// take `\x` as `x`, so `"x-originating\-ip"` is that field), any occurrence anywhere in the
-/// line counts (a value that merely looks like a field name costs the client nothing but
-/// its ID), and a literal counts, since its bytes arrive after the decision is made. An
-/// `ID NIL` loses only the client's name and version in the backend's log; a field the
-/// check misses would let the client choose its logged address and more.
+/// take `\x` as `x`, so `"x-originating\-ip"` is that field), so are control bytes (a NUL
+/// a C parser would stop at, say), any occurrence anywhere in the line counts (a value that
+/// merely looks like a field name costs the client nothing but its ID), and a literal
+/// counts, since its bytes arrive after the decision is made. An `ID NIL` loses only the
+/// client's name and version in the backend's log; a field the check misses would let the
+/// client choose its logged address and more.
 pub fn id_may_speak_for_client(line: &[u8]) -> bool {
     if line.contains(&b'{') {
         return true;
     }
-    let plain: Vec<u8> = line.iter().filter(|&&b| b != b'\\').map(u8::to_ascii_lowercase).collect();
+    let plain: Vec<u8> =
+        line.iter().filter(|&&b| b != b'\\' && !b.is_ascii_control()).map(u8::to_ascii_lowercase).collect();
     ENTRIES
         .iter()
         .filter(|e| e.protocol == Imap && e.kind != Command)
@@ -160,6 +162,7 @@ mod tests {
         assert!(id_may_speak_for_client(b"a ID (\"x\\-forward\\-user\" \"root\")\r\n"));
         assert!(id_may_speak_for_client(b"a ID ({16}\r\n"));
         assert!(id_may_speak_for_client(b"a ID (x-session-id abc)\r\n"), "atoms too");
+        assert!(id_may_speak_for_client(b"a ID (\"x-originating-\0ip\" \"203.0.113.77\")\r\n"));
     }
 
     #[test]
