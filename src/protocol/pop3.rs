@@ -1731,9 +1731,18 @@ mod tests {
             }
 
             let entry = if round % 2 == 0 { Entry::Implicit } else { Entry::AfterStartTls };
-            let mut n = Pop3Negotiation::new(&small, entry);
+            // Every third session names its client first (xclient): XCLIENT's answer then
+            // meets hostile bytes too.
+            let names_client = round % 3 == 0;
+            let settings = if names_client {
+                Settings { client: naming().client, xclient: true, ..small.clone() }
+            } else {
+                small.clone()
+            };
+            let mut n = Pop3Negotiation::new(&settings, entry);
             let mut client = BytesMut::new();
-            let mut backend = BytesMut::from(&b"+OK hi\r\n"[..]);
+            let greeting: &[u8] = if names_client { b"+OK [XCLIENT] hi\r\n" } else { b"+OK hi\r\n" };
+            let mut backend = BytesMut::from(greeting);
             if round % 7 == 0 {
                 backend = BytesMut::from(&hostile_chunk(&mut rng)[..]);
             }
