@@ -77,11 +77,12 @@ pub struct Settings {
     /// listeners): the default backend's CAPABILITY atoms or CAPA lines, for the answers
     /// mailtls gives before any backend is chosen.
     pub backend_extensions: Arc<[String]>,
-    /// SMTP only (`xclient = true`): tell the backend who the client is with Postfix's
-    /// XCLIENT command after its greeting, for backends that take no PROXY header.
+    /// `xclient = true`: tell the backend who the client is after its greeting, for
+    /// backends that take no PROXY header, with the command it trusts mailtls for: SMTP
+    /// XCLIENT (Postfix), POP3 XCLIENT (Dovecot), IMAP ID `x-originating-ip` (Dovecot).
     pub xclient: bool,
     /// The client's address, filled in per session (the listener's copy has `None`).
-    /// XCLIENT needs it; without it no XCLIENT is sent.
+    /// Naming the client needs it; without it nothing is sent.
     pub client: Option<SocketAddr>,
 }
 
