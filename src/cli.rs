@@ -5,9 +5,15 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+const LONG_ABOUT: &str = "mailtls listens on the mail ports, speaks TLS to clients and hands \
+cleartext to the mail server behind it (with a PROXY header naming the client). It serves \
+SMTP, IMAP and POP3 with implicit TLS or STARTTLS, answering the pre-TLS dialogue itself. \
+It runs in the foreground and logs to stderr; under systemd it takes its sockets from the \
+socket units. The configuration file is described in mailtls.toml(5).";
+
 /// A TLS front door for mail servers (SMTP, IMAP, POP3).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, long_about = LONG_ABOUT)]
 pub struct Args {
     /// The TOML configuration file.
     #[arg(long, value_name = "PATH")]
