@@ -24,7 +24,8 @@ mkdir -p "$stage/systemd"
 cargo run --quiet --example manpages -- "$stage"
 # The project's units install /usr/local/bin/mailtls by hand; the package's binary is in /usr/bin.
 for unit in systemd/*.service systemd/*.socket; do
-  sed 's#/usr/local/bin/mailtls#/usr/bin/mailtls#g' "$unit" > "$stage/systemd/$(basename "$unit")"
+  { echo "# Installed by the mailtls Debian package; change it with a drop-in (systemctl edit $(basename "$unit"))."
+    sed 's#/usr/local/bin/mailtls#/usr/bin/mailtls#g' "$unit"; } > "$stage/systemd/$(basename "$unit")"
 done
 if grep -v '^#' "$stage"/systemd/* | grep -q /usr/local; then
   echo "$0: a unit setting still names /usr/local" >&2; exit 1
