@@ -1103,3 +1103,6 @@ backend = "127.0.0.1:2525"
         assert!(e.contains(":11: listeners[0].backend: missing"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod documented;

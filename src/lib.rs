@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod inbound;
 pub mod limits;

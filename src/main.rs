@@ -5,55 +5,20 @@
 //! clears LISTEN_FDS, which is only sound while the process is single-threaded.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
+use mailtls::cli::{Args, LogFormatArg, LogTarget};
 use mailtls::config::{self, LogFormat};
 use mailtls::server::{Control, Server};
 use mailtls::systemd::Inherited;
 use mailtls::{admin, routes, tls};
-
-/// A TLS front door for mail servers (SMTP, IMAP, POP3).
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// The TOML configuration file.
-    #[arg(long, value_name = "PATH")]
-    config: PathBuf,
-    /// Validate the configuration (files readable, keys match certificates, addresses
-    /// parse) and exit: 0 when fine, 1 with a message naming the key and line otherwise.
-    #[arg(long)]
-    check: bool,
-    /// Log format; overrides `log_format` in the config.
-    #[arg(long, value_enum)]
-    log_format: Option<LogFormatArg>,
-    /// Where logs go. Containers conventionally collect stdout.
-    #[arg(long, value_enum, default_value = "stderr")]
-    log_target: LogTarget,
-    /// Ask the running instance's admin endpoint (`[admin] listen`) for /healthz and exit
-    /// 0 when it is serving, 1 otherwise: a HEALTHCHECK that needs no curl in the image.
-    #[arg(long, conflicts_with = "check")]
-    healthcheck: bool,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogTarget {
-    Stderr,
-    Stdout,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormatArg {
-    Text,
-    Json,
-}
 
 fn main() -> ExitCode {
     let args = Args::parse();

@@ -70,31 +70,12 @@ async fn metrics_move_with_traffic_and_healthz_follows_the_life_of_the_process()
         None
     );
 
-    // A relayed IMAP session, with bytes both ways.
-    let tcp = TcpStream::connect(local(ports[0])).await.unwrap();
-    let mut imap = Conn::new(tls_handshake(tcp, &certs).await.unwrap());
-    assert!(imap.line().await.starts_with("* OK"));
-    imap.send("a LOGIN echo x\r\n").await;
-    assert!(imap.line().await.starts_with("a OK"));
-    imap.send("ping\r\n").await;
-    assert_eq!(imap.line().await, "ping\r\n");
-    drop(imap);
-    // A failed handshake.
-    let mut junk = Conn::new(TcpStream::connect(local(ports[0])).await.unwrap());
-    junk.send("this is not TLS\r\n").await;
-    assert!(junk.closed_within(PATIENCE).await);
-    // Before TLS: a refused AUTH, then STARTTLS with plaintext behind it.
-    let mut smtp = Conn::new(TcpStream::connect(local(ports[1])).await.unwrap());
-    assert!(smtp.line().await.starts_with("220 "));
-    smtp.send("AUTH PLAIN AGpvZQBzZWNyZXQ=\r\n").await;
-    assert!(smtp.line().await.starts_with("530 "));
-    smtp.send("STARTTLS\r\nMAIL FROM:<x@y>\r\n").await;
-    assert!(smtp.line().await.starts_with("220 "));
-    assert!(smtp.closed_within(PATIENCE).await);
-    // A backend that is down.
-    let tcp = TcpStream::connect(local(ports[2])).await.unwrap();
-    let mut pop = Conn::new(tls_handshake(tcp, &certs).await.unwrap());
-    assert!(pop.line().await.starts_with("-ERR [SYS/TEMP]"));
+    // One relayed IMAP session, a failed handshake, a refused AUTH, an injection, a backend down.
+    traffic::one_of_each(
+        &traffic::Roles { imaps: ports[0], submission: ports[1], pop3s_down: ports[2] },
+        &certs,
+    )
+    .await;
 
     let m = scrape_until(admin, "mailtls_sessions_by_engine_total{listener=\"imaps\",engine=\"copy\"}", 1.0)
         .await;

@@ -10,8 +10,10 @@ cd "$(dirname "$0")/.."
 # systemd-socket-activate (socket activation tests) and systemd-analyze (unit verification
 # and the security exposure threshold); no running systemd is needed. The rest: the interop
 # tests' servers (postfix, dovecot-*) and real clients; bsdutils gives `script`, which the
-# Postfix fixture uses to see why a start failed.
-packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils)
+# Postfix fixture uses to see why a start failed. The package tests (tests/package.rs,
+# tests/contrib.rs): dpkg-dev and lintian build and check the .deb, man-db renders the man
+# pages with warnings on, prometheus ships promtool for the alert rules.
+packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils dpkg-dev lintian man-db prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -27,6 +29,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     echo "tests/run.sh: missing packages: ${missing[*]} (run as root to install them)" >&2
   fi
+fi
+
+# cargo-deb builds the Debian package (tests/package.rs); compiling it takes about three
+# minutes on two cores, once per machine. The .deb is made from the debug binary the tests
+# build anyway (packaging/build-deb.sh --debug), so CI never compiles a release build.
+if ! command -v cargo-deb >/dev/null; then
+  echo "tests/run.sh: installing cargo-deb"
+  cargo install --quiet --locked cargo-deb --version 3.8.0 \
+    || echo "tests/run.sh: cargo-deb did not install; the package test will print SKIPPED" >&2
 fi
 
 cargo fmt --all -- --check

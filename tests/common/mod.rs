@@ -7,6 +7,7 @@ pub mod backend;
 pub mod mailservers;
 pub mod process;
 pub mod roles;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
