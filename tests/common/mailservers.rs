@@ -425,8 +425,33 @@ impl Dovecot {
         // Deliveries (Postfix's virtual agent) and Dovecot's mail processes both run as nobody.
         run_ok(Command::new("chown").arg("nobody:nogroup").arg(dir.join("mail")));
         fs::write(dir.join("users"), format!("{user}:{{PLAIN}}{PASSWORD}\n")).unwrap();
-        let config = format!(
-            r#"base_dir = {d}/base
+        let config = dovecot_config(&d.to_string(), imap, pop3);
+        fs::write(dir.join("dovecot.conf"), config).unwrap();
+        let out = File::create(dir.join("dovecot.out")).unwrap();
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .status()
+            .expect("run dovecot (is it installed? run tests/run.sh)");
+        let dovecot = Dovecot { dir: dir.to_owned() };
+        let why =
+            || format!("{}\n{}", read_lossy(&dir.join("dovecot.out")), read_lossy(&dir.join("dovecot.log")));
+        assert!(status.success(), "dovecot did not start: {}", why());
+        for port in [imap, pop3] {
+            wait_for_greeting(port, Some(PROXY_V2_LOCAL), "dovecot", why);
+        }
+        dovecot
+    }
+}
+
+/// The Dovecot config the README documents (PROXY v2 from 127.0.0.0/8, no plaintext
+/// logins without TLS) with everything under `d`: used here and in the sidecar's container.
+pub fn dovecot_config(d: &str, imap: u16, pop3: u16) -> String {
+    format!(
+        r#"base_dir = {d}/base
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 listen = 127.0.0.1
@@ -465,26 +490,7 @@ service auth {{
   }}
 }}
 "#,
-        );
-        fs::write(dir.join("dovecot.conf"), config).unwrap();
-        let out = File::create(dir.join("dovecot.out")).unwrap();
-        let status = Command::new("dovecot")
-            .arg("-c")
-            .arg(dir.join("dovecot.conf"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .status()
-            .expect("run dovecot (is it installed? run tests/run.sh)");
-        let dovecot = Dovecot { dir: dir.to_owned() };
-        let why =
-            || format!("{}\n{}", read_lossy(&dir.join("dovecot.out")), read_lossy(&dir.join("dovecot.log")));
-        assert!(status.success(), "dovecot did not start: {}", why());
-        for port in [imap, pop3] {
-            wait_for_greeting(port, Some(PROXY_V2_LOCAL), "dovecot", why);
-        }
-        dovecot
-    }
+    )
 }
 
 impl Drop for Dovecot {
