@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::mailservers::{dovecot_config, read_lossy, run, CLIENT_TIMEOUT, PASSWORD, USER};
+use common::mailservers::{dovecot_home, read_lossy, run, CLIENT_TIMEOUT, PASSWORD, USER};
 use common::podman::*;
 use common::process::{free_port, BIN};
 use common::{certs_for, tls_handshake, Certs, Conn};
@@ -95,7 +95,7 @@ impl Sidecar {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let certs = certs_for(&["mail.example.org", "localhost", "127.0.0.1"]);
         write_letsencrypt(dir.path(), &certs, 1);
-        write_dovecot_home(&dir.path().join("dovecot"));
+        dovecot_home(&dir.path().join("dovecot"), "/srv/dovecot", DOVECOT_IMAP, DOVECOT_POP3, MESSAGE);
         let config_path = dir.path().join("mailtls.toml");
         fs::write(&config_path, config).unwrap();
         fs::set_permissions(&config_path, fs::Permissions::from_mode(0o644)).unwrap();
@@ -207,26 +207,6 @@ fn write_letsencrypt(dir: &Path, certs: &Certs, n: u32) {
         let _ = fs::remove_file(&link);
         symlink(Path::new("../../archive/mail.example.org").join(target), &link).unwrap();
     }
-}
-
-/// Dovecot's files for the pod: the README's config, alice's password and one message.
-fn write_dovecot_home(home: &Path) {
-    let new = home.join("mail/alice/Maildir/new");
-    for sub in [
-        home.join("base"),
-        home.join("state"),
-        home.join("mail/alice/Maildir/cur"),
-        home.join("mail/alice/Maildir/tmp"),
-        new.clone(),
-    ] {
-        fs::create_dir_all(sub).unwrap();
-    }
-    fs::write(new.join("1700000000.M1P1.sidecar"), MESSAGE).unwrap();
-    fs::write(home.join("dovecot.conf"), dovecot_config("/srv/dovecot", DOVECOT_IMAP, DOVECOT_POP3)).unwrap();
-    fs::write(home.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
-    // The mail processes run as nobody (65534 in the host and in the Debian image).
-    let out = run(Command::new("chown").args(["-R", "65534:65534"]).arg(home.join("mail")), CLIENT_TIMEOUT);
-    assert!(out.success(), "chown: {}", out.stderr);
 }
 
 /// Python's imaplib or poplib, as a mail program, from the host through a published port:

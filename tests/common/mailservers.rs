@@ -493,6 +493,22 @@ service auth {{
     )
 }
 
+/// Dovecot's files for a container, written to `home` on the host and mounted (or copied) at
+/// `d` inside: the README's config, alice's password and one message in her Maildir.
+pub fn dovecot_home(home: &Path, d: &str, imap: u16, pop3: u16, message: &str) {
+    let maildir = home.join("mail/alice/Maildir");
+    for sub in
+        [home.join("base"), home.join("state"), maildir.join("cur"), maildir.join("tmp"), maildir.join("new")]
+    {
+        fs::create_dir_all(sub).unwrap();
+    }
+    fs::write(maildir.join("new/1700000000.M1P1.container"), message).unwrap();
+    fs::write(home.join("dovecot.conf"), dovecot_config(d, imap, pop3)).unwrap();
+    fs::write(home.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
+    // The mail processes run as nobody: 65534 on the host and in the Debian images.
+    run_ok(Command::new("chown").args(["-R", "65534:65534"]).arg(home.join("mail")));
+}
+
 impl Drop for Dovecot {
     fn drop(&mut self) {
         let pid_file = self.dir.join("base/master.pid");
