@@ -89,8 +89,11 @@ struct Sidecar {
 
 impl Sidecar {
     fn start(config: &str) -> Sidecar {
-        let image = mailtls_image();
-        let dovecot_image = SYSTEMD_BASE.ensure();
+        // Both images at once: on a fresh machine each base takes a debootstrap.
+        let (image, dovecot_image) = std::thread::scope(|s| {
+            let dovecot = s.spawn(|| SYSTEMD_BASE.ensure());
+            (mailtls_image(), dovecot.join().expect("the Dovecot image"))
+        });
         let dir = tempfile::Builder::new().prefix("mailtls-sidecar-").tempdir_in("/tmp").unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let certs = certs_for(&["mail.example.org", "localhost", "127.0.0.1"]);

@@ -10,8 +10,12 @@ cd "$(dirname "$0")/.."
 # systemd-socket-activate (socket activation tests) and systemd-analyze (unit verification
 # and the security exposure threshold); no running systemd is needed. The rest: the interop
 # tests' servers (postfix, dovecot-*) and real clients; bsdutils gives `script`, which the
-# Postfix fixture uses to see why a start failed.
-packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils)
+# Postfix fixture uses to see why a start failed. podman, runc, catatonit (the pods' pause
+# process), netavark and debootstrap: the container image, the sidecar pod and systemd as
+# PID 1 (tests/container_*.rs; base images are made from Debian's packages once and kept
+# under their tags). python3-yaml: the Kubernetes manifest check.
+packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils
+  podman runc catatonit netavark debootstrap python3-yaml)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -33,6 +37,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # The interop tests start Postfix and Dovecot from private directories, which takes root
 # and the packages above; they are #[ignore]d so that plain `cargo test` works anywhere.
+# So are the container tests (podman as root). As root with podman they must work: they
+# fail, never skip; elsewhere they print SKIPPED, except under CI=true, where they fail.
 # Criterion's bench binaries take no libtest flags; `cargo test` runs them once, quickly.
 # The examples (benchmark backend and load generator) have no tests: clippy built them.
 cargo test --benches

@@ -24,11 +24,17 @@ pub struct BaseImage {
     pub tag: &'static str,
     include: &'static [&'static str],
     change: Option<&'static str>,
+    /// Each image is made once; two different ones may be made at the same time.
+    making: &'static Mutex<()>,
 }
 
 /// The runtime base standing in for distroless: glibc and libgcc_s, nothing of ours.
-pub const RUNTIME_BASE: BaseImage =
-    BaseImage { tag: "localhost/mailtls-test-debian:bookworm-1", include: &[], change: None };
+pub const RUNTIME_BASE: BaseImage = BaseImage {
+    tag: "localhost/mailtls-test-debian:bookworm-1",
+    include: &[],
+    change: None,
+    making: &MAKING_RUNTIME,
+};
 
 /// systemd as PID 1, with Dovecot (the sidecar's mail server, and the backend of the units'
 /// test) and openssl: one image for both saves a debootstrap.
@@ -36,15 +42,16 @@ pub const SYSTEMD_BASE: BaseImage = BaseImage {
     tag: "localhost/mailtls-test-systemd:bookworm-1",
     include: &["systemd", "systemd-sysv", "dbus", "dovecot-imapd", "dovecot-pop3d", "openssl"],
     change: Some(r#"CMD ["/sbin/init"]"#),
+    making: &MAKING_SYSTEMD,
 };
 
-/// Base images are made one at a time, and only once per machine.
-static MAKING: Mutex<()> = Mutex::new(());
+static MAKING_RUNTIME: Mutex<()> = Mutex::new(());
+static MAKING_SYSTEMD: Mutex<()> = Mutex::new(());
 
 impl BaseImage {
     /// The tag, after making the image if this machine does not have it yet.
     pub fn ensure(&self) -> &'static str {
-        let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+        let _once = self.making.lock().unwrap_or_else(|e| e.into_inner());
         if podman(&["image", "exists", self.tag]).success() {
             return self.tag;
         }
