@@ -26,6 +26,8 @@ const IMAGE: &str = "localhost/mailtls:test";
 /// The pod's Dovecot, as config/mailtls.pod.toml expects it.
 const DOVECOT_IMAP: u16 = 11143;
 const DOVECOT_POP3: u16 = 11110;
+/// The start of the README's `podman run` of mailtls; its options follow.
+const README_RUN: &str = "podman run -d --pod mail --name mailtls ";
 /// `podman stop -t`: above the config's timeouts.drain (30 s).
 const STOP_TIMEOUT: &str = "40";
 const MESSAGE: &str = "From: bob@mail.test\r\nTo: alice@mail.test\r\nSubject: through the sidecar\r\n\r\nHello from the pod.\r\n";
@@ -162,28 +164,39 @@ impl Sidecar {
     }
 }
 
-/// The README's `podman run` of the sidecar: read-only root, no capability, no privilege
-/// gain, config and certificates mounted read-only, a stop timeout above the drain time.
+/// The README's `podman run` of the sidecar (read-only root, no capability, no privilege
+/// gain, config and certificates mounted read-only, a stop timeout above the drain time),
+/// taken from the README with this test's pod, config and certificate directory.
 fn run_mailtls(pod: &Pod, dir: &Path, image: &str) -> Container {
-    let config = format!("{}:/etc/mailtls/mailtls.toml:ro", dir.join("mailtls.toml").display());
-    let certs = format!("{}:/etc/mailtls/certs:ro", dir.join("letsencrypt").display());
-    Container::start(
-        "mailtls",
-        &[
-            "--pod",
-            &pod.name,
-            "--read-only",
-            "--cap-drop=ALL",
-            "--security-opt=no-new-privileges",
-            "--stop-timeout",
-            STOP_TIMEOUT,
-            "-v",
-            &config,
-            "-v",
-            &certs,
-            image,
-        ],
-    )
+    let readme = fs::read_to_string(crate_root().join("README.md")).unwrap();
+    let section = readme.split_once("### Container sidecar\n").expect("the README's sidecar section").1;
+    let at = section.find(README_RUN).expect("the README's podman run of mailtls");
+    let mut command = String::new();
+    for line in section[at..].lines() {
+        command.push_str(line.trim_end_matches('\\'));
+        command.push(' ');
+        if !line.ends_with('\\') {
+            break;
+        }
+    }
+    let config = format!("{}:", dir.join("mailtls.toml").display());
+    let certs = format!("{}:", dir.join("letsencrypt").display());
+    let args: Vec<String> = command[README_RUN.len()..]
+        .split_whitespace()
+        .map(|a| match a {
+            "localhost/mailtls:test" => image.to_owned(),
+            a => {
+                a.replacen("./config/mailtls.pod.toml:", &config, 1).replacen("/etc/letsencrypt:", &certs, 1)
+            }
+        })
+        .collect();
+    assert!(
+        args.iter().any(|a| a == "--read-only") && args.iter().any(|a| a == "--cap-drop=ALL"),
+        "{args:?}"
+    );
+    let mut all = vec!["--pod", pod.name.as_str()];
+    all.extend(args.iter().map(String::as_str));
+    Container::start("mailtls", &all)
 }
 
 /// A certbot-style tree: live/NAME/{fullchain,privkey}.pem linking to archive/NAME/*N.pem.
