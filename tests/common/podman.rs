@@ -106,6 +106,8 @@ pub fn can_run(what: &str) -> bool {
     let root = unsafe { libc::geteuid() } == 0;
     let podman = Command::new("podman").arg("--version").output().is_ok_and(|o| o.status.success());
     if root && podman {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(remove_leftovers);
         return true;
     }
     let why = match (root, podman) {
@@ -115,6 +117,25 @@ pub fn can_run(what: &str) -> bool {
     assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true, yet {what} cannot run: {why}");
     eprintln!("SKIPPED: {what}: {why}");
     false
+}
+
+/// Pods and containers of test runs that were killed before their guards ran: named
+/// `mailtls-test-LABEL-PID-N`, for a PID that no longer runs.
+fn remove_leftovers() {
+    for (kind, list, field) in
+        [("pod", &["pod", "ps"][..], "{{.Name}}"), ("container", &["ps", "-a"][..], "{{.Names}}")]
+    {
+        let mut args = list.to_vec();
+        args.extend(["--format", field, "--filter", "name=^mailtls-test-"]);
+        for name in podman(&args).stdout.lines() {
+            let pid = name.rsplit('-').nth(1).unwrap_or_default();
+            if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                let rm: &[&str] =
+                    if kind == "pod" { &["pod", "rm", "-f", "-t", "0"] } else { &["rm", "-f", "-t", "0"] };
+                let _ = podman(&[rm, &[name]].concat());
+            }
+        }
+    }
 }
 
 /// tests/containers.conf: the podman settings of this kind of machine.
