@@ -64,7 +64,7 @@ fn mailtls_image() -> &'static str {
             &crate_root().display().to_string(),
         ]);
         let size = podman_ok(&["image", "inspect", "--format", "{{.Size}}", IMAGE]);
-        eprintln!("built {IMAGE} in {:.1?}: {} bytes", started.elapsed(), size.trim());
+        say(&format!("built {IMAGE} in {:.1?}: {} bytes", started.elapsed(), size.trim()));
     });
     IMAGE
 }
@@ -84,8 +84,6 @@ struct Sidecar {
     _pod: Pod,
     ports: Ports,
     certs: Certs,
-    /// Time from `podman run` of mailtls to its first healthy healthcheck.
-    to_healthy: Duration,
     dir: tempfile::TempDir,
 }
 
@@ -141,8 +139,8 @@ impl Sidecar {
             || podman(&["healthcheck", "run", &mailtls.name]).success().then(|| started.elapsed()),
             || mailtls.logs(),
         );
-        eprintln!("mailtls container: podman run to healthy in {to_healthy:.2?}");
-        Sidecar { mailtls, dovecot, _pod: pod, ports, certs, to_healthy, dir }
+        say(&format!("figure: mailtls container from podman run to healthy in {to_healthy:.2?}"));
+        Sidecar { mailtls, dovecot, _pod: pod, ports, certs, dir }
     }
 
     fn dovecot_log(&self) -> String {
@@ -302,7 +300,6 @@ fn sidecar_in_a_pod_serves_imap_and_pop3_logins_with_the_clients_address_and_is_
     for line in stdout.lines() {
         assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line}");
     }
-    eprintln!("figure: podman run to healthy {:.2?}", pod.to_healthy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,7 +79,7 @@ impl BaseImage {
         import.arg(&rootfs).arg(self.change.unwrap_or("")).arg(self.tag);
         let out = run(with_conf(&mut import).stdin(Stdio::null()), PODMAN_TIMEOUT);
         assert!(out.success(), "podman import {}: {}{}", self.tag, out.stdout, out.stderr);
-        eprintln!("made base image {} in {:.0?}", self.tag, started.elapsed());
+        say(&format!("made base image {} in {:.0?}", self.tag, started.elapsed()));
         self.tag
     }
 }
@@ -115,7 +115,7 @@ pub fn can_run(what: &str) -> bool {
         _ => "podman is not installed (tests/run.sh installs podman, runc, debootstrap)",
     };
     assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true, yet {what} cannot run: {why}");
-    eprintln!("SKIPPED: {what}: {why}");
+    say(&format!("SKIPPED: {what}: {why}"));
     false
 }
 
@@ -136,6 +136,13 @@ fn remove_leftovers() {
             }
         }
     }
+}
+
+/// A line on the test process's own stderr: libtest hides `eprintln!` of passing tests, and
+/// SKIPPED lines and figures must show in CI's output.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// tests/containers.conf: the podman settings of this kind of machine.
