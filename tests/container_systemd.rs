@@ -12,6 +12,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use common::mailservers::{dovecot_home, read_lossy, run, CLIENT_TIMEOUT, PASSWORD, USER};
 use common::podman::*;
 use common::process::{free_port, BIN};
@@ -30,6 +31,22 @@ const ROLES: [(&str, u16); 7] = [
 ];
 const MESSAGE: &str =
     "From: bob@mail.test\r\nTo: alice@mail.test\r\nSubject: through systemd\r\n\r\nHello from PID 1.\r\n";
+/// Dovecot's submission service as the SMTP server behind 465, 587 and 25 (the example
+/// config's 12587 and 12525), with PROXY v2; it relays nowhere, but EHLO and AUTH are real.
+const DOVECOT_SUBMISSION: &str = "hostname = mail.test
+submission_relay_host = 127.0.0.1
+submission_relay_port = 12526
+service submission-login {
+  inet_listener submission {
+    port = 12587
+    haproxy = yes
+  }
+  inet_listener mx {
+    port = 12525
+    haproxy = yes
+  }
+}
+";
 const README_MARK: &str = "<!-- tests/container_systemd.rs runs this block -->";
 
 fn crate_root() -> &'static Path {
@@ -115,6 +132,9 @@ impl Machine {
     fn start_dovecot(&self) {
         let home = self.dir.path().join("dovecot");
         dovecot_home(&home, "/srv/dovecot", 11143, 11110, MESSAGE);
+        let config = fs::read_to_string(home.join("dovecot.conf")).unwrap();
+        let config = config.replacen("protocols = imap pop3\n", "protocols = imap pop3 submission\n", 1);
+        fs::write(home.join("dovecot.conf"), config + DOVECOT_SUBMISSION).unwrap();
         self.sd.copy_in(&home, "/srv/dovecot");
         self.sd.exec_ok(
             "chown -R nobody:nogroup /srv/dovecot/mail && systemd-run --unit=mailstore /usr/sbin/dovecot -F -c /srv/dovecot/dovecot.conf",
@@ -193,8 +213,9 @@ impl Machine {
         TcpStream::connect(("127.0.0.1", self.port(role))).await.expect("the published port")
     }
 
-    /// An SMTP STARTTLS port: the greeting's host name, after a TLS upgrade with `certs`.
-    async fn smtp_starttls(&self, role: &str, certs: &Certs) -> String {
+    /// An SMTP STARTTLS port: the greeting (mailtls's own), then an upgrade with `certs`
+    /// and the backend's EHLO reply.
+    async fn smtp_starttls(&self, role: &str, certs: &Certs) -> (String, Vec<String>) {
         let mut smtp = Conn::new(self.tcp(role).await);
         let greeting = smtp.line().await;
         smtp.send("EHLO client.test\r\n").await;
@@ -203,8 +224,34 @@ impl Machine {
         smtp.send("STARTTLS\r\n").await;
         assert!(smtp.line().await.starts_with("220 "), "{role}");
         let mut tls = smtp.upgrade(certs).await;
+        tls.send("EHLO client.test\r\n").await;
+        let ehlo = tls.smtp_reply().await;
         tls.send("QUIT\r\n").await;
-        greeting
+        (greeting, ehlo)
+    }
+
+    /// SMTP submission through `role`, TLS first (implicit) or after STARTTLS: EHLO and
+    /// AUTH PLAIN as alice, answered by the real SMTP server behind mailtls.
+    async fn smtp_login(&self, role: &str, implicit: bool, certs: &Certs) -> Vec<String> {
+        let mut tls = if implicit {
+            let tls = tls_handshake(self.tcp(role).await, certs).await.expect("TLS");
+            let mut tls = Conn::new(tls);
+            assert!(tls.line().await.starts_with("220 "), "{role}\n{}", self.why());
+            tls
+        } else {
+            let mut smtp = Conn::new(self.tcp(role).await);
+            smtp.line().await;
+            smtp.send("STARTTLS\r\n").await;
+            assert!(smtp.line().await.starts_with("220 "), "{role}");
+            smtp.upgrade(certs).await
+        };
+        tls.send("EHLO client.test\r\n").await;
+        let ehlo = tls.smtp_reply().await;
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0{USER}\0{PASSWORD}"));
+        tls.send(format!("AUTH PLAIN {plain}\r\n")).await;
+        let auth = tls.smtp_reply().await;
+        tls.send("QUIT\r\n").await;
+        ehlo.into_iter().chain(auth).collect()
     }
 }
 
@@ -242,13 +289,18 @@ async fn socket_units_start_mailtls_on_a_first_connection_and_serve_all_seven_po
     m.fetch("imap", "starttls", "imap", &m.certs);
     m.fetch("pop3", "implicit", "pop3s", &m.certs);
     m.fetch("pop3", "starttls", "pop3", &m.certs);
-    for role in ["submission", "mx"] {
-        assert_eq!(m.smtp_starttls(role, &m.certs).await, "220 mail.test ESMTP\r\n", "{role}");
+    // SMTP through a real SMTP server (Dovecot's submission service): AUTH inside TLS on
+    // 587 and 465; on 25 the pre-TLS EHLO shows what the backend offers, AUTH never.
+    for (role, implicit) in [("submission", false), ("submissions", true)] {
+        let reply = m.smtp_login(role, implicit, &m.certs).await;
+        assert!(reply.iter().any(|l| l.starts_with("250-AUTH PLAIN")), "{role}: {reply:?}");
+        assert!(reply.last().is_some_and(|l| l.starts_with("235 ")), "{role}: {reply:?}\n{}", m.why());
     }
-    // Implicit TLS on 465: the handshake, then the backend's absence said inside TLS.
-    let mut smtps = Conn::new(tls_handshake(m.tcp("submissions").await, &m.certs).await.expect("TLS on 465"));
-    let reply = smtps.line().await;
-    assert!(reply.starts_with("421 "), "{reply}");
+    let (greeting, ehlo) = m.smtp_starttls("mx", &m.certs).await;
+    assert_eq!(greeting, "220 mail.test ESMTP\r\n");
+    assert!(ehlo[0].starts_with("250-mail.test"), "the backend's EHLO after STARTTLS: {ehlo:?}");
+    let logins = m.sd.exec_ok("grep -c 'submission-login: Info: Login: user=<alice@mail.test>.*, secured,' /srv/dovecot/dovecot.log");
+    assert_eq!(logins.trim(), "2", "{}", m.why());
 
     // No capability at all, not even CAP_NET_BIND_SERVICE: the ports came from systemd.
     let pid = m.show("MainPID");
@@ -283,7 +335,7 @@ async fn systemctl_reload_applies_a_new_certificate_and_config_and_refuses_a_bro
     }
     let all: Vec<&str> = ROLES.iter().map(|(r, _)| *r).collect();
     let m = Machine::install(&all);
-    assert_eq!(m.smtp_starttls("submission", &m.certs).await, "220 mail.test ESMTP\r\n", "{}", m.why());
+    assert_eq!(m.smtp_starttls("submission", &m.certs).await.0, "220 mail.test ESMTP\r\n", "{}", m.why());
     let pid = m.show("MainPID");
 
     // A second lineage and a changed host name: what no file watcher could apply.
@@ -294,7 +346,7 @@ async fn systemctl_reload_applies_a_new_certificate_and_config_and_refuses_a_bro
          sed -i -e 's/^hostname = .*/hostname = \"mail2.test\"/' -e 's,/live/mail.test/,/live/mail2.test/,' \
          /etc/mailtls/mailtls.toml && systemctl reload mailtls",
     );
-    assert_eq!(m.smtp_starttls("submission", &renewed).await, "220 mail2.test ESMTP\r\n", "{}", m.why());
+    assert_eq!(m.smtp_starttls("submission", &renewed).await.0, "220 mail2.test ESMTP\r\n", "{}", m.why());
     m.fetch("imap", "implicit", "imaps", &renewed);
     assert_eq!(m.show("MainPID"), pid, "reloaded, not restarted");
 
@@ -306,7 +358,7 @@ async fn systemctl_reload_applies_a_new_certificate_and_config_and_refuses_a_bro
     assert!(!refused.success(), "reload of a broken config succeeded\n{}", m.why());
     assert_eq!(m.show("ActiveState"), "active", "{}", m.why());
     assert_eq!(m.show("MainPID"), pid);
-    assert_eq!(m.smtp_starttls("submission", &renewed).await, "220 mail2.test ESMTP\r\n");
+    assert_eq!(m.smtp_starttls("submission", &renewed).await.0, "220 mail2.test ESMTP\r\n");
     let journal = m.journal("mailtls.service");
     let error = format!(
         "/etc/mailtls/mailtls.toml:{}: listeners[0].backend: \"127.0.0.1\" is not host:port",

@@ -37,10 +37,19 @@ pub const RUNTIME_BASE: BaseImage = BaseImage {
 };
 
 /// systemd as PID 1, with Dovecot (the sidecar's mail server, and the backend of the units'
-/// test) and openssl: one image for both saves a debootstrap.
+/// test, its submission service standing in for the SMTP server) and openssl: one image for
+/// both saves a debootstrap.
 pub const SYSTEMD_BASE: BaseImage = BaseImage {
-    tag: "localhost/mailtls-test-systemd:bookworm-1",
-    include: &["systemd", "systemd-sysv", "dbus", "dovecot-imapd", "dovecot-pop3d", "openssl"],
+    tag: "localhost/mailtls-test-systemd:bookworm-2",
+    include: &[
+        "systemd",
+        "systemd-sysv",
+        "dbus",
+        "dovecot-imapd",
+        "dovecot-pop3d",
+        "dovecot-submissiond",
+        "openssl",
+    ],
     change: Some(r#"CMD ["/sbin/init"]"#),
     making: &MAKING_SYSTEMD,
 };
