@@ -12,8 +12,12 @@ cd "$(dirname "$0")/.."
 # tests' servers (postfix, dovecot-*) and real clients; bsdutils gives `script`, which the
 # Postfix fixture uses to see why a start failed. The package tests (tests/package.rs,
 # tests/contrib.rs): dpkg-dev and lintian build and check the .deb, man-db renders the man
-# pages with warnings on, prometheus ships promtool for the alert rules.
-packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils dpkg-dev lintian man-db prometheus)
+# pages with warnings on, prometheus ships promtool for the alert rules. podman, runc,
+# catatonit (the pods' pause process), netavark and debootstrap: the container image, the
+# sidecar pod and systemd as PID 1 (tests/container_*.rs; base images are made from Debian's
+# packages once and kept under their tags). python3-yaml: the Kubernetes manifest check.
+packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils
+  dpkg-dev lintian man-db prometheus podman runc catatonit netavark debootstrap python3-yaml)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -44,6 +48,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # The interop tests start Postfix and Dovecot from private directories, which takes root
 # and the packages above; they are #[ignore]d so that plain `cargo test` works anywhere.
+# So are the container tests (podman as root). As root with podman they must work: they
+# fail, never skip; elsewhere they print SKIPPED, except under CI=true, where they fail.
 # Criterion's bench binaries take no libtest flags; `cargo test` runs them once, quickly.
 # The examples (benchmark backend and load generator) have no tests: clippy built them.
 cargo test --benches

@@ -433,8 +433,37 @@ impl Dovecot {
         // Deliveries (Postfix's virtual agent) and Dovecot's mail processes both run as nobody.
         run_ok(Command::new("chown").arg("nobody:nogroup").arg(dir.join("mail")));
         fs::write(dir.join("users"), format!("{user}:{{PLAIN}}{PASSWORD}\n")).unwrap();
-        format!(
-            r#"base_dir = {d}/base
+        dovecot_config(&d.to_string(), imap, pop3)
+    }
+
+    /// Starts Dovecot on `config` and waits for its greeting on `ports` (after `header`).
+    fn launch(dir: &Path, config: &str, ports: [u16; 2], header: Option<&[u8]>) -> Dovecot {
+        fs::write(dir.join("dovecot.conf"), config).unwrap();
+        let out = File::create(dir.join("dovecot.out")).unwrap();
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .status()
+            .expect("run dovecot (is it installed? run tests/run.sh)");
+        let dovecot = Dovecot { dir: dir.to_owned() };
+        let why =
+            || format!("{}\n{}", read_lossy(&dir.join("dovecot.out")), read_lossy(&dir.join("dovecot.log")));
+        assert!(status.success(), "dovecot did not start: {}", why());
+        for port in ports {
+            wait_for_greeting(port, header, "dovecot", why);
+        }
+        dovecot
+    }
+}
+
+/// The Dovecot config the README documents (PROXY v2 from 127.0.0.0/8, no plaintext
+/// logins without TLS) with everything under `d`: used here and in the sidecar's container.
+pub fn dovecot_config(d: &str, imap: u16, pop3: u16) -> String {
+    format!(
+        r#"base_dir = {d}/base
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 listen = 127.0.0.1
@@ -473,30 +502,23 @@ service auth {{
   }}
 }}
 "#,
-        )
-    }
+    )
+}
 
-    /// Starts Dovecot on `config` and waits for its greeting on `ports` (after `header`).
-    fn launch(dir: &Path, config: &str, ports: [u16; 2], header: Option<&[u8]>) -> Dovecot {
-        fs::write(dir.join("dovecot.conf"), config).unwrap();
-        let out = File::create(dir.join("dovecot.out")).unwrap();
-        let status = Command::new("dovecot")
-            .arg("-c")
-            .arg(dir.join("dovecot.conf"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .status()
-            .expect("run dovecot (is it installed? run tests/run.sh)");
-        let dovecot = Dovecot { dir: dir.to_owned() };
-        let why =
-            || format!("{}\n{}", read_lossy(&dir.join("dovecot.out")), read_lossy(&dir.join("dovecot.log")));
-        assert!(status.success(), "dovecot did not start: {}", why());
-        for port in ports {
-            wait_for_greeting(port, header, "dovecot", why);
-        }
-        dovecot
+/// Dovecot's files for a container, written to `home` on the host and mounted (or copied) at
+/// `d` inside: the README's config, alice's password and one message in her Maildir.
+pub fn dovecot_home(home: &Path, d: &str, imap: u16, pop3: u16, message: &str) {
+    let maildir = home.join("mail/alice/Maildir");
+    for sub in
+        [home.join("base"), home.join("state"), maildir.join("cur"), maildir.join("tmp"), maildir.join("new")]
+    {
+        fs::create_dir_all(sub).unwrap();
     }
+    fs::write(maildir.join("new/1700000000.M1P1.container"), message).unwrap();
+    fs::write(home.join("dovecot.conf"), dovecot_config(d, imap, pop3)).unwrap();
+    fs::write(home.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
+    // The mail processes run as nobody: 65534 on the host and in the Debian images.
+    run_ok(Command::new("chown").args(["-R", "65534:65534"]).arg(home.join("mail")));
 }
 
 impl Drop for Dovecot {

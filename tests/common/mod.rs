@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod mailservers;
+pub mod podman;
 pub mod process;
 pub mod roles;
 pub mod traffic;
