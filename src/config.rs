@@ -375,10 +375,56 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Parses and validates config text; `path` is used for messages and relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
-        ConfigError::Syntax { path: path.to_owned(), line, message: e.message().to_owned() }
+        let offset = e.span().map(|s| s.start);
+        let line = offset.map(|o| line_of(text, o)).unwrap_or(0);
+        let message = e.message().to_owned();
+        match offset.and_then(|o| key_at(text, o)) {
+            Some(key) => ConfigError::Invalid { path: path.to_owned(), line, key, message },
+            None => ConfigError::Syntax { path: path.to_owned(), line, message },
+        }
     })?;
     Validator { path, text }.config(raw)
+}
+
+/// The dotted key (`listeners[2].proxy_protocol`) whose `key = value` line holds byte
+/// `offset`, for serde's errors about a value (an unknown enum variant, a wrong type),
+/// which carry a span but no key. Reads the text itself: the toml crate does not expose
+/// the key path of a deserialisation error. `None` where the line is no `key = value`.
+pub fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let (key, _) = text[start..end].split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('#') || key.starts_with('[') {
+        return None;
+    }
+    // The table the line belongs to: the nearest header above it; `[[name]]` headers are
+    // numbered by how many of that name came before, as the validator's messages number them.
+    let mut table: Option<String> = None;
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for header in text[..start].lines().map(str::trim) {
+        if let Some(name) = header.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
+            let name = name.trim().to_owned();
+            let index = match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, count)) => {
+                    *count += 1;
+                    *count - 1
+                }
+                None => {
+                    counts.push((name.clone(), 1));
+                    0
+                }
+            };
+            table = Some(format!("{name}[{index}]"));
+        } else if let Some(name) = header.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            table = Some(name.trim().to_owned());
+        }
+    }
+    Some(match table {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 /// 1-based line number of a byte offset.
@@ -1064,6 +1110,16 @@ backend = "127.0.0.1:2525"
                 .replace("protocol = \"imap\"", &format!("protocol = \"{protocol}\""));
             assert!(parse_text(&text).expect("valid").listeners[0].xclient, "{protocol}");
         }
+    }
+
+    #[test]
+    fn a_bad_enum_or_type_names_its_key_and_line() {
+        let e = error_of(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v3\""));
+        assert!(e.contains(":16: listeners[0].proxy_protocol: unknown variant `v3`"), "{e}");
+        let e = error_of(&GOOD.replace("require_tls = false", "require_tls = \"no\""));
+        assert!(e.contains(":22: listeners[1].require_tls: "), "{e}");
+        let e = error_of(&GOOD.replace("min_version = \"1.2\"", "min_version = 1.2"));
+        assert!(e.contains(":5: tls.min_version: "), "{e}");
     }
 
     #[test]
