@@ -2,6 +2,7 @@
 //! loops, and the server's life: config reload, notifications, graceful bounded stop.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -204,7 +205,7 @@ impl Server {
         let on_change = move || {
             certificates.reload("file change");
         };
-        match crate::watch::spawn(&self.certificates.directories(), "certificate", on_change) {
+        match crate::watch::spawn(&self.certificates.files(), "certificate", on_change) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("certificate files are not watched (reload with SIGHUP): {e}");
@@ -220,13 +221,13 @@ impl Server {
         if tables.is_empty() {
             return None;
         }
-        let dirs = crate::watch::directories(tables.iter().map(|t| t.path.as_path()));
+        let files: Vec<PathBuf> = tables.iter().map(|t| t.path.clone()).collect();
         let on_change = move || {
             for table in &tables {
                 table.reload("file change");
             }
         };
-        match crate::watch::spawn(&dirs, "routes", on_change) {
+        match crate::watch::spawn(&files, "routes", on_change) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("routes files are not watched (reload with SIGHUP): {e}");

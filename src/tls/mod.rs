@@ -15,7 +15,6 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::config::{Config, TlsConfig, TlsVersion};
 use crate::metrics::Metrics;
-use crate::watch;
 pub use load::{LoadError, LoadedCert};
 pub use store::CertStore;
 
@@ -91,13 +90,15 @@ impl Certificates {
         self.store.clone()
     }
 
-    /// Every directory holding a configured file.
-    pub fn directories(&self) -> Vec<PathBuf> {
+    /// Every configured file (certificates, keys, OCSP responses), for the watcher.
+    pub fn files(&self) -> Vec<PathBuf> {
         let config = self.config.load();
-        let files = config.tls.certificates.iter().flat_map(|c| {
-            [Some(c.cert.as_path()), Some(c.key.as_path()), c.ocsp.as_deref()].into_iter().flatten()
-        });
-        watch::directories(files)
+        config
+            .tls
+            .certificates
+            .iter()
+            .flat_map(|c| [Some(c.cert.clone()), Some(c.key.clone()), c.ocsp.clone()].into_iter().flatten())
+            .collect()
     }
 
     /// Loads the whole set again and swaps it in only if every entry loads; otherwise the
