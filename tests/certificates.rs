@@ -1050,3 +1050,51 @@ async fn policy_knobs_decide_suite_group_and_alpn() {
     assert_eq!(conn.alpn_protocol(), Some(&b"imap"[..]));
     proxy.stop().await;
 }
+
+/// A client offering every suite of one TLS version in the reverse of the server's order.
+fn reversed_suites_client(version: &'static rustls::SupportedProtocolVersion) -> Arc<rustls::ClientConfig> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.retain(|s| s.version() == version);
+    p.cipher_suites.reverse();
+    let p = Arc::new(p);
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(p.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(p)))
+            .with_no_client_auth(),
+    )
+}
+
+/// The server's order of suites decides (testssl.sh: "Has server cipher order? yes"): a
+/// client preferring the server's last choice still gets its first, with TLS 1.3 and 1.2,
+/// and a configured `cipher_suites` list is the order of preference.
+#[tokio::test]
+async fn server_cipher_order_beats_the_client_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    install(dir.path(), &ca.leaf(&["mail.example.org"], Alg::Ecdsa), "mail");
+    let negotiated =
+        |tls: &TlsClient| tls.get_ref().1.negotiated_cipher_suite().and_then(|s| s.suite().as_str());
+
+    let proxy = TestProxy::start(dir.path(), &format!("[tls]\n{}", entry("mail.pem", "mail.key"))).await;
+    for (version, want) in [
+        (&rustls::version::TLS13, "TLS13_AES_256_GCM_SHA384"),
+        (&rustls::version::TLS12, "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+    ] {
+        let tls = connect(proxy.addr, Some("mail.example.org"), reversed_suites_client(version)).await;
+        assert_eq!(negotiated(&tls), Some(want), "{version:?}");
+    }
+    proxy.stop().await;
+
+    let tls_table = format!(
+        "[tls]\ncipher_suites = [\"TLS13_CHACHA20_POLY1305_SHA256\", \"TLS13_AES_128_GCM_SHA256\"]\n{}",
+        entry("mail.pem", "mail.key")
+    );
+    let proxy = TestProxy::start(dir.path(), &tls_table).await;
+    // The client prefers AES as rustls does by default; the configured order puts ChaCha20 first.
+    let tls = connect(proxy.addr, Some("mail.example.org"), accept_any()).await;
+    assert_eq!(negotiated(&tls), Some("TLS13_CHACHA20_POLY1305_SHA256"));
+    proxy.stop().await;
+}

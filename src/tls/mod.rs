@@ -220,9 +220,14 @@ pub fn server_config(
     };
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if let Some(names) = &tls.cipher_suites {
-        provider.cipher_suites = rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+        // In the configured order too: with the server's order deciding, it is the policy.
+        provider.cipher_suites = names
             .iter()
-            .filter(|s| names.iter().any(|n| Some(n.as_str()) == s.suite().as_str()))
+            .filter_map(|n| {
+                rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+                    .iter()
+                    .find(|s| s.suite().as_str() == Some(n.as_str()))
+            })
             .copied()
             .collect();
     }
@@ -247,6 +252,10 @@ pub fn server_config(
         server.ticketer = ticketer.clone();
     }
     server.alpn_protocols = tls.alpn.clone();
+    // The server's order of suites decides, not the client's: every client then gets the
+    // strongest suite both support (testssl.sh flags the opposite as "NOT ok"), and the
+    // policy an administrator writes in `cipher_suites` means what it says.
+    server.ignore_client_order = true;
     // The ktls relay engine hands the session keys to the kernel after negotiation; rustls
     // refuses to give them out unless asked for here. TLS 1.3 tickets are still sent
     // during the handshake (rustls' default), so none is due after the switch.
