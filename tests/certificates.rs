@@ -1098,3 +1098,28 @@ async fn server_cipher_order_beats_the_client_order() {
     assert_eq!(negotiated(&tls), Some("TLS13_CHACHA20_POLY1305_SHA256"));
     proxy.stop().await;
 }
+
+/// `self_signed = true` on a trial pair that expired while mailtls was stopped: the start
+/// renews it (a short-lived one, still marked as a trial) instead of refusing to start.
+#[tokio::test]
+async fn an_expired_trial_certificate_is_renewed_on_start() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["mx.test".to_owned()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, mailtls::tls::trial::MARKER);
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 4, 1);
+    write(&dir.path().join("trial.key"), key.serialize_pem());
+    write(&dir.path().join("trial.pem"), params.self_signed(&key).unwrap().pem());
+    let tls = format!("[tls]\n{}self_signed = true\n", entry("trial.pem", "trial.key"));
+    let proxy = TestProxy::start(dir.path(), &tls).await;
+    let served = served(proxy.addr, Some("mx.test"), accept_any()).await;
+    let (_, cert) = X509Certificate::from_der(&served).unwrap();
+    let (from, until) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
+    let now = unix_now() as i64;
+    assert!(from <= now && until > now, "served a certificate valid {from}..{until}");
+    assert!(until - from <= 91 * 86_400, "valid for {} days", (until - from) / 86_400);
+    assert!(cert.subject().iter_organization().any(|o| o.as_str() == Ok(mailtls::tls::trial::MARKER)));
+    proxy.stop().await;
+}

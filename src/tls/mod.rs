@@ -4,6 +4,7 @@
 pub mod load;
 pub mod prefixed;
 pub mod store;
+pub mod trial;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,27 +43,47 @@ pub enum SelfSigned {
     DryRun,
 }
 
-/// Loads every configured certificate (creating self-signed trial pairs only where the
-/// config asks), failing on the first entry that cannot be used.
+/// Loads every configured certificate (creating or renewing self-signed trial pairs only
+/// where the config asks), failing on the first entry that cannot be used.
 pub fn load_certificates(config: &Config, self_signed: SelfSigned) -> Result<Vec<LoadedCert>, TlsError> {
     let provider = provider();
     let names = vec![config.hostname.clone(), "localhost".to_owned()];
     let mut out = Vec::with_capacity(config.tls.certificates.len());
     for entry in &config.tls.certificates {
-        let missing = !entry.cert.exists() && !entry.key.exists();
-        if self_signed == SelfSigned::DryRun && entry.self_signed && missing {
-            continue;
+        if self_signed == SelfSigned::DryRun {
+            // What a start would write is left to the start; the rest is checked.
+            if trial::need(entry) != trial::Need::Nothing {
+                continue;
+            }
+        } else {
+            log_trial_change(entry, &trial::ensure(entry, &names)?);
         }
-        if load::create_self_signed_if_missing(entry, &names)? {
+        let cert = load::load_entry(entry, &provider)?;
+        if entry.self_signed && trial::is_trial(&entry.cert) {
             tracing::warn!(
                 cert = %entry.cert.display(),
-                key = %entry.key.display(),
-                "created a SELF-SIGNED certificate because the config says self_signed = true; for trials only"
+                not_after = %cert.not_after_date,
+                "serving a SELF-SIGNED trial certificate (self_signed = true); for trials only"
             );
         }
-        out.push(load::load_entry(entry, &provider)?);
+        out.push(cert);
     }
     Ok(out)
+}
+
+fn log_trial_change(entry: &crate::config::CertificateConfig, done: &trial::Done) {
+    let (cert, key) = (entry.cert.display(), entry.key.display());
+    match done {
+        trial::Done::Nothing => {}
+        trial::Done::Created => tracing::warn!(
+            %cert, %key, valid_days = trial::VALIDITY_DAYS,
+            "created a SELF-SIGNED certificate because the config says self_signed = true; for trials only"
+        ),
+        trial::Done::Renewed { old_not_after } => tracing::warn!(
+            %cert, %key, %old_not_after, valid_days = trial::VALIDITY_DAYS,
+            "renewed the SELF-SIGNED trial certificate (self_signed = true) before it expires; for trials only"
+        ),
+    }
 }
 
 /// The certificates in service and how they are renewed: by the directory watcher and on
