@@ -47,7 +47,8 @@ pub enum SelfSigned {
 /// where the config asks), failing on the first entry that cannot be used.
 pub fn load_certificates(config: &Config, self_signed: SelfSigned) -> Result<Vec<LoadedCert>, TlsError> {
     let provider = provider();
-    let names = vec![config.hostname.clone(), "localhost".to_owned()];
+    let mut names = vec![config.hostname.clone(), "localhost".to_owned()];
+    names.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     let mut out = Vec::with_capacity(config.tls.certificates.len());
     for entry in &config.tls.certificates {
         if self_signed == SelfSigned::DryRun {
