@@ -7,7 +7,8 @@
 #     findings are the server's own (protocols, ciphers, order, resumption, vulnerabilities);
 #   - the self-signed trial certificate of `self_signed = true` (port 465 only), whose
 #     findings are those of any self-signed certificate.
-# Prints Markdown: per port the count of findings by severity and every finding above LOW.
+# Prints Markdown: per port the count of findings by severity and every finding of LOW and
+# above (and testssl's own WARNings: checks it could not complete).
 # Usage: benches/testssl.sh [> out.md]    (about 1.5 minutes per port; no network needed)
 #   MAILTLS_BIN=target/debug/mailtls TESTSSL_PORT_PREFIX=37 benches/testssl.sh
 set -euo pipefail
@@ -17,8 +18,10 @@ BIN=${MAILTLS_BIN:-target/release/mailtls}
 PREFIX=${TESTSSL_PORT_PREFIX:-37}
 W=$(mktemp -d /tmp/mailtls-testssl.XXXXXX)
 pid=""
+backends=""
 cleanup() {
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    if [ -n "$backends" ]; then kill "$backends" 2>/dev/null || true; fi
     rm -rf "$W"
 }
 trap cleanup EXIT
@@ -33,9 +36,41 @@ imap 143 imap
 pop3s 995 -
 pop3 110 pop3"
 
-# The example config on other ports: listeners 10xxx -> PREFIXxxx, admin 9925 -> PREFIX925.
+# The example config on other ports: listeners 10xxx -> PREFIXxxx, admin 9925 -> PREFIX925,
+# backends 12xxx (Postfix) -> PREFIX+1 xxx and 11xxx (Dovecot) -> PREFIX+2 xxx.
+B1=$((PREFIX + 1)) B2=$((PREFIX + 2))
 sed -e "s/:10\([0-9][0-9][0-9]\)\"/:$PREFIX\1\"/g" -e "s/127\.0\.0\.1:9925/127.0.0.1:${PREFIX}925/" \
+    -e "s/127\.0\.0\.1:12\([0-9][0-9][0-9]\)\"/127.0.0.1:$B1\1\"/" \
+    -e "s/127\.0\.0\.1:11\([0-9][0-9][0-9]\)\"/127.0.0.1:$B2\1\"/" \
     config/mailtls.example.toml >"$W/trial.toml"
+
+# Stand-in backends that greet and answer, so a session after a handshake looks like one
+# in service (testssl's resumption checks reconnect and expect the session to stay up).
+python3 - "$B1" "$B2" <<'PY' &
+import socket, sys, threading
+b1, b2 = sys.argv[1:]
+greetings = {f"{b1}587": b"220 backend ESMTP\r\n", f"{b1}525": b"220 backend ESMTP\r\n",
+             f"{b2}143": b"* OK [CAPABILITY IMAP4rev1] ready\r\n", f"{b2}110": b"+OK ready\r\n"}
+def serve(conn, greeting):
+    with conn:
+        conn.recv(536)  # the PROXY header (and perhaps more): not examined
+        conn.sendall(greeting)
+        for line in conn.makefile("rb"):
+            if greeting.startswith(b"220"):
+                quit = line.upper().startswith(b"QUIT")
+                conn.sendall(b"221 bye\r\n" if quit else b"250-backend\r\n250 8BITMIME\r\n")
+                if quit:
+                    return
+def listen(port, greeting):
+    s = socket.create_server(("127.0.0.1", int(port)))
+    while True:
+        conn, _ = s.accept()
+        threading.Thread(target=serve, args=(conn, greeting), daemon=True).start()
+for port, greeting in greetings.items():
+    threading.Thread(target=listen, args=(port, greeting), daemon=True).start()
+threading.Event().wait()
+PY
+backends=$!
 
 cat >"$W/leaf.ext" <<'EXT'
 subjectAltName = DNS:localhost
@@ -46,11 +81,11 @@ crlDistributionPoints = URI:http://127.0.0.1:9/ca.crl
 EXT
 (
     cd "$W"
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 365 \
         -subj "/CN=mailtls testssl CA" -keyout ca.key -out ca.pem
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
         -keyout leaf.key -out leaf.csr
-    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 30 \
+    openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 90 \
         -extfile leaf.ext -out leaf.pem
 ) >/dev/null 2>&1
 sed -e 's|^cert = .*|cert = "leaf.pem"|' -e 's|^key = .*|key = "leaf.key"|' -e '/^self_signed/d' \
@@ -94,7 +129,7 @@ shown = ", ".join(f"{s} {count[s]}" for s in order if count[s])
 mode = "implicit TLS" if proto == "-" else f"STARTTLS {proto}"
 print(f"| {role} | {port} | {mode} | {shown or 'no findings'} | exit {status}, {secs} s |")
 for f in findings:
-    if f.get("severity") in ("CRITICAL", "HIGH", "MEDIUM", "WARN"):
+    if f.get("severity") in ("CRITICAL", "HIGH", "MEDIUM", "LOW", "WARN"):
         print(f"|  | | {f['severity']}: `{f['id']}` | {f['finding']} | |")
 PY
 }
