@@ -4,9 +4,11 @@
 # sessions or as many as the descriptor limit allows, 1,000-session integrity soak, faults,
 # SIGTERM under load, slowloris, floods, random and oversized input), then the protocol
 # fuzzers: the proptest targets with a large budget and, where cargo-fuzz runs, each
-# libFuzzer target for FUZZ_SECONDS. Prints the figures and writes them to OUT.
+# libFuzzer target (protocol state machines, config and routes parsers) for FUZZ_SECONDS,
+# and testssl.sh over every port (benches/testssl.sh). Prints the figures, writes them to
+# OUT. Never run in CI: tests/run.sh does not call it.
 #
-# Usage: benches/reliability.sh                       (about 10 minutes on 2 cores)
+# Usage: benches/reliability.sh                       (about 30 minutes on 2 cores)
 #   FUZZ_SECONDS=300 PROPTEST_CASES=100000 benches/reliability.sh
 # Every step runs under `timeout`; all traffic stays on 127.0.0.x.
 set -euo pipefail
@@ -82,7 +84,8 @@ echo "reliability.sh: cargo-fuzz targets, $FUZZ_SECONDS s each" >&2
     echo '```'
 } >>"$W/out.md"
 if command -v cargo-fuzz >/dev/null; then
-    for target in pre_tls negotiation; do
+    # The protocol state machines, and the parsers of the files mailtls reads (issue 15).
+    for target in pre_tls negotiation config routes; do
         fstatus=0
         RUSTC_BOOTSTRAP=1 timeout $((FUZZ_SECONDS + 600)) cargo fuzz run "$target" -- \
             -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 \
@@ -97,6 +100,15 @@ else
 fi
 echo '```' >>"$W/out.md"
 
+# TLS posture per testssl.sh over all seven port roles (issue 15; about 1.5 minutes each).
+echo "reliability.sh: testssl.sh over every port of the example config" >&2
+tstatus=0
+if command -v testssl >/dev/null; then
+    MAILTLS_BIN="$PWD/target/release/mailtls" timeout 3600 benches/testssl.sh >>"$W/out.md" || tstatus=$?
+else
+    echo "testssl.sh not installed (apt-get install testssl.sh); skipped" >>"$W/out.md"
+fi
+
 cp "$W/out.md" "$OUT"
 cat "$OUT"
-[ "$status" = 0 ] && [ "$pstatus" = 0 ]
+[ "$status" = 0 ] && [ "$pstatus" = 0 ] && [ "$tstatus" = 0 ]

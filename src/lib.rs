@@ -14,6 +14,7 @@ pub mod config;
 pub mod inbound;
 pub mod limits;
 pub mod metrics;
+pub mod probe;
 pub mod protocol;
 pub mod relay;
 pub mod routes;

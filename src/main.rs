@@ -89,7 +89,7 @@ fn check(config: &config::Config) -> anyhow::Result<()> {
     }
     let pending = config.tls.certificates.len() - certs.len();
     if pending > 0 {
-        println!("{pending} self-signed trial certificate(s) will be created at start (self_signed = true)");
+        println!("{pending} self-signed trial certificate(s) will be created or renewed at start (self_signed = true)");
     }
     println!(
         "{}: OK ({} listeners, {} certificates)",

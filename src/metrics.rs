@@ -123,6 +123,7 @@ pub struct Metrics {
     logins_refused: Family<ListenerLabels, Counter>,
     injections: Family<ListenerLabels, Counter>,
     backend_failed: Family<ListenerLabels, Counter>,
+    probe_failed: Family<ListenerLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
     engines: Family<EngineLabels, Counter>,
     proxy_headers: Family<ProxyHeaderLabels, Counter>,
@@ -142,6 +143,8 @@ pub struct Metrics {
     pub starttls_injection_attempts: Tally,
     pub plaintext_logins_refused: Tally,
     pub backend_failures: Tally,
+    /// Capability probes that found the backend down or broken.
+    pub probe_failures: Tally,
     /// Sessions that reached the bulk phase, by the relay engine that served them.
     pub relay_copy: Tally,
     pub relay_splice: Tally,
@@ -174,6 +177,7 @@ impl Metrics {
             logins_refused: Family::default(),
             injections: Family::default(),
             backend_failed: Family::default(),
+            probe_failed: Family::default(),
             bytes: Family::default(),
             engines: Family::default(),
             proxy_headers: Family::default(),
@@ -190,6 +194,7 @@ impl Metrics {
             starttls_injection_attempts: Tally::default(),
             plaintext_logins_refused: Tally::default(),
             backend_failures: Tally::default(),
+            probe_failures: Tally::default(),
             relay_copy: Tally::default(),
             relay_splice: Tally::default(),
             relay_ktls: Tally::default(),
@@ -227,6 +232,11 @@ impl Metrics {
             "backend_failures",
             "Backends unreachable or greeting negatively",
             self.backend_failed.clone(),
+        );
+        r.register(
+            "capability_probe_failures",
+            "Capability probes of a backend that failed (backend down or broken)",
+            self.probe_failed.clone(),
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
         r.register("sessions_by_engine", "Sessions that reached the relay, by engine", self.engines.clone());
@@ -318,6 +328,12 @@ impl Metrics {
     pub fn backend_failure(&self, listener: &str) {
         self.backend_failures.bump();
         self.backend_failed.get_or_create(&Self::listener(listener)).inc();
+    }
+
+    /// A capability probe of the listener's backend failed.
+    pub fn probe_failed(&self, listener: &str) {
+        self.probe_failures.bump();
+        self.probe_failed.get_or_create(&Self::listener(listener)).inc();
     }
 
     /// Bytes a session moved: from the client to the backend and back.

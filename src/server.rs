@@ -2,36 +2,31 @@
 //! loops, and the server's life: config reload, notifications, graceful bounded stop.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::BytesMut;
 use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Health};
-use crate::backend;
 use crate::config::{self, Config, ConfigError, ListenerConfig, Origin, TlsMode};
 use crate::inbound::{self, Ends};
 use crate::limits::{Limiter, ListenerSlot};
 use crate::metrics::{Limit, Metrics};
-use crate::protocol::{self, Farewell, ProbeStep, Protocol, Settings};
+use crate::probe;
+use crate::protocol::{self, Farewell, Protocol, Settings};
 use crate::relay;
 use crate::routes::{self, RouteTable, RoutesError};
 use crate::session::{self, ListenerContext, Shutdown};
 use crate::systemd::{self, Inherited, SystemdError};
 use crate::tls::{self, Certificates};
 
-/// How often a listener re-learns what its backend offers (the EHLO extensions of an
-/// opportunistic SMTP listener's backend, the capabilities of a routed listener's default).
-const PROBE_EVERY: Duration = Duration::from_secs(60);
-/// How soon to retry a probe that failed (backend down at start-up, say).
-const PROBE_RETRY: Duration = Duration::from_secs(5);
 /// Pending connections the kernel may queue per listening socket.
 const BACKLOG: i32 = 1024;
 /// Refusals in progress at once; past this a refused connection is just closed, so a
@@ -204,7 +199,7 @@ impl Server {
         let on_change = move || {
             certificates.reload("file change");
         };
-        match crate::watch::spawn(&self.certificates.directories(), "certificate", on_change) {
+        match crate::watch::spawn(&self.certificates.files(), "certificate", on_change) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("certificate files are not watched (reload with SIGHUP): {e}");
@@ -220,13 +215,13 @@ impl Server {
         if tables.is_empty() {
             return None;
         }
-        let dirs = crate::watch::directories(tables.iter().map(|t| t.path.as_path()));
+        let files: Vec<PathBuf> = tables.iter().map(|t| t.path.clone()).collect();
         let on_change = move || {
             for table in &tables {
                 table.reload("file change");
             }
         };
-        match crate::watch::spawn(&dirs, "routes", on_change) {
+        match crate::watch::spawn(&files, "routes", on_change) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!("routes files are not watched (reload with SIGHUP): {e}");
@@ -308,7 +303,7 @@ impl Server {
         let mut loops = Vec::new();
         for l in &mut self.listeners {
             // Every listener gets one: a reload may turn routing (or opportunistic SMTP) on.
-            tokio::spawn(probe_loop(l.current.clone(), l.reprobe.clone(), stop.clone()));
+            tokio::spawn(probe::run(l.current.clone(), l.reprobe.clone(), stop.clone()));
             for socket in std::mem::take(&mut l.sockets) {
                 if let Ok(addr) = socket.local_addr() {
                     tracing::info!(listener = %l.config.name, %addr, protocol = l.config.protocol.name(), "listening");
@@ -737,88 +732,4 @@ async fn say_and_close<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, words: &
     let _ = stream.write_all(words).await;
     let _ = stream.flush().await;
     let _ = stream.shutdown().await;
-}
-
-/// Keeps a listener's view of what its backend offers current, so mailtls's own answers show
-/// what the backend really has rather than a static list: the EHLO extensions for the
-/// pre-TLS EHLO reply of an opportunistic SMTP listener, the default backend's capabilities
-/// for a routed IMAP/POP3 listener's answers before login. Other listeners learn nothing
-/// and wait for a reload that might change that.
-async fn probe_loop(current: Arc<ArcSwap<ListenerContext>>, reprobe: Arc<Notify>, stop: Shutdown) {
-    loop {
-        let ctx = current.load_full();
-        let learns = match ctx.protocol {
-            Protocol::Smtp => !ctx.settings.require_tls,
-            Protocol::Imap | Protocol::Pop3 => ctx.routes.is_some(),
-        };
-        let wait = if learns { Some(learn(&ctx).await) } else { None };
-        let default_changed = async {
-            match &ctx.routes {
-                Some(routes) => routes.default_changed.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        let timer = async {
-            match wait {
-                Some(wait) => tokio::time::sleep(wait).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = timer => {}
-            () = reprobe.notified() => {}
-            () = default_changed => {}
-            () = stop.graceful.cancelled() => return,
-        }
-    }
-}
-
-/// One probe; returns how long to wait before the next.
-async fn learn(ctx: &ListenerContext) -> Duration {
-    let (backend, _) = ctx.choose_backend(None);
-    match probe_once(ctx, &backend).await {
-        Ok(learned) => {
-            tracing::debug!(listener = %ctx.name, %backend, ?learned, "learned what the backend offers");
-            if let Ok(mut slot) = ctx.backend_extensions.lock() {
-                *slot = Arc::from(learned);
-            }
-            PROBE_EVERY
-        }
-        Err(reason) => {
-            tracing::warn!(listener = %ctx.name, %backend, "capability probe failed: {reason}");
-            PROBE_RETRY
-        }
-    }
-}
-
-async fn probe_once(ctx: &ListenerContext, backend: &str) -> Result<Vec<String>, String> {
-    let timeout = ctx.timeouts.backend_connect;
-    let mut stream =
-        backend::connect_local(backend, ctx.proxy_protocol, timeout).await.map_err(|e| e.to_string())?;
-    let mut probe = protocol::probe(ctx.protocol, &ctx.settings);
-    let mut buf = BytesMut::with_capacity(4096);
-    let exchange = async {
-        loop {
-            while let Some(step) = probe.on_backend(&mut buf) {
-                match step {
-                    ProbeStep::Send(bytes) => stream.write_all(&bytes).await.map_err(|e| e.to_string())?,
-                    ProbeStep::Done(learned) => {
-                        let _ = stream.write_all(probe.quit()).await;
-                        return Ok(learned);
-                    }
-                    ProbeStep::Failed(reason) => return Err(reason),
-                }
-            }
-            if buf.len() > 64 * 1024 {
-                return Err("reply too large".to_owned());
-            }
-            buf.reserve(4096);
-            match stream.read_buf(&mut buf).await {
-                Ok(0) => return Err("backend closed the connection".to_owned()),
-                Ok(_) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| "no reply in time".to_owned())?
 }

@@ -403,6 +403,8 @@ async fn after_handshake<C: ClientLeg>(
             Ok(opened) => link.attach(opened),
             Err(e) => {
                 note_unavailable(ctx, &peer, None, &e);
+                // The connection's log line names the backend tried, not "-".
+                link.record.backend = Some(e.0.clone());
                 let outcome = Outcome::BackendUnavailable(e.1.to_string());
                 return say_farewell(link.client, ctx.protocol, Farewell::BackendUnavailable, outcome).await;
             }
@@ -603,6 +605,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
             }
             Err(failure) => {
                 note_unavailable(ctx, peer, Some(&user), &failure);
+                self.record.backend = Some(failure.0.clone());
                 negotiation.on_route_failed()
             }
         };

@@ -311,15 +311,17 @@ async fn served_now(addr: SocketAddr) -> CertificateDer<'static> {
 /// Polls new handshakes every 100 ms until `want` is served; fails after 2.5 s. Returns
 /// how long the change took.
 async fn await_leaf(addr: SocketAddr, want: &Leaf) -> Duration {
+    await_leaf_within(addr, want, Duration::from_millis(2500)).await
+}
+
+/// Polls new handshakes every 100 ms until `want` is served; fails after `limit`.
+async fn await_leaf_within(addr: SocketAddr, want: &Leaf, limit: Duration) -> Duration {
     let start = Instant::now();
     loop {
         if served_now(addr).await == want.der {
             return start.elapsed();
         }
-        assert!(
-            start.elapsed() < Duration::from_millis(2500),
-            "the new certificate was not served within 2.5 s"
-        );
+        assert!(start.elapsed() < limit, "the new certificate was not served within {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -501,25 +503,72 @@ async fn futures_join<T: Send + 'static>(futs: Vec<BoxFut<T>>) -> Vec<T> {
 
 // ---- hot reload ----------------------------------------------------------------------
 
+/// A proxy serving `old` from certs/mail.{pem,key}, and the `new` leaf a renewal brings.
+struct Renewal {
+    _dir: tempfile::TempDir,
+    certs: PathBuf,
+    old: Leaf,
+    new: Leaf,
+    proxy: TestProxy,
+}
+
+impl Renewal {
+    /// Starts the proxy on `old`, with `before_start` run once the files are in place;
+    /// `settings` opens the [tls] table.
+    async fn start(settings: &str, before_start: impl FnOnce(&Path)) -> Renewal {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path());
+        let old = ca.leaf(&["mail.example.org"], Alg::Ecdsa);
+        let new = ca.leaf(&["mail.example.org"], Alg::Ecdsa);
+        let certs = dir.path().join("certs");
+        install(&certs, &old, "mail");
+        before_start(&certs);
+        let tls = format!("[tls]\n{settings}{}", entry("certs/mail.pem", "certs/mail.key"));
+        let proxy = TestProxy::start(dir.path(), &tls).await;
+        // Served once: the proxy (and its watcher) is running.
+        assert!(served_now(proxy.addr).await == old.der);
+        Renewal { _dir: dir, certs, old, new, proxy }
+    }
+
+    /// Renames the new pair over the old files.
+    fn land(&self) {
+        rename_over(&self.certs.join("mail.pem"), &self.new.cert_pem);
+        rename_over(&self.certs.join("mail.key"), &self.new.key_pem);
+    }
+}
+
 #[tokio::test]
 async fn reload_on_rename_over_keeps_open_sessions() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path());
-    let old = ca.leaf(&["mail.example.org"], Alg::Ecdsa);
-    let new = ca.leaf(&["mail.example.org"], Alg::Ecdsa);
-    let certs = dir.path().join("certs");
-    install(&certs, &old, "mail");
-    let proxy =
-        TestProxy::start(dir.path(), &format!("[tls]\n{}", entry("certs/mail.pem", "certs/mail.key"))).await;
-    assert!(served_now(proxy.addr).await == old.der);
+    let renewal = Renewal::start("", |_| {}).await;
+    let proxy = &renewal.proxy;
     let mut session = echo_session(proxy.addr).await;
-    rename_over(&certs.join("mail.pem"), &new.cert_pem);
-    rename_over(&certs.join("mail.key"), &new.key_pem);
-    let took = await_leaf(proxy.addr, &new).await;
+    renewal.land();
+    let took = await_leaf(proxy.addr, &renewal.new).await;
     eprintln!("rename-over reload took {took:?}");
     still_relays(&mut session).await;
     assert_eq!(proxy.failed_reloads(), 0);
-    proxy.stop().await;
+    assert!(renewal.old.der != renewal.new.der);
+    renewal.proxy.stop().await;
+}
+
+/// A log written every 100 ms beside the certificate must neither hold back nor stand in
+/// for the reload of a renewal (the watcher used to wait for the whole directory to go
+/// quiet, which it never did). 5 s is the test's patience; the watcher's own bound (2 s)
+/// is unit-tested in src/watch.rs on a paused clock.
+#[tokio::test]
+async fn reload_lands_while_a_file_beside_the_certificate_is_rewritten_every_100ms() {
+    let mut busy = None;
+    let renewal = Renewal::start("", |certs| {
+        busy = Some(common::busy::BusyNeighbour::start(&certs.join("renewal.log")))
+    })
+    .await;
+    renewal.land();
+    let took = await_leaf_within(renewal.proxy.addr, &renewal.new, Duration::from_secs(5)).await;
+    let writes = busy.map_or(0, |b| b.stop());
+    eprintln!("reload beside a busy file took {took:?} ({writes} neighbour writes)");
+    assert_eq!(Metrics::get(&renewal.proxy.metrics.cert_reloads_ok), 1);
+    assert_eq!(renewal.proxy.failed_reloads(), 0);
+    renewal.proxy.stop().await;
 }
 
 #[tokio::test]
@@ -651,25 +700,17 @@ async fn reload_refuses_expired_leaf() {
 
 #[tokio::test]
 async fn without_watch_files_wait_for_reload_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path());
-    let old = ca.leaf(&["mail.example.org"], Alg::Ecdsa);
-    let new = ca.leaf(&["mail.example.org"], Alg::Ecdsa);
-    let certs = dir.path().join("certs");
-    install(&certs, &old, "mail");
-    let tls = format!("[tls]\nwatch = false\n{}", entry("certs/mail.pem", "certs/mail.key"));
-    let proxy = TestProxy::start(dir.path(), &tls).await;
-    assert!(served_now(proxy.addr).await == old.der);
+    let renewal = Renewal::start("watch = false\n", |_| {}).await;
+    let (proxy, old, new) = (&renewal.proxy, &renewal.old, &renewal.new);
     let mut session = echo_session(proxy.addr).await;
-    rename_over(&certs.join("mail.pem"), &new.cert_pem);
-    rename_over(&certs.join("mail.key"), &new.key_pem);
+    renewal.land();
     // Well past the watcher's debounce: nothing changes by itself.
-    keeps_leaf(proxy.addr, &old, Duration::from_millis(1000)).await;
+    keeps_leaf(proxy.addr, old, Duration::from_millis(1000)).await;
     proxy.control.send(Control::Reload).await.unwrap();
-    await_leaf(proxy.addr, &new).await;
+    await_leaf(proxy.addr, new).await;
     still_relays(&mut session).await;
     assert_eq!(Metrics::get(&proxy.metrics.cert_reloads_ok), 1);
-    proxy.stop().await;
+    renewal.proxy.stop().await;
 }
 
 /// A port free right now on 127.0.0.1.
@@ -1007,5 +1048,78 @@ async fn policy_knobs_decide_suite_group_and_alpn() {
     let group = conn.negotiated_key_exchange_group().map(|g| format!("{:?}", g.name()));
     assert_eq!(group.as_deref(), Some("secp384r1"));
     assert_eq!(conn.alpn_protocol(), Some(&b"imap"[..]));
+    proxy.stop().await;
+}
+
+/// A client offering every suite of one TLS version in the reverse of the server's order.
+fn reversed_suites_client(version: &'static rustls::SupportedProtocolVersion) -> Arc<rustls::ClientConfig> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.retain(|s| s.version() == version);
+    p.cipher_suites.reverse();
+    let p = Arc::new(p);
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(p.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(p)))
+            .with_no_client_auth(),
+    )
+}
+
+/// The server's order of suites decides (testssl.sh: "Has server cipher order? yes"): a
+/// client preferring the server's last choice still gets its first, with TLS 1.3 and 1.2,
+/// and a configured `cipher_suites` list is the order of preference.
+#[tokio::test]
+async fn server_cipher_order_beats_the_client_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path());
+    install(dir.path(), &ca.leaf(&["mail.example.org"], Alg::Ecdsa), "mail");
+    let negotiated =
+        |tls: &TlsClient| tls.get_ref().1.negotiated_cipher_suite().and_then(|s| s.suite().as_str());
+
+    let proxy = TestProxy::start(dir.path(), &format!("[tls]\n{}", entry("mail.pem", "mail.key"))).await;
+    for (version, want) in [
+        (&rustls::version::TLS13, "TLS13_AES_256_GCM_SHA384"),
+        (&rustls::version::TLS12, "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"),
+    ] {
+        let tls = connect(proxy.addr, Some("mail.example.org"), reversed_suites_client(version)).await;
+        assert_eq!(negotiated(&tls), Some(want), "{version:?}");
+    }
+    proxy.stop().await;
+
+    let tls_table = format!(
+        "[tls]\ncipher_suites = [\"TLS13_CHACHA20_POLY1305_SHA256\", \"TLS13_AES_128_GCM_SHA256\"]\n{}",
+        entry("mail.pem", "mail.key")
+    );
+    let proxy = TestProxy::start(dir.path(), &tls_table).await;
+    // The client prefers AES as rustls does by default; the configured order puts ChaCha20 first.
+    let tls = connect(proxy.addr, Some("mail.example.org"), accept_any()).await;
+    assert_eq!(negotiated(&tls), Some("TLS13_CHACHA20_POLY1305_SHA256"));
+    proxy.stop().await;
+}
+
+/// `self_signed = true` on a trial pair that expired while mailtls was stopped: the start
+/// renews it (a short-lived one, still marked as a trial) instead of refusing to start.
+#[tokio::test]
+async fn an_expired_trial_certificate_is_renewed_on_start() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["mx.test".to_owned()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, mailtls::tls::trial::MARKER);
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 4, 1);
+    write(&dir.path().join("trial.key"), key.serialize_pem());
+    write(&dir.path().join("trial.pem"), params.self_signed(&key).unwrap().pem());
+    let tls = format!("[tls]\n{}self_signed = true\n", entry("trial.pem", "trial.key"));
+    let proxy = TestProxy::start(dir.path(), &tls).await;
+    let served = served(proxy.addr, Some("mx.test"), accept_any()).await;
+    let (_, cert) = X509Certificate::from_der(&served).unwrap();
+    let (from, until) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
+    let now = unix_now() as i64;
+    assert!(from <= now && until > now, "served a certificate valid {from}..{until}");
+    assert!(until - from <= 91 * 86_400, "valid for {} days", (until - from) / 86_400);
+    assert!(cert.subject().iter_organization().any(|o| o.as_str() == Ok(mailtls::tls::trial::MARKER)));
     proxy.stop().await;
 }

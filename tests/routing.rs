@@ -313,6 +313,27 @@ async fn a_map_change_moves_new_logins_and_a_broken_map_is_refused() {
     proxy.stop().await;
 }
 
+/// A file rewritten every 100 ms beside the map must not hold back its reload: the moved
+/// route is used within 5 s (the test's patience; the watcher's bound is 2 s).
+#[tokio::test]
+async fn a_map_change_lands_while_a_file_beside_it_is_rewritten_every_100ms() {
+    let site = Site::start(Script::Imap).await;
+    let busy = common::busy::BusyNeighbour::start(&site.dir.path().join("routes.log"));
+    let proxy = site.proxy("imaps", "imap", "implicit").await;
+    // Greeted once: the proxy (and its watcher) is running.
+    imaps_ready(&proxy).await;
+    site.write_map(site.corp.addr);
+    assert!(eventually(|| Metrics::get(&proxy.metrics.route_reloads_ok) == 1).await, "no reload within 5 s");
+    let writes = busy.stop();
+    eprintln!("map reloaded beside a busy file ({writes} neighbour writes)");
+    let mut moved = proxy.tls("imaps").await;
+    moved.line().await;
+    moved.send("a LOGIN alice@example.org pw-moved\r\n").await;
+    assert!(moved.line().await.starts_with("a OK"));
+    assert_eq!(site.holders("pw-moved"), ["corp"]);
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_routed_backend_answers_unavailable_and_a_retry_works_once_it_is_up() {
     let site = Site::start(Script::Imap).await;

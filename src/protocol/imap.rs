@@ -1363,14 +1363,27 @@ fn filter_capabilities(line: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Where the capability tokens of a response line are: from the space before the first
-/// token to the end of the last one.
+/// A space or a tab: the grammar says SP, but a lenient client splits on either, so a
+/// line a client would read as capabilities must be read that way here too.
+fn is_blank(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t')
+}
+
+/// Where the capability tokens of a response line are: from the blank before the first
+/// token to the end of the last one. Blanks before the tag are skipped, as lenient
+/// clients skip them (a backend line starting with a space used to pass unfiltered).
 fn capability_list_range(body: &[u8]) -> Option<(usize, usize)> {
-    let first_space = body.iter().position(|&b| b == b' ')?;
+    let indent = body.iter().take_while(|b| is_blank(b)).count();
+    let (start, end) = capability_list_range_unindented(body.get(indent..)?)?;
+    Some((indent + start, indent + end))
+}
+
+fn capability_list_range_unindented(body: &[u8]) -> Option<(usize, usize)> {
+    let first_space = body.iter().position(is_blank)?;
     let tag = body.get(..first_space)?;
     let after_tag = first_space + 1;
     let rest = body.get(after_tag..)?;
-    let (word, text) = match rest.iter().position(|&b| b == b' ') {
+    let (word, text) = match rest.iter().position(is_blank) {
         Some(sp) => (rest.get(..sp)?, Some(after_tag + sp)),
         None => (rest, None),
     };
@@ -1387,14 +1400,14 @@ fn capability_list_range(body: &[u8]) -> Option<(usize, usize)> {
     let code = body.get(text_start..)?.strip_prefix(b"[")?;
     let close = code.iter().position(|&b| b == b']')?;
     let name = code.get(..10)?;
-    if !name.eq_ignore_ascii_case(b"CAPABILITY") || !matches!(code.get(10), Some(b' ' | b']')) {
+    if !name.eq_ignore_ascii_case(b"CAPABILITY") || !matches!(code.get(10), Some(b' ' | b'\t' | b']')) {
         return None;
     }
     Some((text_start + 1 + 10, text_start + 1 + close))
 }
 
 fn without_hidden_capabilities(list: &[u8]) -> Vec<u8> {
-    let kept: Vec<&[u8]> = list.split(|&b| b == b' ').filter(|token| !is_hidden_capability(token)).collect();
+    let kept: Vec<&[u8]> = list.split(is_blank).filter(|token| !is_hidden_capability(token)).collect();
     kept.join(&b' ')
 }
 
@@ -1855,6 +1868,26 @@ mod tests {
             assert_eq!(filter_capabilities(line), line.to_vec());
         }
         assert_eq!(filter_capabilities(b"* ok [capability STARTTLS]\r\n"), b"* ok [capability]\r\n".to_vec());
+    }
+
+    #[test]
+    fn capability_filter_reads_indented_and_tab_separated_lines() {
+        assert_eq!(
+            filter_capabilities(b" * CAPABILITY IMAP4rev1 STARTTLS\r\n"),
+            b" * CAPABILITY IMAP4rev1\r\n".to_vec()
+        );
+        assert_eq!(
+            filter_capabilities(b"\t* OK [CAPABILITY IMAP4rev1 LOGINDISABLED] hi\r\n"),
+            b"\t* OK [CAPABILITY IMAP4rev1] hi\r\n".to_vec()
+        );
+        assert_eq!(
+            filter_capabilities(b"*\tCAPABILITY\tIMAP4rev1\tSTARTTLS\r\n"),
+            b"*\tCAPABILITY IMAP4rev1\r\n".to_vec()
+        );
+        assert_eq!(
+            filter_capabilities(b"a OK [CAPABILITY\tSTARTTLS] x\r\n"),
+            b"a OK [CAPABILITY] x\r\n".to_vec()
+        );
     }
 
     #[test]

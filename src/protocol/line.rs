@@ -32,11 +32,14 @@ pub fn trim_eol(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
-/// Splits a command line into its first word and the rest (after one space), without the
-/// terminator. The rest is `None` when there is no space at all.
+/// Splits a command line into its first word and the rest (after one space or tab),
+/// without the terminator. The rest is `None` when there is no blank at all.
+///
+/// The grammars say SP, but servers accept a tab too (Dovecot, Postfix), so mailtls must
+/// read `STLS<TAB>` as the STLS the backend would see, or it would forward a STARTTLS.
 pub fn split_word(line: &[u8]) -> (&[u8], Option<&[u8]>) {
     let line = trim_eol(line);
-    match line.iter().position(|&b| b == b' ') {
+    match line.iter().position(|&b| b == b' ' || b == b'\t') {
         Some(sp) => (&line[..sp], Some(&line[sp + 1..])),
         None => (line, None),
     }
@@ -69,5 +72,7 @@ mod tests {
         assert_eq!(split_word(b"a LOGIN x\r\n"), (&b"a"[..], Some(&b"LOGIN x"[..])));
         assert_eq!(split_word(b"STARTTLS\r\n"), (&b"STARTTLS"[..], None));
         assert_eq!(split_word(b"STARTTLS \r\n"), (&b"STARTTLS"[..], Some(&b""[..])));
+        assert_eq!(split_word(b"STLS\t\r\n"), (&b"STLS"[..], Some(&b""[..])));
+        assert_eq!(split_word(b"a\tSTARTTLS\r\n"), (&b"a"[..], Some(&b"STARTTLS"[..])));
     }
 }

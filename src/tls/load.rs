@@ -210,32 +210,3 @@ fn read_key(path: &Path, origin: &Origin) -> Result<PrivateKeyDer<'static>, Load
         reason: e.to_string(),
     })
 }
-
-/// For trials only (`self_signed = true`): when neither file exists, write a self-signed
-/// ECDSA P-256 pair for `names`. Returns whether it created one, so the caller can warn.
-pub fn create_self_signed_if_missing(entry: &CertificateConfig, names: &[String]) -> Result<bool, LoadError> {
-    if !entry.self_signed || entry.cert.exists() || entry.key.exists() {
-        return Ok(false);
-    }
-    let fail = |reason: String| LoadError::SelfSigned { origin: entry.cert_origin.clone(), reason };
-    let key_pair = rcgen::KeyPair::generate().map_err(|e| fail(e.to_string()))?;
-    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| fail(e.to_string()))?;
-    if let Some(first) = names.first() {
-        params.distinguished_name.push(rcgen::DnType::CommonName, first.as_str());
-    }
-    let cert = params.self_signed(&key_pair).map_err(|e| fail(e.to_string()))?;
-    for dir in [entry.cert.parent(), entry.key.parent()].into_iter().flatten() {
-        std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
-    }
-    write_private(&entry.key, key_pair.serialize_pem().as_bytes()).map_err(|e| fail(e.to_string()))?;
-    std::fs::write(&entry.cert, cert.pem()).map_err(|e| fail(e.to_string()))?;
-    Ok(true)
-}
-
-/// A private key is created readable by its owner only.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(bytes)
-}

@@ -4,6 +4,7 @@
 pub mod load;
 pub mod prefixed;
 pub mod store;
+pub mod trial;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,6 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::config::{Config, TlsConfig, TlsVersion};
 use crate::metrics::Metrics;
-use crate::watch;
 pub use load::{LoadError, LoadedCert};
 pub use store::CertStore;
 
@@ -43,27 +43,48 @@ pub enum SelfSigned {
     DryRun,
 }
 
-/// Loads every configured certificate (creating self-signed trial pairs only where the
-/// config asks), failing on the first entry that cannot be used.
+/// Loads every configured certificate (creating or renewing self-signed trial pairs only
+/// where the config asks), failing on the first entry that cannot be used.
 pub fn load_certificates(config: &Config, self_signed: SelfSigned) -> Result<Vec<LoadedCert>, TlsError> {
     let provider = provider();
-    let names = vec![config.hostname.clone(), "localhost".to_owned()];
+    let mut names = vec![config.hostname.clone(), "localhost".to_owned()];
+    names.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     let mut out = Vec::with_capacity(config.tls.certificates.len());
     for entry in &config.tls.certificates {
-        let missing = !entry.cert.exists() && !entry.key.exists();
-        if self_signed == SelfSigned::DryRun && entry.self_signed && missing {
-            continue;
+        if self_signed == SelfSigned::DryRun {
+            // What a start would write is left to the start; the rest is checked.
+            if trial::need(entry) != trial::Need::Nothing {
+                continue;
+            }
+        } else {
+            log_trial_change(entry, &trial::ensure(entry, &names)?);
         }
-        if load::create_self_signed_if_missing(entry, &names)? {
+        let cert = load::load_entry(entry, &provider)?;
+        if entry.self_signed && trial::is_trial(&entry.cert) {
             tracing::warn!(
                 cert = %entry.cert.display(),
-                key = %entry.key.display(),
-                "created a SELF-SIGNED certificate because the config says self_signed = true; for trials only"
+                not_after = %cert.not_after_date,
+                "serving a SELF-SIGNED trial certificate (self_signed = true); for trials only"
             );
         }
-        out.push(load::load_entry(entry, &provider)?);
+        out.push(cert);
     }
     Ok(out)
+}
+
+fn log_trial_change(entry: &crate::config::CertificateConfig, done: &trial::Done) {
+    let (cert, key) = (entry.cert.display(), entry.key.display());
+    match done {
+        trial::Done::Nothing => {}
+        trial::Done::Created => tracing::warn!(
+            %cert, %key, valid_days = trial::VALIDITY_DAYS,
+            "created a SELF-SIGNED certificate because the config says self_signed = true; for trials only"
+        ),
+        trial::Done::Renewed { old_not_after } => tracing::warn!(
+            %cert, %key, %old_not_after, valid_days = trial::VALIDITY_DAYS,
+            "renewed the SELF-SIGNED trial certificate (self_signed = true) before it expires; for trials only"
+        ),
+    }
 }
 
 /// The certificates in service and how they are renewed: by the directory watcher and on
@@ -91,13 +112,15 @@ impl Certificates {
         self.store.clone()
     }
 
-    /// Every directory holding a configured file.
-    pub fn directories(&self) -> Vec<PathBuf> {
+    /// Every configured file (certificates, keys, OCSP responses), for the watcher.
+    pub fn files(&self) -> Vec<PathBuf> {
         let config = self.config.load();
-        let files = config.tls.certificates.iter().flat_map(|c| {
-            [Some(c.cert.as_path()), Some(c.key.as_path()), c.ocsp.as_deref()].into_iter().flatten()
-        });
-        watch::directories(files)
+        config
+            .tls
+            .certificates
+            .iter()
+            .flat_map(|c| [Some(c.cert.clone()), Some(c.key.clone()), c.ocsp.clone()].into_iter().flatten())
+            .collect()
     }
 
     /// Loads the whole set again and swaps it in only if every entry loads; otherwise the
@@ -219,9 +242,14 @@ pub fn server_config(
     };
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if let Some(names) = &tls.cipher_suites {
-        provider.cipher_suites = rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+        // In the configured order too: with the server's order deciding, it is the policy.
+        provider.cipher_suites = names
             .iter()
-            .filter(|s| names.iter().any(|n| Some(n.as_str()) == s.suite().as_str()))
+            .filter_map(|n| {
+                rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+                    .iter()
+                    .find(|s| s.suite().as_str() == Some(n.as_str()))
+            })
             .copied()
             .collect();
     }
@@ -246,6 +274,10 @@ pub fn server_config(
         server.ticketer = ticketer.clone();
     }
     server.alpn_protocols = tls.alpn.clone();
+    // The server's order of suites decides, not the client's: every client then gets the
+    // strongest suite both support (testssl.sh flags the opposite as "NOT ok"), and the
+    // policy an administrator writes in `cipher_suites` means what it says.
+    server.ignore_client_order = true;
     // The ktls relay engine hands the session keys to the kernel after negotiation; rustls
     // refuses to give them out unless asked for here. TLS 1.3 tickets are still sent
     // during the handshake (rustls' default), so none is due after the switch.

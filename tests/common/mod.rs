@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod busy;
 pub mod mailservers;
 pub mod podman;
 pub mod process;
