@@ -1359,8 +1359,48 @@ fn filter_capabilities(line: &[u8]) -> Vec<u8> {
             out.extend_from_slice(line.get(end..).unwrap_or_default());
             out
         }
-        None => line.to_vec(),
+        None => match find_word_ignore_case(body, b"CAPABILITY") {
+            // Not capability data in IMAP's grammar, but it names capabilities: a lenient
+            // client might still read it as such (junk before the tag, say), so the hidden
+            // ones go from it too. Only text after the word changes.
+            Some(at) => {
+                let start = at + b"CAPABILITY".len();
+                let mut out = Vec::with_capacity(line.len());
+                out.extend_from_slice(body.get(..start).unwrap_or_default());
+                out.extend(without_hidden_words(body.get(start..).unwrap_or_default()));
+                out.extend_from_slice(line.get(body.len()..).unwrap_or_default());
+                out
+            }
+            None => line.to_vec(),
+        },
     }
+}
+
+/// Where `word` stands as a word of its own (not `CAPABILITYX`), in any case.
+fn find_word_ignore_case(haystack: &[u8], word: &[u8]) -> Option<usize> {
+    let is_word = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'=');
+    haystack.windows(word.len()).enumerate().position(|(i, w)| {
+        w.eq_ignore_ascii_case(word)
+            && !is_word(i.checked_sub(1).and_then(|p| haystack.get(p)))
+            && !is_word(haystack.get(i + word.len()))
+    })
+}
+
+/// Like [`without_hidden_capabilities`] for free text, where a hidden name may carry the
+/// code's closing bracket (`STARTTLS]`): the name goes, the bracket stays.
+fn without_hidden_words(text: &[u8]) -> Vec<u8> {
+    let kept: Vec<&[u8]> = text
+        .split(is_blank)
+        .map(|word| {
+            let name = word.iter().position(|&b| b == b']' || b == b')').map_or(word, |i| &word[..i]);
+            if is_hidden_capability(name) {
+                &word[name.len()..]
+            } else {
+                word
+            }
+        })
+        .collect();
+    kept.join(&b' ')
 }
 
 /// A space or a tab: the grammar says SP, but a lenient client splits on either, so a
@@ -1418,6 +1458,17 @@ mod tests {
 
     fn settings() -> Settings {
         Settings { hostname: "mail.example.org".to_owned(), ..Settings::default() }
+    }
+
+    #[test]
+    fn capability_words_after_junk_before_the_tag_are_filtered_too() {
+        // Found by tests/protocol_fuzz.rs: a NUL and a tab before the tag made the line no
+        // IMAP response, so it passed whole, though a lenient client could read it.
+        let out = filter_capabilities(b"\0\t* OK [CAPABILITY IMAP4rev1 STARTTLS] hi\r\n");
+        assert_eq!(out, b"\0\t* OK [CAPABILITY IMAP4rev1 ] hi\r\n".to_vec());
+        let out = filter_capabilities(b"\0* CAPABILITY IMAP4rev1 LOGINDISABLED XCLIENT\r\n");
+        assert_eq!(out, b"\0* CAPABILITY IMAP4rev1  \r\n".to_vec());
+        assert_eq!(filter_capabilities(b"* OK ready\r\n"), b"* OK ready\r\n".to_vec());
     }
 
     #[test]
