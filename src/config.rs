@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::protocol::Protocol;
+use crate::protocol::{BareNewline, Protocol};
 
 /// A configuration error, located at a key and a line of the file.
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +228,8 @@ pub struct ListenerConfig {
     pub accept_proxy_protocol: Vec<IpNet>,
     /// SMTP only: announce the client to the backend with XCLIENT (Postfix).
     pub xclient: bool,
+    /// SMTP only: what the smuggling guard does with a bare CR or LF from the client.
+    pub bare_newline: BareNewline,
 }
 
 /// `routes = "PATH"` of a listener: the file, and where the key sits (for load errors).
@@ -358,6 +360,7 @@ struct RawListener {
     #[serde(default)]
     accept_proxy_protocol: Vec<Spanned<String>>,
     xclient: Option<Spanned<bool>>,
+    bare_newline: Option<Spanned<BareNewline>>,
 }
 
 // ---- loading and validation ----------------------------------------------------------
@@ -730,6 +733,7 @@ impl Validator<'_> {
         let accept_proxy_protocol =
             self.networks(&key("accept_proxy_protocol"), &raw.accept_proxy_protocol)?;
         let xclient = self.xclient(&key("xclient"), raw.protocol, &raw.xclient)?;
+        let bare_newline = self.bare_newline(&key("bare_newline"), raw.protocol, &raw.bare_newline)?;
         Ok(ListenerConfig {
             name,
             protocol: raw.protocol,
@@ -742,7 +746,26 @@ impl Validator<'_> {
             max_connections: raw.max_connections.map(|v| v.into_inner()),
             accept_proxy_protocol,
             xclient,
+            bare_newline,
         })
+    }
+
+    /// The smuggling guard exists for SMTP's DATA; IMAP and POP3 have no such framing.
+    fn bare_newline(
+        &self,
+        key: &str,
+        protocol: Protocol,
+        raw: &Option<Spanned<BareNewline>>,
+    ) -> Result<BareNewline, ConfigError> {
+        match raw {
+            Some(v) if protocol != Protocol::Smtp => Err(self.invalid(
+                key,
+                v.span(),
+                "bare_newline guards SMTP message data: only an smtp listener can set it",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(BareNewline::default()),
+        }
     }
 
     /// CIDR networks ("10.0.0.0/8"); a bare address means that host alone.
