@@ -1105,6 +1105,21 @@ backend = "127.0.0.1:2525"
     }
 
     #[test]
+    fn bare_newline_defaults_to_normalize_and_only_smtp_may_set_it() {
+        let c = parse_text(GOOD).expect("valid");
+        assert_eq!(c.listeners[1].bare_newline, BareNewline::Normalize);
+        let reject = GOOD.replace("require_tls = false", "require_tls = false\nbare_newline = \"reject\"");
+        assert_eq!(parse_text(&reject).expect("valid").listeners[1].bare_newline, BareNewline::Reject);
+        let e = error_of(
+            &GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nbare_newline = \"reject\""),
+        );
+        assert!(e.contains(":17: listeners[0].bare_newline") && e.contains("only an smtp listener"), "{e}");
+        let e =
+            error_of(&GOOD.replace("require_tls = false", "require_tls = false\nbare_newline = \"strip\""));
+        assert!(e.contains(":23:") && e.contains("normalize") && e.contains("reject"), "{e}");
+    }
+
+    #[test]
     fn missing_key_is_reported() {
         let e = error_of(&GOOD.replace("backend = \"127.0.0.1:143\"\n", ""));
         assert!(e.contains(":11: listeners[0].backend: missing"), "{e}");

@@ -499,6 +499,24 @@ impl SmtpGuard {
     }
 }
 
+/// Where the first bare CR or bare LF of `bytes` is: the invariant the guard keeps, as a
+/// check for tests and diagnostics.
+pub fn first_bare_newline(bytes: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(k) = memchr2(b'\r', b'\n', &bytes[from..]) {
+        let at = from + k;
+        let paired = match bytes[at] {
+            b'\r' => bytes.get(at + 1) == Some(&b'\n'),
+            _ => at > 0 && bytes[at - 1] == b'\r',
+        };
+        if !paired {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
 impl ClientFilter for SmtpGuard {
     fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> Verdict {
         let scan = self.scan(input, out, false);
@@ -558,13 +576,8 @@ mod tests {
         SmtpGuard::new(BareNewline::Reject, true)
     }
 
-    /// Every CR is followed by LF and every LF preceded by CR.
     fn has_bare_newline(bytes: &[u8]) -> bool {
-        bytes.iter().enumerate().any(|(i, &b)| match b {
-            b'\r' => bytes.get(i + 1) != Some(&b'\n'),
-            b'\n' => i == 0 || bytes[i - 1] != b'\r',
-            _ => false,
-        })
+        first_bare_newline(bytes).is_some()
     }
 
     /// The transactions a strict backend (CRLF lines, CRLF "." CRLF ends data) sees: the
