@@ -104,6 +104,9 @@ enum Mode {
 /// mailtls must recognise (`BDAT` + 20 digits + ` LAST`).
 const HEAD: usize = 32;
 
+/// What of a body line's head is kept: enough for "BDAT" and the blank after it.
+const BODY_HEAD: usize = 5;
+
 /// The head of the current line: its first [`HEAD`] octets after any leading blanks.
 #[derive(Clone, Copy, Debug)]
 struct Head {
@@ -118,7 +121,8 @@ struct Head {
 impl Head {
     const EMPTY: Head = Head { bytes: [0; HEAD], len: 0, overflow: false, blanks: false };
 
-    fn push(&mut self, text: &[u8]) {
+    /// Keeps the first octets of `text` (after leading blanks), up to `cap` in all.
+    fn push(&mut self, text: &[u8], cap: usize) {
         let mut text = text;
         if self.len == 0 && !self.overflow {
             let lead = text.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
@@ -126,7 +130,7 @@ impl Head {
             text = &text[lead..];
         }
         let len = usize::from(self.len);
-        let take = text.len().min(HEAD - len);
+        let take = text.len().min(cap.saturating_sub(len));
         self.bytes[len..len + take].copy_from_slice(&text[..take]);
         self.len += take as u8;
         self.overflow |= take < text.len();
@@ -341,7 +345,7 @@ impl SmtpGuard {
             if self.line.start {
                 self.line.start = false;
                 if input[i] == b'.' {
-                    self.line.head.push(b".");
+                    self.line.head.push(b".", HEAD);
                     if self.line.after_bare {
                         // "<LF>." : the backend must not see CRLF "." here.
                         self.note(Variant::EndOfData, Action::Normalized);
@@ -404,7 +408,9 @@ impl SmtpGuard {
         self.line.start = false;
         self.line.dot_only = false;
         if !self.line.head.overflow {
-            self.line.head.push(text);
+            // A body line is only checked for a first word of BDAT: five octets do.
+            let cap = if self.mode == Mode::Body { BODY_HEAD } else { HEAD };
+            self.line.head.push(text, cap);
         }
     }
 
