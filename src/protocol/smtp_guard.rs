@@ -320,6 +320,12 @@ impl SmtpGuard {
                     }
                     continue;
                 }
+                Mode::Body if !self.cr_pending && self.line.start && !self.line.after_bare => {
+                    i = skip_plain_body_lines(input, i);
+                    if i == input.len() {
+                        break;
+                    }
+                }
                 Mode::Command | Mode::Body => {}
             }
             if self.cr_pending {
@@ -502,6 +508,25 @@ impl SmtpGuard {
             }
         }
         Verdict::Changed
+    }
+}
+
+/// The fast path through a DATA body, from the start of a line after a real CRLF: skips
+/// whole CRLF lines that cannot matter (not starting with ".", a blank, "B"/"b" or a line
+/// ending), which leave the guard's state exactly as it was. Returns where the slow path
+/// must continue: the start of the first line that needs looking at, or of an incomplete one.
+fn skip_plain_body_lines(input: &[u8], mut i: usize) -> usize {
+    loop {
+        match input.get(i) {
+            None | Some(b'.' | b' ' | b'\t' | b'B' | b'b' | b'\r' | b'\n') => return i,
+            Some(_) => {}
+        }
+        let Some(k) = memchr2(b'\r', b'\n', &input[i..]) else { return i };
+        let end = i + k;
+        if input[end] != b'\r' || input.get(end + 1) != Some(&b'\n') {
+            return i;
+        }
+        i = end + 2;
     }
 }
 

@@ -1,5 +1,5 @@
-//! The bulk phase: once negotiation is over nothing needs parsing, and bytes move both
-//! ways opaquely until either side closes, with half-close propagated.
+//! The bulk phase: once negotiation is over bytes move both ways until either side
+//! closes, with half-close propagated; opaquely, or through a session's client filter.
 //!
 //! One seam, three engines, chosen per connection by [`run`]: `splice` when both legs are
 //! cleartext TCP, `ktls` when the client leg's TLS can be handed to the kernel, `copy`
