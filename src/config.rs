@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::protocol::Protocol;
+use crate::protocol::{BareNewline, Protocol};
 
 /// A configuration error, located at a key and a line of the file.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +230,8 @@ pub struct ListenerConfig {
     /// mailtls for: XCLIENT (Postfix smtpd; Dovecot pop3-login) or, on IMAP, Dovecot's ID
     /// fields `x-originating-ip`/`x-originating-port`.
     pub xclient: bool,
+    /// SMTP only: what the smuggling guard does with a bare CR or LF from the client.
+    pub bare_newline: BareNewline,
 }
 
 /// `routes = "PATH"` of a listener: the file, and where the key sits (for load errors).
@@ -360,6 +362,7 @@ struct RawListener {
     #[serde(default)]
     accept_proxy_protocol: Vec<Spanned<String>>,
     xclient: Option<Spanned<bool>>,
+    bare_newline: Option<Spanned<BareNewline>>,
 }
 
 // ---- loading and validation ----------------------------------------------------------
@@ -778,6 +781,7 @@ impl Validator<'_> {
         let accept_proxy_protocol =
             self.networks(&key("accept_proxy_protocol"), &raw.accept_proxy_protocol)?;
         let xclient = self.xclient(&key("xclient"), raw.protocol, raw.proxy_protocol, &raw.xclient)?;
+        let bare_newline = self.bare_newline(&key("bare_newline"), raw.protocol, &raw.bare_newline)?;
         Ok(ListenerConfig {
             name,
             protocol: raw.protocol,
@@ -790,7 +794,26 @@ impl Validator<'_> {
             max_connections: raw.max_connections.map(|v| v.into_inner()),
             accept_proxy_protocol,
             xclient,
+            bare_newline,
         })
+    }
+
+    /// The smuggling guard exists for SMTP's DATA; IMAP and POP3 have no such framing.
+    fn bare_newline(
+        &self,
+        key: &str,
+        protocol: Protocol,
+        raw: &Option<Spanned<BareNewline>>,
+    ) -> Result<BareNewline, ConfigError> {
+        match raw {
+            Some(v) if protocol != Protocol::Smtp => Err(self.invalid(
+                key,
+                v.span(),
+                "bare_newline guards SMTP message data: only an smtp listener can set it",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(BareNewline::default()),
+        }
     }
 
     /// CIDR networks ("10.0.0.0/8"); a bare address means that host alone.
@@ -1151,6 +1174,21 @@ backend = "127.0.0.1:2525"
         );
         let e = error_of(&GOOD.replace("backend = \"127.0.0.1:143\"", "routes = \" \""));
         assert!(e.contains(":15: listeners[0].routes: needs the path"), "{e}");
+    }
+
+    #[test]
+    fn bare_newline_defaults_to_normalize_and_only_smtp_may_set_it() {
+        let c = parse_text(GOOD).expect("valid");
+        assert_eq!(c.listeners[1].bare_newline, BareNewline::Normalize);
+        let reject = GOOD.replace("require_tls = false", "require_tls = false\nbare_newline = \"reject\"");
+        assert_eq!(parse_text(&reject).expect("valid").listeners[1].bare_newline, BareNewline::Reject);
+        let e = error_of(
+            &GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nbare_newline = \"reject\""),
+        );
+        assert!(e.contains(":17: listeners[0].bare_newline") && e.contains("only an smtp listener"), "{e}");
+        let e =
+            error_of(&GOOD.replace("require_tls = false", "require_tls = false\nbare_newline = \"strip\""));
+        assert!(e.contains(":23:") && e.contains("normalize") && e.contains("reject"), "{e}");
     }
 
     #[test]

@@ -56,6 +56,12 @@ struct EngineLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    listener: String,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
 }
@@ -122,6 +128,7 @@ pub struct Metrics {
     upgrades: Family<ListenerLabels, Counter>,
     logins_refused: Family<ListenerLabels, Counter>,
     injections: Family<ListenerLabels, Counter>,
+    bare_newlines: Family<ActionLabels, Counter>,
     backend_failed: Family<ListenerLabels, Counter>,
     probe_failed: Family<ListenerLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
@@ -141,6 +148,8 @@ pub struct Metrics {
     pub starttls_upgrades: Tally,
     /// Plaintext bytes found behind a STARTTLS command (the command-injection class).
     pub starttls_injection_attempts: Tally,
+    /// Bare CR/LF line endings (and unframeable BDAT lines) the SMTP guard handled.
+    pub smtp_bare_newlines: Tally,
     pub plaintext_logins_refused: Tally,
     pub backend_failures: Tally,
     /// Capability probes that found the backend down or broken.
@@ -176,6 +185,7 @@ impl Metrics {
             upgrades: Family::default(),
             logins_refused: Family::default(),
             injections: Family::default(),
+            bare_newlines: Family::default(),
             backend_failed: Family::default(),
             probe_failed: Family::default(),
             bytes: Family::default(),
@@ -192,6 +202,7 @@ impl Metrics {
             handshakes_failed: Tally::default(),
             starttls_upgrades: Tally::default(),
             starttls_injection_attempts: Tally::default(),
+            smtp_bare_newlines: Tally::default(),
             plaintext_logins_refused: Tally::default(),
             backend_failures: Tally::default(),
             probe_failures: Tally::default(),
@@ -227,6 +238,11 @@ impl Metrics {
             "starttls_injection_attempts",
             "Plaintext sent behind or after a STARTTLS command",
             self.injections.clone(),
+        );
+        r.register(
+            "smtp_bare_newlines",
+            "Bare CR or LF line endings from SMTP clients (the smuggling class), normalized or refused",
+            self.bare_newlines.clone(),
         );
         r.register(
             "backend_failures",
@@ -323,6 +339,14 @@ impl Metrics {
     pub fn injection_attempt(&self, listener: &str) {
         self.starttls_injection_attempts.bump();
         self.injections.get_or_create(&Self::listener(listener)).inc();
+    }
+
+    /// The SMTP guard normalized (`normalized`) or refused (`refused`) `count` bare line
+    /// endings from a client.
+    pub fn client_guard(&self, listener: &str, action: &'static str, count: u64) {
+        self.smtp_bare_newlines.0.fetch_add(count, Ordering::Relaxed);
+        let labels = ActionLabels { listener: listener.to_owned(), action };
+        self.bare_newlines.get_or_create(&labels).inc_by(count);
     }
 
     pub fn backend_failure(&self, listener: &str) {

@@ -512,6 +512,7 @@ fn listener_context(
         backend_extensions: Arc::from(Vec::new()),
         xclient: lc.xclient,
         client: None,
+        bare_newline: lc.bare_newline,
     };
     ListenerContext {
         name: lc.name.clone(),

@@ -21,8 +21,10 @@ use crate::backend::{self, BackendError, Peer};
 use crate::config::{ProxyProtocol, Timeouts, TlsMode};
 use crate::inbound::Ends;
 use crate::metrics::{Handshake, Metrics};
-use crate::protocol::{self, Entry, Farewell, Negotiation, Next, PreTlsStep, Protocol, Settings, Step};
-use crate::relay::{self, ClientLeg, Ending, Engine};
+use crate::protocol::{
+    self, ClientGuard, Entry, Farewell, Finding, Negotiation, Next, PreTlsStep, Protocol, Settings, Step,
+};
+use crate::relay::{self, ClientFilter, ClientLeg, Ending, Engine, Verdict};
 use crate::routes::{RouteTable, Rule};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::TlsFacts;
@@ -113,6 +115,7 @@ impl fmt::Display for Outcome {
             Outcome::Relayed(Ending::Closed) => f.write_str("relayed"),
             Outcome::Relayed(Ending::Idle) => f.write_str("relay idle timeout"),
             Outcome::Relayed(Ending::Failed) => f.write_str("relay failed"),
+            Outcome::Relayed(Ending::Refused) => f.write_str("client input refused"),
             Outcome::Closed => f.write_str("closed by protocol"),
             Outcome::ClientGone => f.write_str("client closed"),
             Outcome::BackendClosed => f.write_str("backend closed"),
@@ -142,6 +145,10 @@ struct Record {
     backend: Option<String>,
     /// The user a routed session was routed for (never any credential).
     user: Option<String>,
+    /// The filter the relay passed the client's bytes through (SMTP: the smuggling guard).
+    inspected: Option<&'static str>,
+    /// A guard's finding was logged already: one warning per session is enough.
+    finding_logged: bool,
     to_backend: u64,
     to_client: u64,
 }
@@ -157,6 +164,8 @@ pub async fn serve(stream: TcpStream, ends: Ends, ctx: Arc<ListenerContext>, sto
         engine: None,
         backend: None,
         user: None,
+        inspected: None,
+        finding_logged: false,
         to_backend: 0,
         to_client: 0,
     };
@@ -177,6 +186,7 @@ fn log_end(ctx: &ListenerContext, r: &Record, outcome: &Outcome) {
         tls_version = tls.map_or("none", |t| t.version),
         cipher = tls.map_or("none", |t| t.cipher.as_str()),
         engine = %r.engine.map_or("none".to_owned(), |e| e.to_string()),
+        inspected = r.inspected.unwrap_or("-"),
         backend = r.backend.as_deref().unwrap_or("-"),
         user = r.user.as_deref().unwrap_or("-"),
         bytes_in = r.to_backend,
@@ -443,14 +453,75 @@ async fn after_handshake<C: ClientLeg>(
             return Outcome::Closed;
         }
     };
-    // The negotiation's state (framers, pending replies) is of no use to an opaque relay
-    // that may idle for hours: free it first.
+    // The negotiation's state (framers, pending replies) is of no use to a relay that may
+    // idle for hours: free it first, keeping only the guard it hands on (a few bytes).
+    let guard = negotiation.client_guard();
     drop(negotiation);
     let pending = relay::Pending::from_buffers(client_buf, backend_buf);
-    let report = relay::run(client, backend, pending, &ctx.engines, &ctx.name, &mut record.engine).await;
+    let client_addr = record.client;
+    let mut logged = record.finding_logged;
+    let mut watched = guard.map(|guard| Watched { guard, ctx, client: client_addr, logged: &mut logged });
+    record.inspected = watched.as_ref().map(|w| w.guard.name());
+    let filter = watched.as_mut().map(|w| w as &mut dyn ClientFilter);
+    let report =
+        relay::run_filtered(client, backend, pending, &ctx.engines, &ctx.name, &mut record.engine, filter)
+            .await;
+    drop(watched);
+    record.finding_logged = logged;
     record.to_backend += report.totals.client_to_backend;
     record.to_client += report.totals.backend_to_client;
     Outcome::Relayed(report.ending)
+}
+
+/// The protocol's client guard during the relay, watched by the session: whatever it
+/// finds is counted, and logged once per session.
+struct Watched<'a> {
+    guard: Box<dyn ClientGuard>,
+    ctx: &'a ListenerContext,
+    client: SocketAddr,
+    logged: &'a mut bool,
+}
+
+impl Watched<'_> {
+    fn noted(&mut self, verdict: Verdict) -> Verdict {
+        if let Some(finding) = self.guard.take_finding() {
+            note_finding(self.ctx, self.client, finding, self.logged);
+        }
+        verdict
+    }
+}
+
+impl ClientFilter for Watched<'_> {
+    fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> Verdict {
+        let verdict = self.guard.filter(input, out);
+        self.noted(verdict)
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Verdict {
+        let verdict = self.guard.finish(out);
+        self.noted(verdict)
+    }
+
+    fn name(&self) -> &'static str {
+        self.guard.name()
+    }
+}
+
+/// Counts what a client guard normalized or refused, and warns once per session.
+fn note_finding(ctx: &ListenerContext, client: SocketAddr, finding: Finding, logged: &mut bool) {
+    ctx.metrics.client_guard(&ctx.name, finding.action.name(), finding.count);
+    if !std::mem::replace(logged, true) {
+        tracing::warn!(
+            listener = %ctx.name,
+            client = %client,
+            found = finding.what,
+            action = finding.action.name(),
+            "{}: client input ({}) {} before it reached the backend",
+            finding.about,
+            finding.what,
+            finding.action.name()
+        );
+    }
 }
 
 /// Why a backend could not serve a session.
@@ -649,6 +720,9 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
             next = match step {
                 Some(step) => {
                     deadline = Instant::now() + silence;
+                    if let Some(finding) = negotiation.take_finding() {
+                        note_finding(ctx, peer.client, finding, &mut self.record.finding_logged);
+                    }
                     self.apply(step).await?
                 }
                 None => {

@@ -685,3 +685,158 @@ fn xclient_names_the_real_client_to_a_dovecot_that_trusts_mailtls() {
         assert!(login.contains(&format!("rip={CLIENT_IP}, lip=127.0.0.1,")), "not the real client: {login}");
     }
 }
+
+// ---- SMTP smuggling (issue 17) -------------------------------------------------------------
+
+/// The non-standard ends of data of CVE-2023-51764 and its cousins, and the CR forms,
+/// named for the tags of the messages that carry them.
+const SMUGGLING: [(&str, &[u8]); 6] = [
+    ("lf-dot-crlf", b"\n.\r\n"),
+    ("crlf-dot-lf", b"\r\n.\n"),
+    ("lf-dot-lf", b"\n.\n"),
+    ("cr-dot-cr", b"\r.\r"),
+    ("cr-dot-crlf", b"\r.\r\n"),
+    ("crlf-dot-cr", b"\r\n.\r"),
+];
+
+/// A first message whose text hides `variant` and, behind it, a whole forged transaction
+/// (MAIL, RCPT, DATA, a message from the CEO), then the real end of data.
+fn smuggling_body(tag: &str, variant: &[u8]) -> Vec<u8> {
+    let first = format!(
+        "From: legit@sender.test\r\nTo: {USER}\r\nSubject: first {tag}\r\nMessage-ID: <{tag}@mail.test>\r\n\r\nfirst part"
+    );
+    let forged = format!(
+        "MAIL FROM:<ceo@mail.test>\r\nRCPT TO:<{USER}>\r\nDATA\r\nFrom: ceo@mail.test\r\nTo: {USER}\r\n\
+         Subject: forged {tag}\r\nMessage-ID: <forged-{tag}@mail.test>\r\n\r\nforged\r\n.\r\n"
+    );
+    [first.as_bytes(), variant, forged.as_bytes()].concat()
+}
+
+/// What the client saw after the body: every reply, and whether the server hung up.
+#[derive(Debug)]
+struct Attempt {
+    replies: Vec<(u64, String)>,
+    closed: bool,
+}
+
+/// One smuggling attempt with Python's smtplib (tests/interop/smuggle.py), from CLIENT_IP.
+fn smuggle(it: &Interop, mode: &str, port: u16, auth: bool, body: &[u8]) -> Attempt {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/smuggle.py");
+    let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
+    let credentials = if auth { format!("{USER}:{PASSWORD}") } else { "-".to_owned() };
+    let mut c = tool("python3");
+    c.arg(script).args([mode, &port.to_string()]).arg(it.ca()).args([CLIENT_IP, &credentials, &hex]);
+    let out = must(&format!("smuggle.py {mode} port {port}"), run(&mut c, CLIENT_TIMEOUT));
+    let json: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("smuggle.py prints JSON");
+    let replies = json["replies"]
+        .as_array()
+        .expect("replies")
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap_or(0), r[1].as_str().unwrap_or("").to_owned()))
+        .collect();
+    Attempt { replies, closed: json["closed"].as_bool().unwrap_or(false) }
+}
+
+/// The header section of a stored message (LF line ends on disk).
+fn headers(message: &[u8]) -> String {
+    let text = String::from_utf8_lossy(message);
+    text.split("\n\n").next().unwrap_or("").to_owned()
+}
+
+/// Waits until `count` messages are stored, then a little longer, and returns what is there:
+/// a forged message delivered late must not slip past the count.
+fn settled_messages(it: &Interop, count: usize) -> Vec<Vec<u8>> {
+    it.wait_for_messages(count);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    it.wait_for_messages(0)
+}
+
+#[test]
+#[ignore = "needs postfix and dovecot: run tests/run.sh"]
+fn smuggled_end_of_data_never_delivers_a_forged_message_through_mx_or_submission() {
+    let it = Interop::start(Parts::Everything);
+    let p = it.ports;
+    it.wait_for_mx_probe(p.mx);
+    let paths = [
+        ("mx-plain", "plain", p.mx, false),
+        ("mx-starttls", "starttls", p.mx, false),
+        ("submission", "starttls", p.submission, true),
+    ];
+    let mut tags = Vec::new();
+    for (path, mode, port, auth) in paths {
+        for (name, variant) in SMUGGLING {
+            let tag = format!("{path}-{name}");
+            let attempt = smuggle(&it, mode, port, auth, &smuggling_body(&tag, variant));
+            // One transaction, one reply: the forged MAIL, RCPT and DATA were message text.
+            assert_eq!(attempt.replies.len(), 1, "{tag}: {attempt:?}");
+            assert_eq!(attempt.replies[0].0, 250, "{tag}: {attempt:?}");
+            assert!(attempt.replies[0].1.contains("queued as"), "{tag}: {attempt:?}");
+            tags.push(tag);
+        }
+    }
+    let stored = settled_messages(&it, tags.len());
+    assert_eq!(stored.len(), tags.len(), "one message per attempt, none forged:\n{}", it.maillog());
+    for m in &stored {
+        let tag = tag_of(m).expect("a tagged message");
+        let head = headers(m);
+        assert!(tags.contains(&tag) && head.contains("Subject: first "), "delivered: {head}");
+        assert!(!head.contains("forged"), "a forged message was delivered: {head}");
+        // Normalized: the smuggled lines are text of the first message, dot included, and
+        // no bare CR survived anywhere (Postfix stores LF line ends).
+        let text = String::from_utf8_lossy(m);
+        assert!(!m.contains(&b'\r'), "{tag}: a bare CR reached Postfix: {text:?}");
+        assert!(text.contains("first part\n.\nMAIL FROM:<ceo@mail.test>\n"), "{tag}: {text}");
+    }
+    let log = it.mailtls_log();
+    assert!(
+        log.contains("SMTP smuggling defence: client input (non-standard end of data) normalized"),
+        "{log}"
+    );
+}
+
+#[test]
+#[ignore = "needs postfix and dovecot: run tests/run.sh"]
+fn smuggled_end_of_data_under_reject_delivers_nothing_and_closes() {
+    let it = Interop::start(Parts::Everything);
+    let p = it.ports;
+    let table = |name: &str, tls: &str, require: bool, backend: u16| {
+        format!(
+            "name = \"{name}\"\nprotocol = \"smtp\"\ntls = \"{tls}\"\nrequire_tls = {require}\nbare_newline = \"reject\"\n\
+             listen = [\"127.0.0.1:PORT\"]\nbackend = \"127.0.0.1:{backend}\"\nproxy_protocol = \"v2\""
+        )
+    };
+    let extra = it.extra_mailtls(
+        "mailtls-reject",
+        &[
+            table("mx-reject", "starttls", false, p.postfix_mx),
+            table("submission-reject", "starttls", true, p.postfix_submission),
+        ],
+    );
+    let (mx, submission) = (extra.ports[0], extra.ports[1]);
+    it.wait_for_mx_probe(mx);
+    let paths = [
+        ("mx-plain", "plain", mx, false),
+        ("mx-starttls", "starttls", mx, false),
+        ("submission", "starttls", submission, true),
+    ];
+    for (path, mode, port, auth) in paths {
+        for (name, variant) in SMUGGLING {
+            let tag = format!("reject-{path}-{name}");
+            let attempt = smuggle(&it, mode, port, auth, &smuggling_body(&tag, variant));
+            assert_eq!(attempt.replies.len(), 1, "{tag}: {attempt:?}");
+            assert_eq!(attempt.replies[0].0, 521, "{tag}: {attempt:?}");
+            assert!(attempt.closed, "{tag}: the session ends: {attempt:?}");
+        }
+    }
+    // A clean message through the same listener afterwards: when it has arrived, anything
+    // the refused sessions had queued would have too.
+    swaks(&it, mx, "none", false, "reject-sentinel");
+    let stored = settled_messages(&it, 1);
+    let tags: Vec<Option<String>> = stored.iter().map(|m| tag_of(m)).collect();
+    assert_eq!(tags, [Some("reject-sentinel".to_owned())], "only the clean message:\n{}", it.maillog());
+    assert!(
+        extra.log().contains("SMTP smuggling defence: client input (non-standard end of data) refused"),
+        "{}",
+        extra.log()
+    );
+}

@@ -17,7 +17,9 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use mailtls::protocol::{self, Entry, Next, PreTlsStep, Protocol, Settings};
+use mailtls::protocol::smtp_guard::{first_bare_newline, SmtpGuard};
+use mailtls::protocol::{self, BareNewline, Entry, Next, PreTlsStep, Protocol, Settings};
+use mailtls::relay::{ClientFilter, Verdict};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
@@ -462,4 +464,155 @@ fn imap_local_reply_never_lands_inside_a_backend_literal() {
         String::from_utf8_lossy(&to_client),
         "* OK hi\r\n* ID (\"name\" {7}\r\nDovecot)\r\nb BAD TLS is already active\r\n"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The SMTP smuggling guard (issue 17)
+
+/// Words of an SMTP client stream that reach every state of the guard.
+const SMTP_TOKENS: &[&[u8]] = &[
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b".",
+    b"..",
+    b".\r\n",
+    b"\r\n.\r\n",
+    b"\n.\n",
+    b"\r.\r",
+    b"DATA\r\n",
+    b"data\n",
+    b"MAIL FROM:<ceo@mail.test>\r\n",
+    b"RCPT TO:<a@b>\r\n",
+    b"BDAT 5\r\n",
+    b"BDAT 3 LAST\r\n",
+    b"HELO x\r\n",
+    b"EHLO x\r\n",
+    b" ",
+    b"\t",
+    b"text",
+    b"\xc3\xa9\xe2\x82\xac\xff\x00",
+];
+
+fn smtp_stream() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        prop_oneof![
+            4 => prop::sample::select(SMTP_TOKENS).prop_map(|t| t.to_vec()),
+            1 => prop::collection::vec(any::<u8>(), 0..24),
+        ],
+        0..64,
+    )
+    .prop_map(|pieces| pieces.concat())
+}
+
+/// `stream` cut at the (sorted, de-duplicated) offsets in `cuts`.
+fn cut<'a>(stream: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+    points.sort_unstable();
+    points.dedup();
+    let mut pieces = Vec::new();
+    let mut from = 0;
+    for p in points.into_iter().chain([stream.len()]) {
+        pieces.push(&stream[from..p]);
+        from = p;
+    }
+    pieces
+}
+
+/// What the backend receives from a guard fed `pieces`; `true` when it was refused.
+fn guarded(policy: BareNewline, chunking: bool, pieces: &[&[u8]]) -> (Vec<u8>, bool) {
+    let mut guard = SmtpGuard::new(policy, chunking);
+    let mut sent = Vec::new();
+    for piece in pieces {
+        let mut out = Vec::new();
+        match guard.filter(piece, &mut out) {
+            Verdict::Clean => sent.extend_from_slice(piece),
+            Verdict::Changed => sent.extend_from_slice(&out),
+            Verdict::Refuse(_) => {
+                sent.extend_from_slice(&out);
+                return (sent, true);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let refused = matches!(guard.finish(&mut out), Verdict::Refuse(_));
+    sent.extend_from_slice(&out);
+    (sent, refused)
+}
+
+/// Where a strict backend (CRLF lines only) ends DATA bodies in `stream`, as offsets.
+fn strict_ends_of_data(stream: &[u8]) -> usize {
+    let (mut ends, mut in_body, mut rest) = (0, false, stream);
+    while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+        let line = &rest[..end];
+        rest = &rest[end + 2..];
+        if in_body && line == b"." {
+            in_body = false;
+            ends += 1;
+        } else if !in_body && line.eq_ignore_ascii_case(b"DATA") {
+            in_body = true;
+        }
+    }
+    ends
+}
+
+/// `body` with every real CRLF "." CRLF (the DATA line's CRLF counting as the first)
+/// dot-stuffed, as a client would send it.
+fn without_end_of_data(mut body: Vec<u8>) -> Vec<u8> {
+    loop {
+        let framed = [b"\r\n", &body[..]].concat();
+        let Some(at) = framed.windows(5).position(|w| w == b"\r\n.\r\n") else { return body };
+        // framed[at + 2] is the dot; in `body` it sits two octets earlier.
+        body.insert(at, b'.');
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever the client sends, cut wherever: the backend never sees a bare CR or LF
+    /// (no BDAT window is open without CHUNKING), and the cuts change nothing.
+    #[test]
+    fn smtp_guard_output_never_holds_a_bare_newline(
+        stream in smtp_stream(), cuts in prop::collection::vec(any::<usize>(), 0..8), reject in any::<bool>(),
+    ) {
+        let policy = if reject { BareNewline::Reject } else { BareNewline::Normalize };
+        let (whole, whole_refused) = guarded(policy, false, &[&stream]);
+        prop_assert_eq!(first_bare_newline(&whole), None, "{:?}", String::from_utf8_lossy(&whole));
+        let (pieces, refused) = guarded(policy, false, &cut(&stream, &cuts));
+        prop_assert_eq!(&pieces, &whole, "output depends on where reads were cut");
+        prop_assert_eq!(refused, whole_refused);
+    }
+
+    /// CRLF-clean input (no bare CR/LF, no BDAT line) passes byte for byte, cut anywhere.
+    #[test]
+    fn smtp_guard_passes_crlf_clean_input_unchanged(
+        lines in prop::collection::vec(smtp_stream(), 0..12), cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let clean: Vec<Vec<u8>> = lines
+            .into_iter()
+            .map(|l| l.into_iter().filter(|&b| b != b'\r' && b != b'\n').collect::<Vec<u8>>())
+            .filter(|l| !l.trim_ascii_start().get(..4).is_some_and(|w| w.eq_ignore_ascii_case(b"BDAT")))
+            .collect();
+        let stream: Vec<u8> = clean.iter().flat_map(|l| l.iter().chain(b"\r\n")).copied().collect();
+        for policy in [BareNewline::Normalize, BareNewline::Reject] {
+            let (sent, refused) = guarded(policy, true, &cut(&stream, &cuts));
+            prop_assert!(!refused);
+            prop_assert_eq!(&sent, &stream);
+        }
+    }
+
+    /// The smuggling property: a DATA body holding any mix of bare line endings and dot
+    /// lines, but no real CRLF "." CRLF, ends at the client's real end of data only.
+    #[test]
+    fn smtp_guard_body_ends_only_at_the_clients_end_of_data(
+        body in smtp_stream(), cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let body = without_end_of_data(body);
+        let stream = [&b"MAIL FROM:<a@b>\r\nDATA\r\n"[..], &body, b"\r\n.\r\nQUIT\r\n"].concat();
+        let (sent, refused) = guarded(BareNewline::Normalize, false, &cut(&stream, &cuts));
+        prop_assert!(!refused);
+        prop_assert_eq!(strict_ends_of_data(&sent), 1, "{:?}", String::from_utf8_lossy(&sent));
+        prop_assert!(sent.ends_with(b"\r\n.\r\nQUIT\r\n"));
+    }
 }

@@ -14,6 +14,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use mailtls::config::RelayMode;
 use mailtls::metrics::Metrics;
+use mailtls::protocol::smtp_guard::SmtpGuard;
+use mailtls::protocol::BareNewline;
 use mailtls::relay::{self, Cipher, Ending, Engine, Engines, Faults, KtlsSupport, Pending, Report, Suite};
 use mailtls::tls::prefixed::Prefixed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -591,4 +593,73 @@ async fn the_engine_of_each_session_is_logged_and_counted() {
     let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
     assert!(text.contains("relay engines:"), "the start-up line says which engines are in use");
     proxy.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The client filter hook (SMTP smuggling guard, issue 17)
+
+/// Relays one cleartext session through `engines` with an SMTP guard: `pending` and then
+/// `sent` from the client (which then closes), a reply from the backend. Returns what the
+/// backend received, what the client received, and the report.
+async fn guarded_session(
+    engines: &Engines,
+    policy: BareNewline,
+    pending: &[u8],
+    sent: &'static [u8],
+) -> (Vec<u8>, Vec<u8>, Report) {
+    let (mut client_app, client_side) = tcp_pair().await;
+    let (backend_side, mut backend_app) = tcp_pair().await;
+    let engines = engines.clone();
+    let pending = Pending { to_backend: pending.to_vec(), to_client: Vec::new() };
+    let relay = tokio::spawn(async move {
+        let mut engine = None;
+        let mut guard = SmtpGuard::new(policy, false);
+        let filter: &mut dyn relay::ClientFilter = &mut guard;
+        relay::run_filtered(client_side, backend_side, pending, &engines, "test", &mut engine, Some(filter))
+            .await
+    });
+    client_app.write_all(sent).await.unwrap();
+    client_app.shutdown().await.unwrap();
+    let mut at_backend = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, backend_app.read_to_end(&mut at_backend)).await;
+    let _ = backend_app.write_all(b"250 ok\r\n").await;
+    let _ = backend_app.shutdown().await;
+    let mut at_client = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, client_app.read_to_end(&mut at_client)).await;
+    (at_backend, at_client, relay.await.unwrap())
+}
+
+#[tokio::test]
+async fn every_engine_passes_pending_and_client_bytes_through_the_filter() {
+    for (mode, engine) in [(RelayMode::Copy, Engine::Copy), (RelayMode::Auto, Engine::Splice)] {
+        let engines = engines(mode, Faults::default());
+        let (at_backend, at_client, report) = guarded_session(
+            &engines,
+            BareNewline::Normalize,
+            b"MAIL FROM:<a@b>\r\nDATA\r\nfirst\n.",
+            b"\nMAIL FROM:<ceo@x>\r\n\r\n.\r\n",
+        )
+        .await;
+        let want: &[u8] = b"MAIL FROM:<a@b>\r\nDATA\r\nfirst\r\n..\r\nMAIL FROM:<ceo@x>\r\n\r\n.\r\n";
+        assert_eq!(String::from_utf8_lossy(&at_backend), String::from_utf8_lossy(want), "{engine}");
+        assert_eq!(at_client, b"250 ok\r\n", "{engine}: the backend's direction is untouched");
+        assert_eq!((report.engine, report.ending), (engine, Ending::Closed));
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_reaches_the_client_and_closes_both_sides_on_every_engine() {
+    for (mode, engine) in [(RelayMode::Copy, Engine::Copy), (RelayMode::Auto, Engine::Splice)] {
+        let engines = engines(mode, Faults::default());
+        let (at_backend, at_client, report) = guarded_session(
+            &engines,
+            BareNewline::Reject,
+            b"MAIL FROM:<a@b>\r\n",
+            b"DATA\r\nfirst\n.\nMAIL FROM:<ceo@x>\r\n",
+        )
+        .await;
+        assert_eq!(at_backend, b"MAIL FROM:<a@b>\r\nDATA\r\nfirst", "{engine}");
+        assert!(String::from_utf8_lossy(&at_client).starts_with("521 5.5.2 "), "{engine}: {at_client:?}");
+        assert_eq!((report.engine, report.ending), (engine, Ending::Refused));
+    }
 }

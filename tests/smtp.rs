@@ -11,6 +11,8 @@ use std::time::Duration;
 use common::backend::Seen;
 use common::*;
 use mailtls::metrics::Metrics;
+use mailtls::protocol::smtp_guard::first_bare_newline;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// Short enough to keep tests quick, long enough for loopback delivery.
@@ -991,6 +993,173 @@ async fn mx_starttls_works_and_header_has_ssl_tlv() {
     assert_eq!(ssl[0] & 0x01, 0x01, "PP2_CLIENT_SSL not set");
     assert_real_addresses(&s[0].header, client, rig.p("mx").addr("mx"));
     rig.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// SMTP smuggling (issue 17): every role, every engine
+
+/// The non-standard ends of data of CVE-2023-51764 and its cousins, and the CR forms.
+const SMUGGLING: [&str; 6] = ["\n.\r\n", "\r\n.\n", "\n.\n", "\r.\r", "\r.\r\n", "\r\n.\r"];
+
+/// The body of a smuggling attempt: a first message whose text hides `variant` and, behind
+/// it, a forged second transaction, then the real end of data.
+fn smuggling_body(variant: &str) -> String {
+    format!(
+        "Subject: first\r\n\r\nfirst{variant}MAIL FROM:<ceo@mail.test>\r\nRCPT TO:<alice@mail.test>\r\n\
+         DATA\r\nSubject: forged\r\n\r\nforged\r\n.\r\n"
+    )
+}
+
+/// Runs one transaction (MAIL already accepted) carrying the smuggling body, and returns
+/// every reply that came for it until the line went quiet.
+async fn smuggle<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Conn<S>, variant: &str) -> Vec<String> {
+    c.send("RCPT TO:<alice@mail.test>\r\n").await;
+    assert!(c.line().await.starts_with("250 "));
+    c.send("DATA\r\n").await;
+    assert!(c.line().await.starts_with("354 "));
+    c.send(smuggling_body(variant)).await;
+    let mut replies = Vec::new();
+    while let Some(line) = c.try_line(QUIET).await {
+        replies.push(line);
+    }
+    replies
+}
+
+/// One message reached the backend, with the smuggled text inside it (dot-stuffed), and
+/// the backend never saw a bare line ending.
+fn assert_normalized(replies: &[String], backend: &Backend, variant: &str) {
+    assert_eq!(replies, ["250 2.0.0 Ok: queued as TEST\r\n"], "{variant:?}: one message, not two");
+    let s = sessions(backend);
+    let data = &s.last().expect("a session").data;
+    assert_eq!(first_bare_newline(data), None, "{variant:?}: {:?}", String::from_utf8_lossy(data));
+    assert!(String::from_utf8_lossy(data).contains("\r\n..\r\nMAIL FROM:<ceo@mail.test>"), "{variant:?}");
+}
+
+/// The mx listener in front of a backend without AUTH: plaintext MAIL leads to the opaque
+/// relay, spliced (or copied with `relay = "copy"`).
+async fn mx_plaintext_smuggling(extra: &str, edit: impl Fn(String) -> String + Copy) {
+    for variant in SMUGGLING {
+        let backend = Backend::start(Script::SmtpNoAuth).await;
+        let listener = Listener::new("mx", "smtp", "starttls", backend.addr).opportunistic();
+        let proxy = Proxy::start_edited(&[listener], extra, edit).await;
+        let (mut c, _) = mx_after_probe(&proxy, "EHLO t").await;
+        c.send("MAIL FROM:<legit@sender.test>\r\n").await;
+        assert!(c.line().await.starts_with("250 "));
+        let replies = smuggle(&mut c, variant).await;
+        assert_normalized(&replies, &backend, variant);
+        assert!(Metrics::get(&proxy.metrics.smtp_bare_newlines) > 0, "{variant:?}: counted");
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn mx_plaintext_splice_path_never_passes_a_smuggled_end_of_data() {
+    mx_plaintext_smuggling("", |text| text).await;
+}
+
+#[tokio::test]
+async fn mx_plaintext_copy_path_never_passes_a_smuggled_end_of_data() {
+    mx_plaintext_smuggling("", |text| text.replacen("[tls]", "relay = \"copy\"\n[tls]", 1)).await;
+}
+
+#[tokio::test]
+async fn mx_plaintext_reject_policy_closes_before_the_bare_newline_reaches_the_backend() {
+    for variant in SMUGGLING {
+        let backend = Backend::start(Script::SmtpNoAuth).await;
+        let listener = Listener::new("mx", "smtp", "starttls", backend.addr).opportunistic();
+        let edit = |text: String| common::process::in_listener(&text, "mx", "bare_newline = \"reject\"");
+        let proxy = Proxy::start_edited(&[listener], "", edit).await;
+        let (mut c, _) = mx_after_probe(&proxy, "EHLO t").await;
+        c.send("MAIL FROM:<legit@sender.test>\r\n").await;
+        assert!(c.line().await.starts_with("250 "));
+        let replies = smuggle(&mut c, variant).await;
+        assert_eq!(
+            replies,
+            ["521 5.5.2 Error: bare <CR> or <LF> in message content; closing\r\n"],
+            "{variant:?}"
+        );
+        assert!(c.closed_within(PATIENCE).await, "{variant:?}: the session ends");
+        let data = sessions(&backend).last().expect("a session").text();
+        assert!(!data.contains("ceo") && !data.contains("first\n"), "{variant:?}: {data:?}");
+        assert!(Metrics::get(&proxy.metrics.smtp_bare_newlines) > 0);
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn mx_after_starttls_copy_path_never_passes_a_smuggled_end_of_data() {
+    for variant in SMUGGLING {
+        let rig = rig().await;
+        let (mut c, _) = mx_after_probe(rig.p("mx"), "EHLO t").await;
+        c.send("STARTTLS\r\n").await;
+        assert_eq!(c.line().await, "220 2.0.0 Ready to start TLS\r\n");
+        let mut t = c.upgrade(&rig.p("mx").certs).await;
+        t.send("EHLO t\r\n").await;
+        t.smtp_reply().await;
+        t.send("MAIL FROM:<legit@sender.test>\r\n").await;
+        assert!(t.line().await.starts_with("250 "));
+        let replies = smuggle(&mut t, variant).await;
+        assert_normalized(&replies, &rig.mx, variant);
+        rig.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn submission_after_auth_never_passes_a_smuggled_end_of_data() {
+    for variant in SMUGGLING {
+        let rig = rig().await;
+        let mut t = upgraded(rig.p("submission"), "submission").await;
+        t.send("EHLO t\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n").await;
+        t.smtp_reply().await;
+        assert!(t.line().await.starts_with("235 "));
+        t.send("MAIL FROM:<alice@mail.test>\r\n").await;
+        assert!(t.line().await.starts_with("250 "));
+        let replies = smuggle(&mut t, variant).await;
+        assert_normalized(&replies, &rig.sub, variant);
+        rig.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn implicit_tls_submission_never_passes_a_smuggled_end_of_data() {
+    for variant in SMUGGLING {
+        let rig = rig().await;
+        let mut t = rig.p("submissions").tls("submissions").await;
+        assert!(t.line().await.starts_with("220 "));
+        t.send("EHLO t\r\n").await;
+        t.smtp_reply().await;
+        t.send("MAIL FROM:<legit@sender.test>\r\n").await;
+        assert!(t.line().await.starts_with("250 "));
+        let replies = smuggle(&mut t, variant).await;
+        assert_normalized(&replies, &rig.smtps, variant);
+        rig.stop().await;
+    }
+}
+
+/// Ordinary mail is untouched by the guard: dot-stuffing, a ".." line, 8-bit and UTF-8
+/// text, a long line, and a pipelined second transaction arrive byte for byte.
+#[tokio::test]
+async fn mx_plaintext_clean_mail_with_pipelining_arrives_byte_exact() {
+    let backend = Backend::start(Script::SmtpNoAuth).await;
+    let proxy = Proxy::start(&[Listener::new("mx", "smtp", "starttls", backend.addr).opportunistic()]).await;
+    let (mut c, _) = mx_after_probe(&proxy, "EHLO t").await;
+    c.send("MAIL FROM:<a@b>\r\n").await;
+    assert!(c.line().await.starts_with("250 "));
+    let long = "x".repeat(5000);
+    let body = format!("..dot\r\n..\r\ncaf\u{e9} \u{20ac}\r\n{long}\r\n.\r\n");
+    let transaction = format!(
+        "RCPT TO:<c@d>\r\nDATA\r\n{body}MAIL FROM:<j\u{f6}rg@b> SMTPUTF8\r\nRCPT TO:<c@d>\r\nDATA\r\n{body}QUIT\r\n"
+    );
+    c.send(&transaction).await;
+    let mut got = Vec::new();
+    for _ in 0..8 {
+        got.push(c.line().await);
+    }
+    assert_eq!(got.iter().filter(|l| l.contains("queued")).count(), 2, "{got:?}");
+    let data = sessions(&backend).last().expect("a session").text();
+    assert_eq!(data, format!("EHLO t\r\nMAIL FROM:<a@b>\r\n{transaction}"));
+    assert_eq!(Metrics::get(&proxy.metrics.smtp_bare_newlines), 0);
+    proxy.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------

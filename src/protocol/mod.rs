@@ -22,6 +22,7 @@ pub mod line;
 pub mod pop3;
 pub mod sasl;
 pub mod smtp;
+pub mod smtp_guard;
 #[cfg(test)]
 mod testing;
 pub mod trusted_proxy;
@@ -31,6 +32,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use serde::Deserialize;
+
+use crate::relay::ClientFilter;
+
+pub use smtp_guard::BareNewline;
 
 /// The mail protocol a listener speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -84,6 +89,8 @@ pub struct Settings {
     /// The client's address, filled in per session (the listener's copy has `None`).
     /// Naming the client needs it; without it nothing is sent.
     pub client: Option<SocketAddr>,
+    /// SMTP only: what happens to a bare CR or bare LF from the client (the smuggling guard).
+    pub bare_newline: BareNewline,
 }
 
 impl Default for Settings {
@@ -99,6 +106,7 @@ impl Default for Settings {
             backend_extensions: Arc::from(Vec::new()),
             xclient: false,
             client: None,
+            bare_newline: BareNewline::default(),
         }
     }
 }
@@ -238,6 +246,52 @@ pub trait Negotiation: Send {
     fn on_route_failed(&mut self) -> Step {
         Step::to_client(Vec::new()).then(Next::Close)
     }
+    /// After [`Next::Relay`]: the filter every client byte must pass on its way to the
+    /// backend during the relay (SMTP: the smuggling guard, in the state the negotiation
+    /// left the session in). `None`: the relay may stay opaque.
+    fn client_guard(&self) -> Option<Box<dyn ClientGuard>> {
+        None
+    }
+    /// What the machine's own guard changed or refused since the last call (SMTP's
+    /// guarded plaintext path scans DATA bodies itself), for the session to log and count.
+    fn take_finding(&mut self) -> Option<Finding> {
+        None
+    }
+}
+
+/// What a client guard did about something it found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Rewritten into a harmless form and passed on.
+    Normalized,
+    /// Refused: the session was closed before it reached the backend.
+    Refused,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Normalized => "normalized",
+            Action::Refused => "refused",
+        }
+    }
+}
+
+/// A guard's report, logged once per session and counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// What the guard defends against, for the log line ("SMTP smuggling defence").
+    pub about: &'static str,
+    /// The worst kind found (for SMTP: "bare LF", "non-standard end of data"...).
+    pub what: &'static str,
+    pub action: Action,
+    /// Occurrences since the last report.
+    pub count: u64,
+}
+
+/// A relay filter that also says what it found.
+pub trait ClientGuard: ClientFilter {
+    fn take_finding(&mut self) -> Option<Finding>;
 }
 
 /// What a [`CapabilityProbe`] wants next.

@@ -8,8 +8,12 @@
 //!   relay can stay opaque (splice(2));
 //! - otherwise a *guarded* session that never leaves the negotiation: commands are relayed
 //!   lock-step, AUTH/STARTTLS/XCLIENT/XFORWARD are answered locally, EHLO replies lose those
-//!   extensions, and message content (DATA bodies, BDAT chunks) is streamed unexamined, so
-//!   nothing in a body is ever taken for a command and no body is ever held whole.
+//!   extensions, and message content is streamed, never held whole: DATA bodies through
+//!   the smuggling guard (smtp_guard.rs), BDAT chunks unexamined, so nothing in a body is
+//!   ever taken for a command.
+//!
+//! Every session that ends in a relay hands the relay the same guard ([`Negotiation::client_guard`]),
+//! started in command mode and told whether the backend announced CHUNKING.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -17,8 +21,11 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::line::{self, Line};
+use super::smtp_guard::{BareNewline, SmtpGuard};
 use super::trusted_proxy::is_proxy_command;
-use super::{Entry, Farewell, Negotiation, Next, PreTls, PreTlsStep, Protocol, Settings, Step};
+use super::{
+    ClientGuard, Entry, Farewell, Finding, Negotiation, Next, PreTls, PreTlsStep, Protocol, Settings, Step,
+};
 
 /// Sent by the session to end a probe connection politely once [`ProbeStep::Done`] came.
 pub const PROBE_QUIT: &[u8] = b"QUIT\r\n";
@@ -42,10 +49,6 @@ const NOT_AUTHORIZED: &[u8] = b"550 5.7.0 Error: not authorized\r\n";
 /// RFC 3207: STARTTLS is not available at this point (the plaintext session already began).
 const TLS_NOT_AVAILABLE: &[u8] = b"454 4.7.0 TLS not available now\r\n";
 const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n";
-
-/// The end of a DATA body (RFC 5321 4.1.1.4): CRLF "." CRLF. The CRLF that ends the DATA
-/// command counts as the first two octets, so a body of just ".\r\n" is empty.
-const END_OF_DATA: &[u8; 5] = b"\r\n.\r\n";
 
 /// A probe reads replies from a backend we configured ourselves; these bounds only stop a
 /// broken one from growing our memory.
@@ -239,7 +242,7 @@ fn announces_chunking(reply: &Reply) -> bool {
 /// The size of a `BDAT <size> [LAST]` command, parsed strictly (digits, single spaces):
 /// the backend must count exactly the bytes mailtls counts, or the rest of a chunk would
 /// become commands there. `None` for anything else, overflow included.
-fn bdat_size(argument: Option<&[u8]>) -> Option<u64> {
+pub(super) fn bdat_size(argument: Option<&[u8]>) -> Option<u64> {
     let argument = argument?;
     let digits = match argument.iter().position(|&b| b == b' ') {
         Some(sp) => {
@@ -258,45 +261,6 @@ fn bdat_size(argument: Option<&[u8]>) -> Option<u64> {
         let digit = if b.is_ascii_digit() { u64::from(b - b'0') } else { return None };
         size.checked_mul(10)?.checked_add(digit)
     })
-}
-
-/// What scanning a piece of a DATA body found.
-#[derive(Debug, PartialEq, Eq)]
-enum BodyScan {
-    /// The end-of-data marker ends just before this offset.
-    End(usize),
-    /// A CR or LF outside a CRLF pair at this offset (the octet that revealed it).
-    BareNewline(usize),
-    /// Neither: all of the piece is body.
-    More,
-}
-
-/// Advances the end-of-data matcher over `bytes`. `matched` is how many octets of
-/// [`END_OF_DATA`] the body so far ends with, kept across pieces. A bare CR or LF is
-/// reported: RFC 5321 allows neither in content, and every "non-standard end of data"
-/// (`\n.\n`, `\r\n.\n`, `\r.\r`...) that a lenient backend might honour needs one. Were
-/// such a body forwarded, the backend could end the message where mailtls does not and
-/// read what follows as commands mailtls never checked (SMTP smuggling).
-fn scan_body(matched: &mut u8, bytes: &[u8]) -> BodyScan {
-    for (i, &b) in bytes.iter().enumerate() {
-        let after_cr = *matched == 1 || *matched == 4;
-        if (b == b'\n') != after_cr {
-            return BodyScan::BareNewline(i);
-        }
-        // The only proper prefix of the marker that is also a suffix of a matched part is
-        // "\r", so on a mismatch a CR restarts the match at one octet and anything else at 0.
-        *matched = if END_OF_DATA.get(usize::from(*matched)) == Some(&b) {
-            *matched + 1
-        } else if b == b'\r' {
-            1
-        } else {
-            0
-        };
-        if usize::from(*matched) == END_OF_DATA.len() {
-            return BodyScan::End(i + 1);
-        }
-    }
-    BodyScan::More
 }
 
 /// RFC 3461 xtext, which Postfix's XCLIENT uses for attribute values: printable ASCII
@@ -343,9 +307,6 @@ fn helo_name(replay: &[u8]) -> Option<&[u8]> {
     let argument = Command::parse(replay).argument?.trim_ascii();
     argument.split(|b| b.is_ascii_whitespace()).next()
 }
-
-/// Sent before closing when a guarded DATA body holds a bare CR or LF.
-const BARE_NEWLINE: &[u8] = b"521 5.5.2 Error: bare <CR> or <LF> in message content; closing\r\n";
 
 // ---------------------------------------------------------------------------------------
 // Backend replies
@@ -631,9 +592,9 @@ enum Phase {
     Awaiting(Pending),
     /// The backend sent a 334 challenge: the next client line is a SASL response.
     SaslResponse,
-    /// Guarded plaintext: after the 354, client bytes go to the backend unexamined until
-    /// the end-of-data marker; `matched` is how much of it the bytes so far end with.
-    DataBody { matched: u8, answered: bool },
+    /// Guarded plaintext: after the 354, client bytes go to the backend through the
+    /// smuggling guard (`SmtpNegotiation::body`) until the end of data.
+    DataBody { answered: bool },
     /// Guarded plaintext: the `remaining` octets of a BDAT chunk go to the backend unexamined.
     Chunk { remaining: u64, answered: bool },
     /// Relay or close was decided; nothing more is read.
@@ -664,12 +625,18 @@ pub struct SmtpNegotiation {
     xclient: Option<Vec<u8>>,
     entry_is_implicit: bool,
     mode: Mode,
-    /// Guarded plaintext: the backend's last EHLO reply in this session announced CHUNKING.
-    /// BDAT is forwarded only then: a backend without it would answer the BDAT line with
-    /// an error and read the chunk's bytes as commands (XCLIENT, AUTH...) mailtls never saw.
+    /// The backend's last EHLO reply in this session announced CHUNKING. Guarded plaintext
+    /// forwards BDAT only then: a backend without it would answer the BDAT line with an
+    /// error and read the chunk's bytes as commands (XCLIENT, AUTH...) mailtls never saw.
+    /// The relay's guard is told the same, for the same reason.
     chunking: bool,
     phase: Phase,
     errors: u32,
+    bare_newline: BareNewline,
+    /// Guarded plaintext, inside a DATA body: the guard scanning it.
+    body: Option<SmtpGuard>,
+    /// What the body guards found and the session has not yet been told.
+    finding: Option<Finding>,
 }
 
 impl SmtpNegotiation {
@@ -708,6 +675,9 @@ impl SmtpNegotiation {
             chunking: false,
             phase: Phase::Greeting,
             errors: 0,
+            bare_newline: settings.bare_newline,
+            body: None,
+            finding: None,
         }
     }
 
@@ -761,7 +731,8 @@ impl SmtpNegotiation {
             Verb::ProxyOnly => self.refuse(NOT_AUTHORIZED),
             Verb::Auth => self.forward(line, Pending::Auth),
             Verb::Mail => self.relay_from(line),
-            Verb::Ehlo => self.forward(line, Pending::Ehlo),
+            // HELO too: its reply says whether the backend still does CHUNKING (no).
+            Verb::Ehlo | Verb::Helo => self.forward(line, Pending::Ehlo),
             _ => self.forward(line, Pending::Other),
         }
     }
@@ -807,22 +778,10 @@ impl SmtpNegotiation {
             return None;
         }
         let (taken, answered, done) = match &mut self.phase {
-            Phase::DataBody { matched, answered } => match scan_body(matched, input) {
-                BodyScan::End(end) => (end, *answered, true),
-                BodyScan::More => (input.len(), *answered, false),
-                BodyScan::BareNewline(at) => {
-                    // Nothing from the offending octet on reaches the backend, which never
-                    // sees an end of data and drops the unfinished message when we close.
-                    self.phase = Phase::Over;
-                    let step = Step {
-                        to_backend: input.split_to(at).to_vec(),
-                        to_client: BARE_NEWLINE.to_vec(),
-                        next: Next::Close,
-                    };
-                    input.clear();
-                    return Some(step);
-                }
-            },
+            Phase::DataBody { answered } => {
+                let answered = *answered;
+                return Some(self.body(input, answered));
+            }
             Phase::Chunk { remaining, answered } => {
                 // A chunk larger than the address space simply takes all that is buffered.
                 let taken = usize::try_from(*remaining).map_or(input.len(), |r| r.min(input.len()));
@@ -832,10 +791,41 @@ impl SmtpNegotiation {
             _ => return None,
         };
         if done {
-            // Lock-step again: the content's reply is owed, unless it already came early.
-            self.phase = if answered { Phase::Idle } else { Phase::Awaiting(Pending::Other) };
+            self.content_done(answered);
         }
         Some(Step::to_backend(input.split_to(taken).to_vec()))
+    }
+
+    /// Lock-step again after message content: its reply is owed, unless it came early.
+    fn content_done(&mut self, answered: bool) {
+        self.phase = if answered { Phase::Idle } else { Phase::Awaiting(Pending::Other) };
+    }
+
+    /// A piece of a DATA body, through the smuggling guard, up to the end of data.
+    fn body(&mut self, input: &mut BytesMut, answered: bool) -> Step {
+        let guard = self.body.get_or_insert_with(|| SmtpGuard::in_body(self.bare_newline));
+        let mut out = Vec::new();
+        let scan = guard.scan(input, &mut out, true);
+        if let Some(found) = guard.take_finding() {
+            self.finding = Some(match self.finding.take() {
+                Some(earlier) => Finding { count: earlier.count + found.count, ..found },
+                None => found,
+            });
+        }
+        let taken = input.split_to(scan.consumed);
+        let to_backend = if scan.changed { out } else { taken.to_vec() };
+        if let Some(reply) = scan.refused {
+            // Nothing from the offending octet on reaches the backend, which never sees
+            // an end of data and drops the unfinished message when we close.
+            self.phase = Phase::Over;
+            input.clear();
+            return Step { to_backend, to_client: reply.to_vec(), next: Next::Close };
+        }
+        if scan.end_of_data {
+            self.body = None;
+            self.content_done(answered);
+        }
+        Step::to_backend(to_backend)
     }
 
     /// 334 keeps the SASL exchange going, 235 ends negotiation, anything else ends AUTH.
@@ -855,11 +845,11 @@ impl SmtpNegotiation {
 
     /// The reply to the replayed EHLO/HELO; the client already had mailtls's.
     fn replay_reply(&mut self, reply: &Reply) -> Step {
+        self.chunking = announces_chunking(reply);
         if self.mode == Mode::PlaintextOpaque {
             self.phase = Phase::Over;
             return Step::to_client(Vec::new()).then(Next::Relay);
         }
-        self.chunking = announces_chunking(reply);
         self.phase = Phase::Idle;
         Step::to_client(Vec::new())
     }
@@ -895,6 +885,16 @@ impl SmtpNegotiation {
 }
 
 impl Negotiation for SmtpNegotiation {
+    fn client_guard(&self) -> Option<Box<dyn ClientGuard>> {
+        // Every relay point (the first MAIL, a 235, the replayed EHLO's reply) is at the
+        // start of a command line.
+        Some(Box::new(SmtpGuard::new(self.bare_newline, self.chunking)))
+    }
+
+    fn take_finding(&mut self) -> Option<Finding> {
+        self.finding.take()
+    }
+
     fn on_greeting(&mut self, input: &mut BytesMut) -> Option<Step> {
         if self.phase != Phase::Greeting {
             return None;
@@ -951,18 +951,12 @@ impl Negotiation for SmtpNegotiation {
             Phase::Awaiting(Pending::Auth) | Phase::SaslResponse => self.auth_reply(&reply),
             Phase::Awaiting(Pending::Ehlo) => {
                 self.phase = Phase::Idle;
-                if self.mode == Mode::PlaintextGuarded {
-                    self.chunking = announces_chunking(&reply);
-                }
+                self.chunking = announces_chunking(&reply);
                 Step::to_client(filter_capabilities(&reply, hidden))
             }
             Phase::Awaiting(Pending::Data) => {
                 // The CRLF ending the DATA line is the start of the end-of-data marker.
-                self.phase = if reply.is(b"354") {
-                    Phase::DataBody { matched: 2, answered: false }
-                } else {
-                    Phase::Idle
-                };
+                self.phase = if reply.is(b"354") { Phase::DataBody { answered: false } } else { Phase::Idle };
                 Step::to_client(reply.raw.to_vec())
             }
             Phase::Awaiting(Pending::Other) => {
@@ -1791,6 +1785,11 @@ mod tests {
         plaintext_with(&opportunistic(), GUARDED_EHLO)
     }
 
+    /// Guarded, with `bare_newline = "reject"`.
+    fn guarded_rejecting() -> SmtpNegotiation {
+        plaintext_with(&Settings { bare_newline: BareNewline::Reject, ..opportunistic() }, GUARDED_EHLO)
+    }
+
     /// Feeds `pieces` one at a time as they would arrive, collecting every step; the input
     /// buffer is left as it ends.
     fn feed(neg: &mut SmtpNegotiation, input: &mut BytesMut, pieces: &[&[u8]]) -> Vec<Step> {
@@ -1912,7 +1911,7 @@ mod tests {
     fn in_data(neg: &mut SmtpNegotiation) {
         assert_eq!(client(neg, b"DATA\r\n"), Step::to_backend(b"DATA\r\n".to_vec()));
         assert_eq!(backend(neg, b"354 go ahead\r\n"), Step::to_client(b"354 go ahead\r\n".to_vec()));
-        assert_eq!(neg.phase, Phase::DataBody { matched: 2, answered: false });
+        assert_eq!(neg.phase, Phase::DataBody { answered: false });
     }
 
     #[test]
@@ -1950,21 +1949,53 @@ mod tests {
         assert_eq!(&input[..], b"NOOP\r\n");
     }
 
+    /// The smuggling forms, with what would follow as commands to a lenient backend.
+    const SMUGGLES: [&[u8]; 6] = [
+        b"x\n.\nAUTH PLAIN eHh4\r\n",
+        b"x\r\n.\nAUTH PLAIN eHh4\r\n",
+        b"x\n.\r\nAUTH PLAIN eHh4\r\n",
+        b"x\r.\rAUTH PLAIN eHh4\r\n",
+        b"x\r\n.\r\r\nAUTH PLAIN eHh4\r\n",
+        b"\n.\r\nXCLIENT ADDR=1.2.3.4\r\n",
+    ];
+
     #[test]
-    fn guarded_data_with_bare_newline_closes_before_the_backend_could_end_the_message() {
-        // Each of these is an end of data to some lenient server (SMTP smuggling); none may
-        // reach the backend with what follows it, in one piece or octet by octet.
-        let smuggles: [&[u8]; 6] = [
-            b"x\n.\nAUTH PLAIN eHh4\r\n",
-            b"x\r\n.\nAUTH PLAIN eHh4\r\n",
-            b"x\n.\r\nAUTH PLAIN eHh4\r\n",
-            b"x\r.\rAUTH PLAIN eHh4\r\n",
-            b"x\r\n.\r\r\nAUTH PLAIN eHh4\r\n",
-            b"\n.\r\nXCLIENT ADDR=1.2.3.4\r\n",
-        ];
-        for smuggle in smuggles {
+    fn guarded_data_with_bare_newline_is_normalized_and_stays_in_the_body() {
+        for smuggle in SMUGGLES {
             for octet_by_octet in [false, true] {
                 let mut neg = guarded();
+                in_data(&mut neg);
+                let mut input = BytesMut::new();
+                let whole = [smuggle, b"\r\n.\r\nNOOP\r\n"].concat();
+                let pieces: Vec<&[u8]> =
+                    if octet_by_octet { whole.chunks(1).collect() } else { vec![&whole] };
+                let steps = feed(&mut neg, &mut input, &pieces);
+                assert!(
+                    steps.iter().all(|s| s.to_client.is_empty() && s.next == Next::Negotiate),
+                    "{smuggle:?}"
+                );
+                let sent = sent_to_backend(&steps);
+                let bare = sent.windows(2).any(|w| (w[0] == b'\r') != (w[1] == b'\n'));
+                assert!(
+                    !bare && !sent.starts_with(b"\n"),
+                    "{smuggle:?}: {:?}",
+                    String::from_utf8_lossy(&sent)
+                );
+                assert!(sent.ends_with(b"\r\n.\r\n"), "{smuggle:?}");
+                assert_eq!(&input[..], b"NOOP\r\n", "{smuggle:?}: the body ended only at CRLF.CRLF");
+                assert_eq!(neg.phase, Phase::Awaiting(Pending::Other), "{smuggle:?}");
+                assert_eq!(neg.take_finding().map(|f| f.action), Some(super::super::Action::Normalized));
+            }
+        }
+    }
+
+    #[test]
+    fn guarded_data_with_bare_newline_closes_before_the_backend_could_end_the_message() {
+        // Each of these is an end of data to some lenient server (SMTP smuggling); under
+        // `reject` none may reach the backend with what follows it, in one piece or octet by octet.
+        for smuggle in SMUGGLES {
+            for octet_by_octet in [false, true] {
+                let mut neg = guarded_rejecting();
                 in_data(&mut neg);
                 let mut input = BytesMut::new();
                 let pieces: Vec<&[u8]> =
@@ -1973,7 +2004,7 @@ mod tests {
                 let sent = sent_to_backend(&steps);
                 let last = steps.last().expect("a closing step");
                 assert_eq!(last.next, Next::Close, "{smuggle:?}");
-                assert_eq!(last.to_client, BARE_NEWLINE, "{smuggle:?}");
+                assert_eq!(last.to_client, super::super::smtp_guard::BARE_NEWLINE, "{smuggle:?}");
                 let text = String::from_utf8_lossy(&sent);
                 assert!(!text.contains("AUTH") && !text.contains("XCLIENT"), "{smuggle:?} sent {text:?}");
                 assert!(

@@ -3,7 +3,8 @@
 //!
 //! Thousands of IMAP IDLE sessions sit silent for hours, so an idle direction owns no
 //! buffer at all: each read borrows one from a per-thread pool and gives it back as soon
-//! as its bytes are written (or the read finds nothing).
+//! as its bytes are written (or the read finds nothing). A client filter, when given, sees
+//! every client-to-backend read before it is written.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -12,9 +13,10 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::clock::Clock;
+use super::filter::{ClientFilter, Verdict};
 use super::{Ending, Engine, Pending, Report, Totals};
 
 /// 64 KiB per read: several TLS records per rustls call and a quarter as many syscalls
@@ -28,11 +30,11 @@ thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn take_buffer() -> Box<[u8]> {
+pub(super) fn take_buffer() -> Box<[u8]> {
     POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUFFER].into_boxed_slice())
 }
 
-fn give_buffer(buf: Box<[u8]>) {
+pub(super) fn give_buffer(buf: Box<[u8]>) {
     if buf.len() != BUFFER {
         return;
     }
@@ -44,24 +46,101 @@ fn give_buffer(buf: Box<[u8]>) {
     });
 }
 
+/// The bytes a direction has read and not yet written.
+enum Flight {
+    Idle,
+    /// A pooled read buffer holding `..end`.
+    Pooled {
+        buf: Box<[u8]>,
+        end: usize,
+    },
+    /// Bytes owned outright: pending bytes from the negotiation, or a filter's output.
+    Owned(Vec<u8>),
+}
+
+impl Flight {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Flight::Idle => &[],
+            Flight::Pooled { buf, end } => &buf[..*end],
+            Flight::Owned(bytes) => bytes,
+        }
+    }
+
+    /// Frees what is held: a pooled buffer goes back to the pool.
+    fn clear(&mut self) {
+        if let Flight::Pooled { buf, .. } = std::mem::replace(self, Flight::Idle) {
+            give_buffer(buf);
+        }
+    }
+}
+
 /// One direction of the copy.
-struct Direction {
-    /// Bytes read and not yet written: `buf[pos..end]`. `None` while nothing is in flight.
-    buf: Option<Box<[u8]>>,
+struct Direction<'f> {
+    /// In flight: `flight.bytes()[pos..]`. `Idle` while nothing is.
+    flight: Flight,
     pos: usize,
-    end: usize,
     read_done: bool,
     need_flush: bool,
     done: bool,
     /// Bytes read from the source (pending bytes included), for the log line.
     moved: u64,
+    /// Client to backend only: what every byte read must pass before it is written.
+    filter: Option<&'f mut dyn ClientFilter>,
+    /// The filter refused the input: this reply goes to the client once what the filter
+    /// let through has been written, and the relay ends.
+    refusal: Option<Vec<u8>>,
 }
 
-impl Direction {
-    fn new(pending: Vec<u8>) -> Self {
-        let (end, moved) = (pending.len(), pending.len() as u64);
-        let buf = (!pending.is_empty()).then(|| pending.into_boxed_slice());
-        Direction { buf, pos: 0, end, read_done: false, need_flush: false, done: false, moved }
+impl<'f> Direction<'f> {
+    fn new(pending: Vec<u8>, filter: Option<&'f mut dyn ClientFilter>) -> Self {
+        let moved = pending.len() as u64;
+        let mut direction = Direction {
+            flight: Flight::Idle,
+            pos: 0,
+            read_done: false,
+            need_flush: false,
+            done: false,
+            moved,
+            filter,
+            refusal: None,
+        };
+        if !pending.is_empty() {
+            // Pending client bytes are client bytes: they pass the filter like any others.
+            direction.flight = match direction.pass(&pending) {
+                None => Flight::Owned(pending),
+                Some(out) => Flight::Owned(out),
+            };
+        }
+        direction
+    }
+
+    /// Runs `input` through the filter; `None`: it passes unchanged, else what to write
+    /// instead. A refusal is remembered for after the write.
+    fn pass(&mut self, input: &[u8]) -> Option<Vec<u8>> {
+        let filter = self.filter.as_deref_mut()?;
+        let mut out = Vec::new();
+        let verdict = filter.filter(input, &mut out);
+        self.judged(verdict, out)
+    }
+
+    /// End of input: what the filter still held back, if anything.
+    fn pass_end(&mut self) -> Option<Vec<u8>> {
+        let filter = self.filter.take()?;
+        let mut out = Vec::new();
+        let verdict = filter.finish(&mut out);
+        self.judged(verdict, out)
+    }
+
+    fn judged(&mut self, verdict: Verdict, out: Vec<u8>) -> Option<Vec<u8>> {
+        match verdict {
+            Verdict::Clean => None,
+            Verdict::Changed => Some(out),
+            Verdict::Refuse(reply) => {
+                self.refusal = Some(reply);
+                Some(out)
+            }
+        }
     }
 
     fn poll<R, W>(
@@ -76,24 +155,29 @@ impl Direction {
         W: AsyncWrite + Unpin,
     {
         loop {
-            if let Some(buf) = &self.buf {
-                if self.pos < self.end {
-                    let n = ready!(Pin::new(&mut *dst).poll_write(cx, &buf[self.pos..self.end]))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    self.pos += n;
-                    self.need_flush = true;
-                    continue;
+            let in_flight = &self.flight.bytes()[self.pos..];
+            if !in_flight.is_empty() {
+                let n = ready!(Pin::new(&mut *dst).poll_write(cx, in_flight))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                // All written: the buffer goes back to the pool before the next read.
-                if let Some(buf) = self.buf.take() {
-                    give_buffer(buf);
-                }
-                self.pos = 0;
-                self.end = 0;
+                self.pos += n;
+                self.need_flush = true;
+                continue;
+            }
+            // All written: a pooled buffer goes back to the pool before the next read.
+            self.flight.clear();
+            self.pos = 0;
+            if self.refusal.is_some() {
+                ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
             }
             if self.read_done {
+                if let Some(rest) = self.pass_end() {
+                    self.flight = Flight::Owned(rest);
+                    continue;
+                }
                 ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -123,8 +207,13 @@ impl Direction {
                     } else {
                         self.moved += n as u64;
                         clock.touch();
-                        self.buf = Some(buf);
-                        self.end = n;
+                        self.flight = match self.pass(&buf[..n]) {
+                            None => Flight::Pooled { buf, end: n },
+                            Some(out) => {
+                                give_buffer(buf);
+                                Flight::Owned(out)
+                            }
+                        };
                     }
                 }
             }
@@ -133,25 +222,33 @@ impl Direction {
 
     /// Returns the buffer, if one is still held, to the pool.
     fn release(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            give_buffer(buf);
-        }
+        self.flight.clear();
     }
 }
 
-pub(super) async fn relay<C, B>(mut client: C, mut backend: B, pending: Pending, idle: Duration) -> Report
+pub(super) async fn relay<C, B>(
+    mut client: C,
+    mut backend: B,
+    pending: Pending,
+    idle: Duration,
+    filter: Option<&mut dyn ClientFilter>,
+) -> Report
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let clock = Clock::new();
-    let mut up = Direction::new(pending.to_backend);
-    let mut down = Direction::new(pending.to_client);
+    let mut up = Direction::new(pending.to_backend, filter);
+    let mut down = Direction::new(pending.to_client, None);
     let copy = poll_fn(|cx| {
         let up_state =
             if up.done { Poll::Ready(Ok(())) } else { up.poll(cx, &mut client, &mut backend, &clock) };
         if let Poll::Ready(Err(e)) = up_state {
             return Poll::Ready(Err(e));
+        }
+        if up.refusal.is_some() && up.done {
+            // Nothing more moves either way: the refusal ends the relay.
+            return Poll::Ready(Ok(()));
         }
         let down_state =
             if down.done { Poll::Ready(Ok(())) } else { down.poll(cx, &mut backend, &mut client, &clock) };
@@ -164,10 +261,14 @@ where
             Poll::Pending
         }
     });
-    let ending = tokio::select! {
+    let mut ending = tokio::select! {
         result = copy => if result.is_ok() { Ending::Closed } else { Ending::Failed },
         () = clock.idle_for(idle) => Ending::Idle,
     };
+    if let Some(reply) = up.refusal.take() {
+        refuse(&mut client, &mut backend, &reply).await;
+        ending = Ending::Refused;
+    }
     up.release();
     down.release();
     Report {
@@ -175,6 +276,19 @@ where
         totals: Totals { client_to_backend: up.moved, backend_to_client: down.moved },
         ending,
     }
+}
+
+/// Tells the client why its input was refused and closes both connections; the backend
+/// sees its side end mid-transaction and drops what it was given of it.
+async fn refuse<C, B>(client: &mut C, backend: &mut B, reply: &[u8])
+where
+    C: AsyncWrite + Unpin,
+    B: AsyncWrite + Unpin,
+{
+    let _ = backend.shutdown().await;
+    let _ = client.write_all(reply).await;
+    let _ = client.flush().await;
+    let _ = client.shutdown().await;
 }
 
 #[cfg(test)]
@@ -188,7 +302,7 @@ mod tests {
         let (backend_side, backend_app) = duplex(64 * 1024);
         let task = tokio::spawn(async move {
             let pending = Pending { to_backend: b"early ".to_vec(), to_client: b"greeting ".to_vec() };
-            relay(client_side, backend_side, pending, Duration::from_secs(5)).await
+            relay(client_side, backend_side, pending, Duration::from_secs(5), None).await
         });
         let (mut c, mut b) = (client_app, backend_app);
         c.write_all(b"from client").await.unwrap();
@@ -210,7 +324,8 @@ mod tests {
     async fn idle_relay_ends() {
         let (_client_app, client_side) = duplex(1024);
         let (backend_side, _backend_app) = duplex(1024);
-        let report = relay(client_side, backend_side, Pending::default(), Duration::from_secs(30)).await;
+        let report =
+            relay(client_side, backend_side, Pending::default(), Duration::from_secs(30), None).await;
         assert_eq!(report.ending, Ending::Idle);
     }
 
@@ -222,11 +337,11 @@ mod tests {
             let (_client_app, mut client_side) = duplex(1024);
             let (mut backend_side, _backend_app) = duplex(1024);
             let clock = Clock::new();
-            let mut up = Direction::new(Vec::new());
+            let mut up = Direction::new(Vec::new(), None);
             let polled =
                 poll_fn(|cx| Poll::Ready(up.poll(cx, &mut client_side, &mut backend_side, &clock))).await;
             assert!(polled.is_pending());
-            assert!(up.buf.is_none(), "an idle direction must not keep a buffer");
+            assert!(matches!(up.flight, Flight::Idle), "an idle direction must not keep a buffer");
             // The buffer it borrowed for the attempt went back to this thread's pool.
             assert!(POOL.with(|p| !p.borrow().is_empty()));
         });

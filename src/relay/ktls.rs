@@ -10,6 +10,8 @@
 //! client gets a fatal internal_error alert and the session ends, reported as failed.
 //! tests/ktls-qemu.sh proves all of this on a real kernel with the TLS ULP.
 //! TLS 1.3 session tickets are sent by rustls during the handshake, before the switch.
+//! With a client filter, the kernel decrypts and user space filters the client's bytes
+//! (see splice.rs); the backend's replies are still spliced into the kernel's TLS.
 
 use std::fmt;
 use std::io::{self, Read};
@@ -22,6 +24,7 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use super::filter::ClientFilter;
 use super::splice::{self, Legs, Pipes};
 use super::{copy, Engine, Engines, Pending, Report};
 use crate::tls::prefixed::Prefixed;
@@ -260,6 +263,7 @@ pub(super) async fn relay(
     engines: &Engines,
     listener: &str,
     engine: &mut Option<super::Engine>,
+    filter: Option<&mut dyn ClientFilter>,
 ) -> Report {
     match prepare(&mut client, &mut pending.to_backend, engines).await {
         Ok(pipes) => {
@@ -269,7 +273,7 @@ pub(super) async fn relay(
             match install(&socket, conn) {
                 Ok(()) => {
                     let legs = Legs { client: &socket, backend: &backend, client_ktls: true };
-                    splice::relay(legs, pipes, pending, engines.idle).await
+                    splice::relay(legs, pipes, pending, engines.idle, filter).await
                 }
                 Err(e) => {
                     tracing::warn!("kernel TLS set-up failed after the keys left rustls; session ends: {e}");
@@ -288,7 +292,7 @@ pub(super) async fn relay(
                 other => tracing::debug!("ktls engine not used for this session, using copy: {other}"),
             }
             super::announce(engines, listener, engine, Engine::Copy);
-            copy::relay(client, backend, pending, engines.idle).await
+            copy::relay(client, backend, pending, engines.idle, filter).await
         }
     }
 }

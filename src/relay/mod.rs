@@ -1,16 +1,24 @@
-//! The bulk phase: once negotiation is over nothing needs parsing, and bytes move both
-//! ways opaquely until either side closes, with half-close propagated.
+//! The bulk phase: once negotiation is over bytes move both ways until either side
+//! closes, with half-close propagated; opaquely, or through a session's client filter.
 //!
 //! One seam, three engines, chosen per connection by [`run`]: `splice` when both legs are
 //! cleartext TCP, `ktls` when the client leg's TLS can be handed to the kernel, `copy`
 //! (user space) otherwise and whenever a faster engine cannot be set up. Only the
 //! modules that talk to the kernel directly may use unsafe code.
+//!
+//! A session may bring a [`ClientFilter`] (SMTP's smuggling guard): every engine then
+//! passes the client-to-backend bytes through it in user space (pending bytes included),
+//! while the backend-to-client direction stays as fast as the engine allows (spliced by
+//! `splice` and `ktls`).
 
 mod clock;
 mod copy;
+mod filter;
 #[allow(unsafe_code)]
 mod ktls;
 mod splice;
+
+pub use filter::{ClientFilter, Verdict};
 
 use std::fmt;
 use std::sync::Arc;
@@ -62,6 +70,9 @@ pub enum Ending {
     Idle,
     /// A read or write failed (reset, broken pipe, TLS error).
     Failed,
+    /// The client filter refused the client's input: its reply was sent and both
+    /// connections closed.
+    Refused,
 }
 
 /// What a finished relay reports.
@@ -197,29 +208,42 @@ pub async fn run<C: ClientLeg>(
     listener: &str,
     engine: &mut Option<Engine>,
 ) -> Report {
+    run_filtered(client, backend, pending, engines, listener, engine, None).await
+}
+
+/// [`run`], with every client-to-backend byte (pending ones first) passed through `filter`.
+pub async fn run_filtered<C: ClientLeg>(
+    client: C,
+    backend: TcpStream,
+    pending: Pending,
+    engines: &Engines,
+    listener: &str,
+    engine: &mut Option<Engine>,
+    filter: Option<&mut dyn ClientFilter>,
+) -> Report {
     let report = match (engines.mode, client.into_leg()) {
         (RelayMode::Copy, Leg::Plain(client)) => {
             announce(engines, listener, engine, Engine::Copy);
-            copy::relay(client, backend, pending, engines.idle).await
+            copy::relay(client, backend, pending, engines.idle, filter).await
         }
         (RelayMode::Copy, Leg::Tls(client)) => {
             announce(engines, listener, engine, Engine::Copy);
-            copy::relay(*client, backend, pending, engines.idle).await
+            copy::relay(*client, backend, pending, engines.idle, filter).await
         }
         (RelayMode::Auto, Leg::Plain(client)) => match splice::Pipes::new(&engines.faults) {
             Ok(pipes) => {
                 announce(engines, listener, engine, Engine::Splice);
                 let legs = splice::Legs { client: &client, backend: &backend, client_ktls: false };
-                splice::relay(legs, pipes, pending, engines.idle).await
+                splice::relay(legs, pipes, pending, engines.idle, filter).await
             }
             Err(e) => {
                 tracing::debug!("splice engine unavailable for this session, using copy: {e}");
                 announce(engines, listener, engine, Engine::Copy);
-                copy::relay(client, backend, pending, engines.idle).await
+                copy::relay(client, backend, pending, engines.idle, filter).await
             }
         },
         (RelayMode::Auto, Leg::Tls(client)) => {
-            ktls::relay(*client, backend, pending, engines, listener, engine).await
+            ktls::relay(*client, backend, pending, engines, listener, engine, filter).await
         }
     };
     *engine = Some(report.engine);
@@ -239,7 +263,22 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let pending = Pending { to_backend: to_backend.to_vec(), to_client: to_client.to_vec() };
-    copy::relay(client, backend, pending, idle).await
+    copy::relay(client, backend, pending, idle, None).await
+}
+
+/// [`relay`] with a client filter: for tests and benchmarks of the filtered copy path.
+pub async fn relay_filtered<C, B>(
+    client: C,
+    backend: B,
+    pending: Pending,
+    idle: Duration,
+    filter: &mut dyn ClientFilter,
+) -> Report
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    copy::relay(client, backend, pending, idle, Some(filter)).await
 }
 
 /// The splice engine over two cleartext TCP sockets, without the copy fallback: for
@@ -250,7 +289,19 @@ pub async fn splice_relay(
     pending: Pending,
     idle: Duration,
 ) -> std::io::Result<Report> {
+    splice_relay_filtered(client, backend, pending, idle, None).await
+}
+
+/// [`splice_relay`] with an optional client filter (the client-to-backend direction is
+/// then read, filtered and written in user space; the other stays spliced).
+pub async fn splice_relay_filtered(
+    client: &TcpStream,
+    backend: &TcpStream,
+    pending: Pending,
+    idle: Duration,
+    filter: Option<&mut dyn ClientFilter>,
+) -> std::io::Result<Report> {
     let pipes = splice::Pipes::new(&Faults::default())?;
     let legs = splice::Legs { client, backend, client_ktls: false };
-    Ok(splice::relay(legs, pipes, pending, idle).await)
+    Ok(splice::relay(legs, pipes, pending, idle, filter).await)
 }

@@ -6,6 +6,11 @@
 //! empties its pipe completely before it reads its socket again; then an EAGAIN from
 //! socket -> pipe can only mean "socket empty", and one from pipe -> socket only
 //! "socket full". Every call is SPLICE_F_NONBLOCK so no call ever blocks a worker thread.
+//!
+//! With a client filter (SMTP's smuggling guard) the client-to-backend direction is read,
+//! filtered and written in user space instead, one pooled buffer per read (none while
+//! idle); the backend-to-client direction is spliced as before. That direction carries
+//! only the backend's replies, which nothing needs to examine.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -17,6 +22,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::clock::Clock;
+use super::copy::{give_buffer, take_buffer};
+use super::filter::{ClientFilter, Verdict};
 use super::ktls;
 use super::{Ending, Engine, Faults, Pending, Report, Totals};
 
@@ -68,8 +75,19 @@ pub(super) struct Legs<'a> {
     pub client_ktls: bool,
 }
 
+/// The filter refused the client's input; carries its reply out of the joined pumps.
+#[derive(Debug, thiserror::Error)]
+#[error("the client filter refused the client's input")]
+struct Refused(Vec<u8>);
+
 /// Relays until both directions have ended, either fails, or nothing moves for `idle`.
-pub(super) async fn relay(legs: Legs<'_>, pipes: Pipes, pending: Pending, idle: Duration) -> Report {
+pub(super) async fn relay(
+    legs: Legs<'_>,
+    pipes: Pipes,
+    pending: Pending,
+    idle: Duration,
+    filter: Option<&mut dyn ClientFilter>,
+) -> Report {
     let clock = Clock::new();
     let up_moved = AtomicU64::new(pending.to_backend.len() as u64);
     let down_moved = AtomicU64::new(pending.to_client.len() as u64);
@@ -91,14 +109,26 @@ pub(super) async fn relay(legs: Legs<'_>, pipes: Pipes, pending: Pending, idle: 
         clock: &clock,
         moved: &down_moved,
     };
-    let both = async { tokio::try_join!(up.run(pending.to_backend), down.run(pending.to_client)) };
+    let up_run = async {
+        match filter {
+            Some(filter) => up.run_filtered(pending.to_backend, filter).await,
+            None => up.run(pending.to_backend).await,
+        }
+    };
+    let both = async { tokio::try_join!(up_run, down.run(pending.to_client)) };
     let ending = tokio::select! {
         result = both => match result {
             Ok(_) => Ending::Closed,
-            Err(e) => {
-                tracing::debug!("splice relay failed: {e}");
-                Ending::Failed
-            }
+            Err(e) => match e.get_ref().and_then(|inner| inner.downcast_ref::<Refused>()) {
+                Some(Refused(reply)) => {
+                    refuse(&legs, reply).await;
+                    Ending::Refused
+                }
+                None => {
+                    tracing::debug!("splice relay failed: {e}");
+                    Ending::Failed
+                }
+            },
         },
         () = clock.idle_for(idle) => Ending::Idle,
     };
@@ -108,6 +138,16 @@ pub(super) async fn relay(legs: Legs<'_>, pipes: Pipes, pending: Pending, idle: 
         backend_to_client: down_moved.load(Ordering::Relaxed),
     };
     Report { engine, totals, ending }
+}
+
+/// Tells the client why its input was refused and closes both connections.
+async fn refuse(legs: &Legs<'_>, reply: &[u8]) {
+    let _ = socket2::SockRef::from(legs.backend).shutdown(std::net::Shutdown::Both);
+    let _ = write_all(legs.client, reply).await;
+    if legs.client_ktls {
+        let _ = ktls::send_close_notify(legs.client).await;
+    }
+    let _ = socket2::SockRef::from(legs.client).shutdown(std::net::Shutdown::Both);
 }
 
 /// One direction: `from` -> pipe -> `to`.
@@ -140,6 +180,73 @@ impl Pump<'_> {
             ktls::send_close_notify(self.to).await?;
         }
         socket2::SockRef::from(self.to).shutdown(std::net::Shutdown::Write)
+    }
+
+    /// The filtered form of [`Pump::run`]: socket -> user space -> filter -> socket.
+    async fn run_filtered(self, pending: Vec<u8>, filter: &mut dyn ClientFilter) -> io::Result<()> {
+        if !pending.is_empty() {
+            self.pass(filter, &pending).await?;
+        }
+        drop(pending);
+        while let Some(buf) = self.read_some().await? {
+            let (buf, n) = buf;
+            self.moved.fetch_add(n as u64, Ordering::Relaxed);
+            self.clock.touch();
+            let passed = self.pass(filter, &buf[..n]).await;
+            give_buffer(buf);
+            passed?;
+        }
+        let mut out = Vec::new();
+        match filter.finish(&mut out) {
+            Verdict::Clean => {}
+            Verdict::Changed => write_all(self.to, &out).await?,
+            Verdict::Refuse(reply) => {
+                write_all(self.to, &out).await?;
+                return Err(io::Error::other(Refused(reply)));
+            }
+        }
+        socket2::SockRef::from(self.to).shutdown(std::net::Shutdown::Write)
+    }
+
+    /// One read into a pooled buffer, taken only once the socket is readable so an idle
+    /// session holds none; `None` at the end of the stream.
+    async fn read_some(&self) -> io::Result<Option<(Box<[u8]>, usize)>> {
+        loop {
+            self.from.readable().await?;
+            let mut buf = take_buffer();
+            match self.from.try_read(&mut buf) {
+                Ok(0) => {
+                    give_buffer(buf);
+                    return Ok(None);
+                }
+                Ok(n) => return Ok(Some((buf, n))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_buffer(buf),
+                // A kernel-TLS socket refuses a plain read of a non-data record (EIO): read
+                // it as a control message, as `fill` does for splice.
+                Err(e) if self.from_ktls && e.raw_os_error() == Some(libc::EIO) => {
+                    give_buffer(buf);
+                    ktls::read_control_record(self.from).await?;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    give_buffer(buf);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Writes what the filter lets through of `input`.
+    async fn pass(&self, filter: &mut dyn ClientFilter, input: &[u8]) -> io::Result<()> {
+        let mut out = Vec::new();
+        match filter.filter(input, &mut out) {
+            Verdict::Clean => write_all(self.to, input).await,
+            Verdict::Changed => write_all(self.to, &out).await,
+            Verdict::Refuse(reply) => {
+                write_all(self.to, &out).await?;
+                Err(io::Error::other(Refused(reply)))
+            }
+        }
     }
 
     /// socket -> pipe; 0 means end of stream.
@@ -226,7 +333,7 @@ mod tests {
         let task = tokio::spawn(async move {
             let legs = Legs { client: &client_side, backend: &backend_side, client_ktls: false };
             let pending = Pending { to_backend: b"MAIL ".to_vec(), to_client: b"250 ".to_vec() };
-            relay(legs, Pipes::new(&Faults::default()).unwrap(), pending, Duration::from_secs(5)).await
+            relay(legs, Pipes::new(&Faults::default()).unwrap(), pending, Duration::from_secs(5), None).await
         });
         c.write_all(b"FROM:<a@b>").await.unwrap();
         c.shutdown().await.unwrap();
@@ -250,7 +357,7 @@ mod tests {
         let (backend_side, _b) = pair().await;
         let legs = Legs { client: &client_side, backend: &backend_side, client_ktls: false };
         let pipes = Pipes::new(&Faults::default()).unwrap();
-        let report = relay(legs, pipes, Pending::default(), Duration::from_secs(30)).await;
+        let report = relay(legs, pipes, Pending::default(), Duration::from_secs(30), None).await;
         assert_eq!(report.ending, Ending::Idle);
     }
 }

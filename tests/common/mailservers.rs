@@ -984,3 +984,67 @@ impl Drop for TrustingDovecot {
         self.dovecot.take();
     }
 }
+
+// ---- a second mailtls in front of the same backends ---------------------------------------
+
+/// Another mailtls binary in front of an [`Interop`]'s backends, with listeners of its own
+/// (e.g. other policies side by side with the fixture's); stopped when dropped.
+pub struct ExtraMailtls {
+    child: Child,
+    log: PathBuf,
+    /// The listeners' ports, in the order given.
+    pub ports: Vec<u16>,
+}
+
+impl ExtraMailtls {
+    pub fn log(&self) -> String {
+        strip_ansi(&read_lossy(&self.log))
+    }
+}
+
+impl Drop for ExtraMailtls {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- {} -----\n{}", self.log.display(), self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Interop {
+    /// Starts another mailtls named `name` with the fixture's certificate and these
+    /// `[[listeners]]` tables, each with `PORT` where its listen port goes.
+    pub fn extra_mailtls(&self, name: &str, listeners: &[String]) -> ExtraMailtls {
+        let held: Vec<TcpListener> =
+            listeners.iter().map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
+        let d = self.path().display().to_string();
+        let mut config = format!(
+            "hostname = \"mx.mail.test\"\n\n[tls]\n[[tls.certificates]]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/key.pem\"\n\n\
+             [timeouts]\ndrain = 1\n"
+        );
+        for (table, port) in listeners.iter().zip(&ports) {
+            config.push_str(&format!("\n[[listeners]]\n{}\n", table.replace("PORT", &port.to_string())));
+        }
+        let config_path = self.path().join(format!("{name}.toml"));
+        fs::write(&config_path, config).unwrap();
+        let log = self.path().join(format!("{name}.log"));
+        let out = File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailtls"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("start the mailtls binary");
+        let extra = ExtraMailtls { child, log, ports };
+        for port in &extra.ports {
+            wait_for_port(*port, name, || extra.log());
+        }
+        extra
+    }
+}
