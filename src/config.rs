@@ -101,6 +101,16 @@ pub struct TlsConfig {
     pub alpn: Vec<Vec<u8>>,
     /// Watch the certificate directories and reload on change (default); SIGHUP always works.
     pub watch: bool,
+    /// `ticket_keys = "PATH"`: session ticket keys shared by a fleet (see `tls/tickets.rs`);
+    /// `None`: each process makes its own keys, as before.
+    pub ticket_keys: Option<TicketKeysConfig>,
+}
+
+/// `[tls] ticket_keys = "PATH"`: the file, and where the key sits (for load errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TicketKeysConfig {
+    pub path: PathBuf,
+    pub origin: Origin,
 }
 
 /// Default size of the TLS 1.2 session cache: a few MB at most.
@@ -300,6 +310,7 @@ struct RawTls {
     alpn: Vec<Spanned<String>>,
     #[serde(default = "yes")]
     watch: bool,
+    ticket_keys: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -505,6 +516,7 @@ impl Validator<'_> {
             }
             alpn.push(n.as_bytes().to_vec());
         }
+        let ticket_keys = self.ticket_keys(raw.ticket_keys.as_ref(), raw.session_tickets)?;
         Ok(TlsConfig {
             min_version: raw.min_version,
             certificates,
@@ -514,7 +526,30 @@ impl Validator<'_> {
             kx_groups,
             alpn,
             watch: raw.watch,
+            ticket_keys,
         })
+    }
+
+    /// A shared key file only makes sense with tickets on; the file itself is read by
+    /// `tls::tickets` (at start, `--check` and reload), which names its own lines.
+    fn ticket_keys(
+        &self,
+        raw: Option<&Spanned<String>>,
+        session_tickets: bool,
+    ) -> Result<Option<TicketKeysConfig>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        if raw.get_ref().trim().is_empty() {
+            return Err(self.invalid("tls.ticket_keys", raw.span(), "needs the path of a ticket key file"));
+        }
+        if !session_tickets {
+            return Err(self.invalid(
+                "tls.ticket_keys",
+                raw.span(),
+                "shared ticket keys need session_tickets = true (remove one of the two)",
+            ));
+        }
+        let origin = self.origin("tls.ticket_keys", raw.span());
+        Ok(Some(TicketKeysConfig { path: self.resolve(raw.get_ref()), origin }))
     }
 
     /// Only suites of the provider's own list are accepted: all of them are AEAD with
@@ -1057,6 +1092,24 @@ backend = "127.0.0.1:2525"
         assert_eq!(parse_text(&copy).expect("valid").relay, RelayMode::Copy);
         let e = error_of(&GOOD.replacen("hostname", "relay = \"splice\"\nhostname", 1));
         assert!(e.contains(":2: relay: \"splice\" is not a relay mode"), "{e}");
+    }
+
+    #[test]
+    fn ticket_keys_resolve_beside_the_config_and_need_tickets() {
+        let with =
+            GOOD.replace("min_version = \"1.2\"", "min_version = \"1.2\"\nticket_keys = \"ticket.keys\"");
+        let c = parse_text(&with).unwrap();
+        let keys = c.tls.ticket_keys.expect("ticket_keys set");
+        assert_eq!(keys.path, Path::new("/etc/mailtls/ticket.keys"));
+        assert_eq!(keys.origin.to_string(), "/etc/mailtls/mailtls.toml:6: tls.ticket_keys");
+        assert!(parse_text(GOOD).unwrap().tls.ticket_keys.is_none());
+        let e = error_of(&with.replace(
+            "ticket_keys = \"ticket.keys\"",
+            "ticket_keys = \"ticket.keys\"\nsession_tickets = false",
+        ));
+        assert!(e.contains(":6: tls.ticket_keys: shared ticket keys need session_tickets = true"), "{e}");
+        let e = error_of(&with.replace("\"ticket.keys\"", "\"\""));
+        assert!(e.contains(":6: tls.ticket_keys: needs the path"), "{e}");
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Server {
     pub fn bind_with(config: Config, mut inherited: Inherited) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let certificates = Arc::new(Certificates::load(&config, metrics.clone())?);
-        let resumption = tls::Resumption::new(&config.tls)?;
+        let resumption = tls::Resumption::new(&config.tls, metrics.clone())?;
         let acceptor = TlsAcceptor::from(tls::server_config(&config, certificates.store(), &resumption)?);
         let engines = relay::Engines::detect(config.relay, config.timeouts.idle, metrics.clone());
         tracing::info!("{}", engines.describe());
@@ -213,6 +213,26 @@ impl Server {
         }
     }
 
+    /// Reloads the shared ticket key file when its directory changes, unless
+    /// `tls.watch = false` (SIGHUP always works).
+    fn watch_ticket_keys(&self) -> Option<crate::watch::Watch> {
+        let ticketer = self.resumption.shared_ticketer()?;
+        if !self.config.tls.watch {
+            return None;
+        }
+        let dirs = crate::watch::directories([ticketer.path.as_path()]);
+        let on_change = move || {
+            ticketer.reload("file change");
+        };
+        match crate::watch::spawn(&dirs, "ticket key", on_change) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("the ticket key file is not watched (reload with SIGHUP): {e}");
+                None
+            }
+        }
+    }
+
     /// Reloads every routes file when a directory holding one changes (each map all or
     /// nothing; a bad one is refused and the map in service stays).
     fn watch_routes(&self) -> Option<crate::watch::Watch> {
@@ -241,6 +261,7 @@ impl Server {
         let sessions = TaskTracker::new();
         let mut watch = self.watch_certificates();
         let mut route_watch = self.watch_routes();
+        let mut ticket_watch = self.watch_ticket_keys();
         let loops = self.start_listeners(&stop, &sessions);
         // Serving from here on (the accept loops run); said before the admin endpoint starts,
         // or a health check could be answered "not serving" by a process that is.
@@ -271,6 +292,8 @@ impl Server {
                         watch = self.watch_certificates();
                         drop(route_watch.take());
                         route_watch = self.watch_routes();
+                        drop(ticket_watch.take());
+                        ticket_watch = self.watch_ticket_keys();
                     }
                     systemd::ready(&status.line());
                 }
@@ -283,6 +306,7 @@ impl Server {
         tracing::info!(open, drain = ?self.config.timeouts.drain, "stopping: no new connections");
         drop(watch);
         drop(route_watch);
+        drop(ticket_watch);
         stop.graceful.cancel();
         for l in loops {
             let _ = l.await;
@@ -344,7 +368,8 @@ impl Server {
         let new = config::load(&self.config.path)?;
         let certs = tls::load_certificates(&new, tls::SelfSigned::Create)
             .inspect_err(|_| self.certificates.refused())?;
-        let resumption = self.resumption.for_config(&new.tls)?;
+        let resumption = self.resumption.for_config(&new.tls, self.metrics.clone())?;
+        let ticket_keys = reread_ticket_keys(&new, &resumption)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&new, self.certificates.store(), &resumption)?);
         let mut maps = Vec::new();
         for l in &self.listeners {
@@ -361,6 +386,9 @@ impl Server {
         }
         self.certificates.adopt(&new, certs);
         self.resumption = resumption;
+        if let Some((ticketer, keys)) = ticket_keys {
+            ticketer.adopt(keys, "SIGHUP");
+        }
         self.limiter.set_limits(new.limits);
         for l in &mut self.listeners {
             let Some(lc) = new.listeners.iter().find(|n| n.name == l.config.name) else { continue };
@@ -403,6 +431,24 @@ impl Server {
         tracing::info!(config = %new.path.display(), "configuration reloaded: new sessions use it");
         self.config = new;
         Ok(())
+    }
+}
+
+/// The shared ticket key file read again (SIGHUP is how a rotation is applied where the
+/// watcher is off), checked before anything is swapped; a bad file refuses the reload.
+fn reread_ticket_keys(
+    new: &Config,
+    resumption: &tls::Resumption,
+) -> Result<Option<(Arc<tls::SharedTicketer>, tls::tickets::KeySet)>, ReloadError> {
+    let (Some(ticketer), Some(k)) = (resumption.shared_ticketer(), &new.tls.ticket_keys) else {
+        return Ok(None);
+    };
+    match tls::tickets::load(&ticketer.path) {
+        Ok(keys) => Ok(Some((ticketer, keys))),
+        Err(source) => {
+            ticketer.refused();
+            Err(tls::TlsError::TicketKeys { origin: k.origin.clone(), source }.into())
+        }
     }
 }
 

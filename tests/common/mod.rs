@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod mailservers;
+pub mod openssl;
 pub mod process;
 pub mod roles;
 
