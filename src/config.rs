@@ -144,6 +144,10 @@ pub struct Timeouts {
     pub backend_connect: Duration,
     /// How long open sessions may finish after SIGTERM/SIGINT before they are cut.
     pub drain: Duration,
+    /// After SIGTERM/SIGINT, how long to keep accepting while /healthz answers 503, so a
+    /// load balancer's health check takes the replica out before its ports close (0, the
+    /// default: stop accepting at once). Set it to the balancer's time to mark a server down.
+    pub health_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -154,6 +158,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(30 * 60),
             backend_connect: Duration::from_secs(10),
             drain: Duration::from_secs(30),
+            health_grace: Duration::ZERO,
         }
     }
 }
@@ -339,6 +344,7 @@ struct RawTimeouts {
     idle: Option<Spanned<u64>>,
     backend_connect: Option<Spanned<u64>>,
     drain: Option<Spanned<u64>>,
+    health_grace: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -668,6 +674,8 @@ impl Validator<'_> {
             idle: secs("idle", &raw.idle, d.idle)?,
             backend_connect: secs("backend_connect", &raw.backend_connect, d.backend_connect)?,
             drain: secs("drain", &raw.drain, d.drain)?,
+            // 0 is meaningful here (no grace), unlike the timeouts above.
+            health_grace: raw.health_grace.map_or(d.health_grace, Duration::from_secs),
         })
     }
 
@@ -1092,6 +1100,15 @@ backend = "127.0.0.1:2525"
         assert_eq!(parse_text(&copy).expect("valid").relay, RelayMode::Copy);
         let e = error_of(&GOOD.replacen("hostname", "relay = \"splice\"\nhostname", 1));
         assert!(e.contains(":2: relay: \"splice\" is not a relay mode"), "{e}");
+    }
+
+    #[test]
+    fn health_grace_defaults_to_none_and_may_be_zero() {
+        assert_eq!(parse_text(GOOD).unwrap().timeouts.health_grace, Duration::ZERO);
+        let c = parse_text(&format!("{GOOD}\n[timeouts]\nhealth_grace = 3\n")).unwrap();
+        assert_eq!(c.timeouts.health_grace, Duration::from_secs(3));
+        let c = parse_text(&format!("{GOOD}\n[timeouts]\nhealth_grace = 0\n")).unwrap();
+        assert_eq!(c.timeouts.health_grace, Duration::ZERO);
     }
 
     #[test]

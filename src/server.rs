@@ -301,6 +301,11 @@ impl Server {
             }
         }
         self.health.set_serving(false);
+        if !self.config.timeouts.health_grace.is_zero() {
+            // Still accepting (and answering /healthz with 503) until balancers have noticed.
+            tracing::info!(grace = ?self.config.timeouts.health_grace, "stopping: health check says not serving");
+            tokio::time::sleep(self.config.timeouts.health_grace).await;
+        }
         let open = sessions.len();
         systemd::stopping(&format!("stopping: draining {open} sessions"));
         tracing::info!(open, drain = ?self.config.timeouts.drain, "stopping: no new connections");

@@ -10,8 +10,8 @@ cd "$(dirname "$0")/.."
 # systemd-socket-activate (socket activation tests) and systemd-analyze (unit verification
 # and the security exposure threshold); no running systemd is needed. The rest: the interop
 # tests' servers (postfix, dovecot-*) and real clients; bsdutils gives `script`, which the
-# Postfix fixture uses to see why a start failed.
-packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils)
+# Postfix fixture uses to see why a start failed. haproxy: the balancer of tests/fleet.rs.
+packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils haproxy)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
