@@ -72,6 +72,8 @@ pub enum ReloadError {
     Tls(#[from] tls::TlsError),
     #[error("{origin}: {source}")]
     Routes { origin: Origin, source: Box<RoutesError> },
+    #[error("reading the routes files was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// Requests from the outside world (signals) to the running server.
@@ -241,10 +243,16 @@ impl Server {
             return None;
         }
         let dirs = crate::watch::directories(tables.iter().map(|t| t.path.as_path()));
+        let runtime = tokio::runtime::Handle::current();
         let on_change = move || {
-            for table in &tables {
-                table.reload("file change");
-            }
+            let tables = tables.clone();
+            // A million-address map takes a while to read: never on the runtime's threads,
+            // where sessions are served.
+            runtime.spawn_blocking(move || {
+                for table in &tables {
+                    table.reload("file change");
+                }
+            });
         };
         match crate::watch::spawn(&dirs, "routes", on_change) {
             Ok(w) => Some(w),
@@ -286,7 +294,7 @@ impl Server {
             match request {
                 Control::Reload => {
                     systemd::reloading();
-                    if self.reload_config(&status) {
+                    if self.reload_config(&status).await {
                         // The certificate and routes files may live elsewhere now.
                         drop(watch.take());
                         watch = self.watch_certificates();
@@ -351,8 +359,8 @@ impl Server {
 
     /// Re-reads the config file and applies what can change for new sessions. Returns
     /// whether the new config was taken.
-    fn reload_config(&mut self, status: &Status) -> bool {
-        match self.try_reload() {
+    async fn reload_config(&mut self, status: &Status) -> bool {
+        match self.try_reload().await {
             Ok(()) => {
                 self.metrics.config_reload(true);
                 set_reload_error(status, None);
@@ -369,23 +377,20 @@ impl Server {
 
     /// Everything is loaded and checked before anything is swapped: a reload applies
     /// whole or not at all.
-    fn try_reload(&mut self) -> Result<(), ReloadError> {
+    async fn try_reload(&mut self) -> Result<(), ReloadError> {
         let new = config::load(&self.config.path)?;
         let certs = tls::load_certificates(&new, tls::SelfSigned::Create)
             .inspect_err(|_| self.certificates.refused())?;
         let resumption = self.resumption.for_config(&new.tls, self.metrics.clone())?;
         let ticket_keys = reread_ticket_keys(&new, &resumption)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&new, self.certificates.store(), &resumption)?);
-        let mut maps = Vec::new();
-        for l in &self.listeners {
-            let Some(lc) = new.listeners.iter().find(|n| n.name == l.config.name) else { continue };
-            let Some(r) = &lc.routes else { continue };
-            let map = routes::load(&r.path).map_err(|source| {
-                self.metrics.route_reload(false);
-                ReloadError::Routes { origin: r.origin.clone(), source: Box::new(source) }
-            })?;
-            maps.push((l.config.name.clone(), r.path.clone(), map));
-        }
+        let wanted: Vec<(String, config::RoutesConfig)> = self
+            .listeners
+            .iter()
+            .filter_map(|l| new.listeners.iter().find(|n| n.name == l.config.name))
+            .filter_map(|lc| lc.routes.clone().map(|r| (lc.name.clone(), r)))
+            .collect();
+        let mut maps = load_route_maps(wanted).await.inspect_err(|_| self.metrics.route_reload(false))?;
         for change in restart_needed(&self.config, &new) {
             tracing::warn!("configuration reload: {change} needs a restart; ignored until then");
         }
@@ -437,6 +442,27 @@ impl Server {
         self.config = new;
         Ok(())
     }
+}
+
+/// Reads the routes files of a reload on a blocking thread (a million-address map takes a
+/// while; sessions go on being served meanwhile), one after the other, so that at most one
+/// new map is built at a time beside the maps in service. All of them or an error.
+async fn load_route_maps(
+    wanted: Vec<(String, config::RoutesConfig)>,
+) -> Result<Vec<(String, std::path::PathBuf, routes::Routes)>, ReloadError> {
+    let loaded = tokio::task::spawn_blocking(move || {
+        let mut maps = Vec::new();
+        for (name, r) in wanted {
+            let map = routes::load(&r.path).map_err(|source| ReloadError::Routes {
+                origin: r.origin.clone(),
+                source: Box::new(source),
+            })?;
+            maps.push((name, r.path, map));
+        }
+        Ok(maps)
+    })
+    .await;
+    loaded.unwrap_or_else(|e| Err(ReloadError::Interrupted(e.to_string())))
 }
 
 /// The shared ticket key file read again (SIGHUP is how a rotation is applied where the
