@@ -331,6 +331,16 @@ default = "10.0.0.1:143"
     }
 
     #[test]
+    fn the_example_maps_say_the_same_in_both_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = dir.path().join("routes.example.map");
+        std::fs::write(&lines, include_str!("../config/routes.example.map")).unwrap();
+        let toml =
+            parse(Path::new("routes.example.toml"), include_str!("../config/routes.example.toml")).unwrap();
+        assert_eq!(load(&lines).unwrap(), toml);
+    }
+
+    #[test]
     fn an_empty_map_sends_everyone_to_the_default() {
         let r = parse(Path::new("r.toml"), "default = \"mail:143\"\n").unwrap();
         assert_eq!(r.route("anyone@anywhere"), ("mail:143", Rule::Default));
