@@ -310,9 +310,13 @@ impl Server {
         }
         self.health.set_serving(false);
         if !self.config.timeouts.health_grace.is_zero() {
-            // Still accepting (and answering /healthz with 503) until balancers have noticed.
+            // Still accepting (and answering /healthz with 503) until balancers have noticed;
+            // a second stop request (an impatient Ctrl-C) ends the grace.
             tracing::info!(grace = ?self.config.timeouts.health_grace, "stopping: health check says not serving");
-            tokio::time::sleep(self.config.timeouts.health_grace).await;
+            tokio::select! {
+                () = tokio::time::sleep(self.config.timeouts.health_grace) => {}
+                Some(Control::Stop) = control.recv() => tracing::info!("second stop request: grace ended"),
+            }
         }
         let open = sessions.len();
         systemd::stopping(&format!("stopping: draining {open} sessions"));

@@ -198,10 +198,10 @@ impl Resumption {
         };
         let shared = match &tls.ticket_keys {
             None => None,
-            Some(k) => Some(Arc::new(
-                SharedTicketer::load(&k.path, metrics)
-                    .map_err(|source| TlsError::TicketKeys { origin: k.origin.clone(), source })?,
-            )),
+            Some(k) => Some(Arc::new(SharedTicketer::load(&k.path, metrics.clone()).map_err(|source| {
+                metrics.ticket_key_reload(false);
+                TlsError::TicketKeys { origin: k.origin.clone(), source }
+            })?)),
         };
         let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> = match (&shared, tls.session_tickets)
         {

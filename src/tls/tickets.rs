@@ -151,6 +151,17 @@ fn derive(raw: &[u8]) -> Option<TicketKey> {
     Some(TicketKey { name: name.try_into().ok()?, aead })
 }
 
+/// Whoever reads the keys can decrypt every session whose ticket they sealed: say so when
+/// the file is open to everyone (a warning, not a refusal: a Secret volume may be 0644).
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o004 != 0 {
+            tracing::warn!(ticket_keys = %path.display(), "the ticket key file is readable by every user: chmod 600 it");
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -237,6 +248,7 @@ impl rustls::server::ProducesTickets for SharedTicketer {
 }
 
 fn log_keys(path: &Path, keys: &KeySet, what: &str) {
+    warn_if_readable_by_others(path);
     let names = keys.names();
     tracing::info!(
         ticket_keys = %path.display(),
