@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use mailtls::metrics::{Metrics, Tally};
 use mailtls::server::Control;
 
@@ -233,4 +234,53 @@ async fn a_reload_request_rotates_the_keys_when_the_watcher_is_off() {
     assert!(!resumes(f.a.addr("imaps"), "-tls1_2", &fresh).await, "B still seals with the old key");
     f.a.stop().await;
     f.b.stop().await;
+}
+
+/// `mailtls --check` reads the key file: a bad line is named by the config key and the key
+/// file's own line; a good file's key names are listed, the sealing one first.
+#[test]
+fn check_names_the_config_key_and_the_bad_line_of_the_key_file() {
+    if !have_openssl() {
+        return;
+    }
+    let certs = certs();
+    let keys = certs.dir.path().join("ticket.keys");
+    let text = config_text(
+        &certs,
+        &[Listener::new("imaps", "imap", "implicit", "127.0.0.1:11143".parse().unwrap())],
+        "",
+    )
+    .replace("min_version = \"1.2\"\n", "min_version = \"1.2\"\nticket_keys = \"ticket.keys\"\n");
+    let config = certs.dir.path().join("mailtls.toml");
+    std::fs::write(&config, &text).unwrap();
+    let line = text.lines().position(|l| l.starts_with("ticket_keys")).unwrap() + 1;
+    let check = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailtls"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--check")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let good = openssl_key();
+    write_keys(&keys, &[&good, "this is not base64"]);
+    let (ok, _, stderr) = check();
+    assert!(!ok, "{stderr}");
+    let want =
+        format!("{}:{line}: tls.ticket_keys: {}:2: not a base64 key", config.display(), keys.display());
+    assert!(stderr.contains(&want), "{stderr}");
+    write_keys(&keys, &[&good, &openssl_key()]);
+    let (ok, stdout, stderr) = check();
+    assert!(ok, "{stdout}{stderr}");
+    let name = base64::engine::general_purpose::STANDARD.decode(&good).unwrap()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    assert!(stdout.contains(&format!("ticket keys {}: {name}, ", keys.display())), "{stdout}");
+    assert!(!stdout.contains(&good[20..40]), "key bytes never shown: {stdout}");
 }
