@@ -218,6 +218,13 @@ impl RouteTable {
         }
     }
 
+    /// Reads the file while no watcher reload of this table runs (a SIGHUP reload, which
+    /// adopts the map once the whole config is checked). Blocking, like [`load`].
+    pub fn load_exclusive(&self) -> Result<Routes, RoutesError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        load(&self.path)
+    }
+
     /// Puts a validated map in service (a no-op, not counted, when nothing changed).
     pub fn adopt(&self, routes: Routes, trigger: &str) {
         let old = self.current.load();

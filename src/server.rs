@@ -388,11 +388,15 @@ impl Server {
         let resumption = self.resumption.for_config(&new.tls, self.metrics.clone())?;
         let ticket_keys = reread_ticket_keys(&new, &resumption)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&new, self.certificates.store(), &resumption)?);
-        let wanted: Vec<(String, config::RoutesConfig)> = self
+        let wanted: Vec<WantedMap> = self
             .listeners
             .iter()
-            .filter_map(|l| new.listeners.iter().find(|n| n.name == l.config.name))
-            .filter_map(|lc| lc.routes.clone().map(|r| (lc.name.clone(), r)))
+            .filter_map(|l| {
+                let lc = new.listeners.iter().find(|n| n.name == l.config.name)?;
+                let r = lc.routes.clone()?;
+                let same = l.routes.clone().filter(|t| t.path == r.path);
+                Some((lc.name.clone(), r, same))
+            })
             .collect();
         let mut maps = load_route_maps(wanted).await.inspect_err(|_| self.metrics.route_reload(false))?;
         for change in restart_needed(&self.config, &new) {
@@ -448,16 +452,24 @@ impl Server {
     }
 }
 
+/// A listener's routes file to read for a reload, with the table in service when it is the
+/// same file (whose watcher reloads must not run at the same time).
+type WantedMap = (String, config::RoutesConfig, Option<Arc<RouteTable>>);
+
 /// Reads the routes files of a reload on a blocking thread (a million-address map takes a
-/// while; sessions go on being served meanwhile), one after the other, so that at most one
-/// new map is built at a time beside the maps in service. All of them or an error.
+/// while; sessions go on being served meanwhile), never while a watcher reload of the same
+/// table runs, so each map has at most one new copy beside it. All of them or an error.
 async fn load_route_maps(
-    wanted: Vec<(String, config::RoutesConfig)>,
+    wanted: Vec<WantedMap>,
 ) -> Result<Vec<(String, std::path::PathBuf, routes::Routes)>, ReloadError> {
     let loaded = tokio::task::spawn_blocking(move || {
         let mut maps = Vec::new();
-        for (name, r) in wanted {
-            let map = routes::load(&r.path).map_err(|source| ReloadError::Routes {
+        for (name, r, table) in wanted {
+            let map = match &table {
+                Some(t) => t.load_exclusive(),
+                None => routes::load(&r.path),
+            };
+            let map = map.map_err(|source| ReloadError::Routes {
                 origin: r.origin.clone(),
                 source: Box::new(source),
             })?;
