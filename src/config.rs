@@ -101,6 +101,16 @@ pub struct TlsConfig {
     pub alpn: Vec<Vec<u8>>,
     /// Watch the certificate directories and reload on change (default); SIGHUP always works.
     pub watch: bool,
+    /// `ticket_keys = "PATH"`: session ticket keys shared by a fleet (see `tls/tickets.rs`);
+    /// `None`: each process makes its own keys, as before.
+    pub ticket_keys: Option<TicketKeysConfig>,
+}
+
+/// `[tls] ticket_keys = "PATH"`: the file, and where the key sits (for load errors).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TicketKeysConfig {
+    pub path: PathBuf,
+    pub origin: Origin,
 }
 
 /// Default size of the TLS 1.2 session cache: a few MB at most.
@@ -134,6 +144,10 @@ pub struct Timeouts {
     pub backend_connect: Duration,
     /// How long open sessions may finish after SIGTERM/SIGINT before they are cut.
     pub drain: Duration,
+    /// After SIGTERM/SIGINT, how long to keep accepting while /healthz answers 503, so a
+    /// load balancer's health check takes the replica out before its ports close (0, the
+    /// default: stop accepting at once). Set it to the balancer's time to mark a server down.
+    pub health_grace: Duration,
 }
 
 impl Default for Timeouts {
@@ -144,6 +158,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(30 * 60),
             backend_connect: Duration::from_secs(10),
             drain: Duration::from_secs(30),
+            health_grace: Duration::ZERO,
         }
     }
 }
@@ -304,6 +319,7 @@ struct RawTls {
     alpn: Vec<Spanned<String>>,
     #[serde(default = "yes")]
     watch: bool,
+    ticket_keys: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -332,6 +348,7 @@ struct RawTimeouts {
     idle: Option<Spanned<u64>>,
     backend_connect: Option<Spanned<u64>>,
     drain: Option<Spanned<u64>>,
+    health_grace: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -556,6 +573,7 @@ impl Validator<'_> {
             }
             alpn.push(n.as_bytes().to_vec());
         }
+        let ticket_keys = self.ticket_keys(raw.ticket_keys.as_ref(), raw.session_tickets)?;
         Ok(TlsConfig {
             min_version: raw.min_version,
             certificates,
@@ -565,7 +583,30 @@ impl Validator<'_> {
             kx_groups,
             alpn,
             watch: raw.watch,
+            ticket_keys,
         })
+    }
+
+    /// A shared key file only makes sense with tickets on; the file itself is read by
+    /// `tls::tickets` (at start, `--check` and reload), which names its own lines.
+    fn ticket_keys(
+        &self,
+        raw: Option<&Spanned<String>>,
+        session_tickets: bool,
+    ) -> Result<Option<TicketKeysConfig>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        if raw.get_ref().trim().is_empty() {
+            return Err(self.invalid("tls.ticket_keys", raw.span(), "needs the path of a ticket key file"));
+        }
+        if !session_tickets {
+            return Err(self.invalid(
+                "tls.ticket_keys",
+                raw.span(),
+                "shared ticket keys need session_tickets = true (remove one of the two)",
+            ));
+        }
+        let origin = self.origin("tls.ticket_keys", raw.span());
+        Ok(Some(TicketKeysConfig { path: self.resolve(raw.get_ref()), origin }))
     }
 
     /// Only suites of the provider's own list are accepted: all of them are AEAD with
@@ -684,6 +725,8 @@ impl Validator<'_> {
             idle: secs("idle", &raw.idle, d.idle)?,
             backend_connect: secs("backend_connect", &raw.backend_connect, d.backend_connect)?,
             drain: secs("drain", &raw.drain, d.drain)?,
+            // 0 is meaningful here (no grace), unlike the timeouts above.
+            health_grace: raw.health_grace.map_or(d.health_grace, Duration::from_secs),
         })
     }
 
@@ -1152,6 +1195,33 @@ backend = "127.0.0.1:2525"
         assert_eq!(parse_text(&copy).expect("valid").relay, RelayMode::Copy);
         let e = error_of(&GOOD.replacen("hostname", "relay = \"splice\"\nhostname", 1));
         assert!(e.contains(":2: relay: \"splice\" is not a relay mode"), "{e}");
+    }
+
+    #[test]
+    fn health_grace_defaults_to_none_and_may_be_zero() {
+        assert_eq!(parse_text(GOOD).unwrap().timeouts.health_grace, Duration::ZERO);
+        let c = parse_text(&format!("{GOOD}\n[timeouts]\nhealth_grace = 3\n")).unwrap();
+        assert_eq!(c.timeouts.health_grace, Duration::from_secs(3));
+        let c = parse_text(&format!("{GOOD}\n[timeouts]\nhealth_grace = 0\n")).unwrap();
+        assert_eq!(c.timeouts.health_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn ticket_keys_resolve_beside_the_config_and_need_tickets() {
+        let with =
+            GOOD.replace("min_version = \"1.2\"", "min_version = \"1.2\"\nticket_keys = \"ticket.keys\"");
+        let c = parse_text(&with).unwrap();
+        let keys = c.tls.ticket_keys.expect("ticket_keys set");
+        assert_eq!(keys.path, Path::new("/etc/mailtls/ticket.keys"));
+        assert_eq!(keys.origin.to_string(), "/etc/mailtls/mailtls.toml:6: tls.ticket_keys");
+        assert!(parse_text(GOOD).unwrap().tls.ticket_keys.is_none());
+        let e = error_of(&with.replace(
+            "ticket_keys = \"ticket.keys\"",
+            "ticket_keys = \"ticket.keys\"\nsession_tickets = false",
+        ));
+        assert!(e.contains(":6: tls.ticket_keys: shared ticket keys need session_tickets = true"), "{e}");
+        let e = error_of(&with.replace("\"ticket.keys\"", "\"\""));
+        assert!(e.contains(":6: tls.ticket_keys: needs the path"), "{e}");
     }
 
     #[test]

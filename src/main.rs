@@ -87,6 +87,14 @@ fn check(config: &config::Config) -> anyhow::Result<()> {
             map.default
         );
     }
+    if let Some(k) = &config.tls.ticket_keys {
+        let keys = tls::tickets::load(&k.path).map_err(|e| anyhow::anyhow!("{}: {e}", k.origin))?;
+        println!(
+            "ticket keys {}: {} (the first seals new tickets)",
+            k.path.display(),
+            keys.names().join(", ")
+        );
+    }
     let pending = config.tls.certificates.len() - certs.len();
     if pending > 0 {
         println!("{pending} self-signed trial certificate(s) will be created or renewed at start (self_signed = true)");

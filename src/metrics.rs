@@ -137,6 +137,8 @@ pub struct Metrics {
     cert_reloads: Family<OutcomeLabels, Counter>,
     config_reloads: Family<OutcomeLabels, Counter>,
     route_reloads: Family<OutcomeLabels, Counter>,
+    ticket_key_reloads: Family<OutcomeLabels, Counter>,
+    ticket_keys: Gauge,
     routed: Family<RouteLabels, Counter>,
     not_after: Family<CertLabels, Gauge>,
     /// Connections accepted, every listener (refused ones included).
@@ -164,6 +166,8 @@ pub struct Metrics {
     pub config_reloads_failed: Tally,
     pub route_reloads_ok: Tally,
     pub route_reloads_failed: Tally,
+    pub ticket_key_reloads_ok: Tally,
+    pub ticket_key_reloads_failed: Tally,
     /// The soonest notAfter (Unix seconds) of the certificates in service; 0 before any.
     pub soonest_not_after: AtomicI64,
 }
@@ -194,6 +198,8 @@ impl Metrics {
             cert_reloads: Family::default(),
             config_reloads: Family::default(),
             route_reloads: Family::default(),
+            ticket_key_reloads: Family::default(),
+            ticket_keys: Gauge::default(),
             routed: Family::default(),
             not_after: Family::default(),
             connections_accepted: Tally::default(),
@@ -215,6 +221,8 @@ impl Metrics {
             config_reloads_failed: Tally::default(),
             route_reloads_ok: Tally::default(),
             route_reloads_failed: Tally::default(),
+            ticket_key_reloads_ok: Tally::default(),
+            ticket_key_reloads_failed: Tally::default(),
             soonest_not_after: AtomicI64::new(0),
         };
         m.register();
@@ -260,6 +268,16 @@ impl Metrics {
         r.register("certificate_reloads", "Certificate reloads by outcome", self.cert_reloads.clone());
         r.register("config_reloads", "Configuration reloads by outcome", self.config_reloads.clone());
         r.register("route_reloads", "Routes file reloads by outcome", self.route_reloads.clone());
+        r.register(
+            "ticket_key_reloads",
+            "Session ticket key file reloads by outcome",
+            self.ticket_key_reloads.clone(),
+        );
+        r.register(
+            "ticket_keys",
+            "Session ticket keys in service (shared key file)",
+            self.ticket_keys.clone(),
+        );
         r.register(
             "routed_logins",
             "Logins routed to a backend, by the map rule that chose it",
@@ -411,6 +429,20 @@ impl Metrics {
             self.route_reloads_failed.bump();
         }
         self.route_reloads.get_or_create(&OutcomeLabels { outcome: outcome(ok) }).inc();
+    }
+
+    pub fn ticket_key_reload(&self, ok: bool) {
+        if ok {
+            self.ticket_key_reloads_ok.bump();
+        } else {
+            self.ticket_key_reloads_failed.bump();
+        }
+        self.ticket_key_reloads.get_or_create(&OutcomeLabels { outcome: outcome(ok) }).inc();
+    }
+
+    /// How many keys the shared ticket key file in service holds.
+    pub fn set_ticket_keys(&self, n: usize) {
+        self.ticket_keys.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A login routed by the rule `rule` ("address", "domain", "default").

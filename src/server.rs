@@ -67,6 +67,8 @@ pub enum ReloadError {
     Tls(#[from] tls::TlsError),
     #[error("{origin}: {source}")]
     Routes { origin: Origin, source: Box<RoutesError> },
+    #[error("reading the routes files was interrupted: {0}")]
+    Interrupted(String),
 }
 
 /// Requests from the outside world (signals) to the running server.
@@ -130,7 +132,7 @@ impl Server {
     pub fn bind_with(config: Config, mut inherited: Inherited) -> Result<Server, StartError> {
         let metrics = Arc::new(Metrics::new());
         let certificates = Arc::new(Certificates::load(&config, metrics.clone())?);
-        let resumption = tls::Resumption::new(&config.tls)?;
+        let resumption = tls::Resumption::new(&config.tls, metrics.clone())?;
         let acceptor = TlsAcceptor::from(tls::server_config(&config, certificates.store(), &resumption)?);
         let engines = relay::Engines::detect(config.relay, config.timeouts.idle, metrics.clone());
         tracing::info!("{}", engines.describe());
@@ -208,6 +210,26 @@ impl Server {
         }
     }
 
+    /// Reloads the shared ticket key file when its directory changes, unless
+    /// `tls.watch = false` (SIGHUP always works).
+    fn watch_ticket_keys(&self) -> Option<crate::watch::Watch> {
+        let ticketer = self.resumption.shared_ticketer()?;
+        if !self.config.tls.watch {
+            return None;
+        }
+        let files = vec![ticketer.path.clone()];
+        let on_change = move || {
+            ticketer.reload("file change");
+        };
+        match crate::watch::spawn(&files, "ticket key", on_change) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("the ticket key file is not watched (reload with SIGHUP): {e}");
+                None
+            }
+        }
+    }
+
     /// Reloads every routes file when a directory holding one changes (each map all or
     /// nothing; a bad one is refused and the map in service stays).
     fn watch_routes(&self) -> Option<crate::watch::Watch> {
@@ -216,10 +238,16 @@ impl Server {
             return None;
         }
         let files: Vec<PathBuf> = tables.iter().map(|t| t.path.clone()).collect();
+        let runtime = tokio::runtime::Handle::current();
         let on_change = move || {
-            for table in &tables {
-                table.reload("file change");
-            }
+            let tables = tables.clone();
+            // A million-address map takes a while to read: never on the runtime's threads,
+            // where sessions are served.
+            runtime.spawn_blocking(move || {
+                for table in &tables {
+                    table.reload("file change");
+                }
+            });
         };
         match crate::watch::spawn(&files, "routes", on_change) {
             Ok(w) => Some(w),
@@ -236,6 +264,7 @@ impl Server {
         let sessions = TaskTracker::new();
         let mut watch = self.watch_certificates();
         let mut route_watch = self.watch_routes();
+        let mut ticket_watch = self.watch_ticket_keys();
         let loops = self.start_listeners(&stop, &sessions);
         // Serving from here on (the accept loops run); said before the admin endpoint starts,
         // or a health check could be answered "not serving" by a process that is.
@@ -260,12 +289,14 @@ impl Server {
             match request {
                 Control::Reload => {
                     systemd::reloading();
-                    if self.reload_config(&status) {
+                    if self.reload_config(&status).await {
                         // The certificate and routes files may live elsewhere now.
                         drop(watch.take());
                         watch = self.watch_certificates();
                         drop(route_watch.take());
                         route_watch = self.watch_routes();
+                        drop(ticket_watch.take());
+                        ticket_watch = self.watch_ticket_keys();
                     }
                     systemd::ready(&status.line());
                 }
@@ -273,11 +304,21 @@ impl Server {
             }
         }
         self.health.set_serving(false);
+        if !self.config.timeouts.health_grace.is_zero() {
+            // Still accepting (and answering /healthz with 503) until balancers have noticed;
+            // a second stop request (an impatient Ctrl-C) ends the grace.
+            tracing::info!(grace = ?self.config.timeouts.health_grace, "stopping: health check says not serving");
+            tokio::select! {
+                () = tokio::time::sleep(self.config.timeouts.health_grace) => {}
+                Some(Control::Stop) = control.recv() => tracing::info!("second stop request: grace ended"),
+            }
+        }
         let open = sessions.len();
         systemd::stopping(&format!("stopping: draining {open} sessions"));
         tracing::info!(open, drain = ?self.config.timeouts.drain, "stopping: no new connections");
         drop(watch);
         drop(route_watch);
+        drop(ticket_watch);
         stop.graceful.cancel();
         for l in loops {
             let _ = l.await;
@@ -317,8 +358,8 @@ impl Server {
 
     /// Re-reads the config file and applies what can change for new sessions. Returns
     /// whether the new config was taken.
-    fn reload_config(&mut self, status: &Status) -> bool {
-        match self.try_reload() {
+    async fn reload_config(&mut self, status: &Status) -> bool {
+        match self.try_reload().await {
             Ok(()) => {
                 self.metrics.config_reload(true);
                 set_reload_error(status, None);
@@ -335,27 +376,32 @@ impl Server {
 
     /// Everything is loaded and checked before anything is swapped: a reload applies
     /// whole or not at all.
-    fn try_reload(&mut self) -> Result<(), ReloadError> {
+    async fn try_reload(&mut self) -> Result<(), ReloadError> {
         let new = config::load(&self.config.path)?;
         let certs = tls::load_certificates(&new, tls::SelfSigned::Create)
             .inspect_err(|_| self.certificates.refused())?;
-        let resumption = self.resumption.for_config(&new.tls)?;
+        let resumption = self.resumption.for_config(&new.tls, self.metrics.clone())?;
+        let ticket_keys = reread_ticket_keys(&new, &resumption)?;
         let acceptor = TlsAcceptor::from(tls::server_config(&new, self.certificates.store(), &resumption)?);
-        let mut maps = Vec::new();
-        for l in &self.listeners {
-            let Some(lc) = new.listeners.iter().find(|n| n.name == l.config.name) else { continue };
-            let Some(r) = &lc.routes else { continue };
-            let map = routes::load(&r.path).map_err(|source| {
-                self.metrics.route_reload(false);
-                ReloadError::Routes { origin: r.origin.clone(), source: Box::new(source) }
-            })?;
-            maps.push((l.config.name.clone(), r.path.clone(), map));
-        }
+        let wanted: Vec<WantedMap> = self
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let lc = new.listeners.iter().find(|n| n.name == l.config.name)?;
+                let r = lc.routes.clone()?;
+                let same = l.routes.clone().filter(|t| t.path == r.path);
+                Some((lc.name.clone(), r, same))
+            })
+            .collect();
+        let mut maps = load_route_maps(wanted).await.inspect_err(|_| self.metrics.route_reload(false))?;
         for change in restart_needed(&self.config, &new) {
             tracing::warn!("configuration reload: {change} needs a restart; ignored until then");
         }
         self.certificates.adopt(&new, certs);
         self.resumption = resumption;
+        if let Some((ticketer, keys)) = ticket_keys {
+            ticketer.adopt(keys, "SIGHUP");
+        }
         self.limiter.set_limits(new.limits);
         for l in &mut self.listeners {
             let Some(lc) = new.listeners.iter().find(|n| n.name == l.config.name) else { continue };
@@ -398,6 +444,53 @@ impl Server {
         tracing::info!(config = %new.path.display(), "configuration reloaded: new sessions use it");
         self.config = new;
         Ok(())
+    }
+}
+
+/// A listener's routes file to read for a reload, with the table in service when it is the
+/// same file (whose watcher reloads must not run at the same time).
+type WantedMap = (String, config::RoutesConfig, Option<Arc<RouteTable>>);
+
+/// Reads the routes files of a reload on a blocking thread (a million-address map takes a
+/// while; sessions go on being served meanwhile), never while a watcher reload of the same
+/// table runs, so each map has at most one new copy beside it. All of them or an error.
+async fn load_route_maps(
+    wanted: Vec<WantedMap>,
+) -> Result<Vec<(String, std::path::PathBuf, routes::Routes)>, ReloadError> {
+    let loaded = tokio::task::spawn_blocking(move || {
+        let mut maps = Vec::new();
+        for (name, r, table) in wanted {
+            let map = match &table {
+                Some(t) => t.load_exclusive(),
+                None => routes::load(&r.path),
+            };
+            let map = map.map_err(|source| ReloadError::Routes {
+                origin: r.origin.clone(),
+                source: Box::new(source),
+            })?;
+            maps.push((name, r.path, map));
+        }
+        Ok(maps)
+    })
+    .await;
+    loaded.unwrap_or_else(|e| Err(ReloadError::Interrupted(e.to_string())))
+}
+
+/// The shared ticket key file read again (SIGHUP is how a rotation is applied where the
+/// watcher is off), checked before anything is swapped; a bad file refuses the reload.
+fn reread_ticket_keys(
+    new: &Config,
+    resumption: &tls::Resumption,
+) -> Result<Option<(Arc<tls::SharedTicketer>, tls::tickets::KeySet)>, ReloadError> {
+    let (Some(ticketer), Some(k)) = (resumption.shared_ticketer(), &new.tls.ticket_keys) else {
+        return Ok(None);
+    };
+    match tls::tickets::load(&ticketer.path) {
+        Ok(keys) => Ok(Some((ticketer, keys))),
+        Err(source) => {
+            ticketer.refused();
+            Err(tls::TlsError::TicketKeys { origin: k.origin.clone(), source }.into())
+        }
     }
 }
 

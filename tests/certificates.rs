@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::openssl::s_client;
 use common::{Backend, Conn, Script};
 use mailtls::metrics::Metrics;
 use mailtls::server::{Control, Server};
@@ -353,28 +354,6 @@ async fn echo_session(addr: SocketAddr) -> Conn<TlsClient> {
 async fn still_relays(c: &mut Conn<TlsClient>) {
     c.send("after the swap\r\n").await;
     assert_eq!(c.line().await, "after the swap\r\n");
-}
-
-/// Runs `openssl s_client` against `addr` with `args`, holding stdin open ~500 ms (so the
-/// greeting and any NewSessionTicket arrive), then closing it. Returns stdout + stderr.
-async fn s_client(addr: SocketAddr, args: &[&str]) -> String {
-    let mut all: Vec<String> = vec!["s_client".into(), "-connect".into(), addr.to_string()];
-    all.extend(args.iter().map(|s| s.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("openssl")
-            .args(&all)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("openssl s_client");
-        std::thread::sleep(Duration::from_millis(500));
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    })
-    .await
-    .unwrap()
 }
 
 // ---- SNI -----------------------------------------------------------------------------

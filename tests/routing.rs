@@ -436,6 +436,7 @@ async fn a_config_reload_takes_a_new_routes_file() {
     assert!(moved_to_corp, "the reloaded config's routes file was never used");
     before.send("c NOOP\r\n").await;
     assert_eq!(before.line().await, "c OK NOOP completed\r\n");
-    assert!(site.alice.all_text().ends_with("c NOOP\r\n"), "the open session stayed on alice's backend");
+    // Its first connection: logins racing the reload may have reached alice's backend too.
+    assert!(site.alice.seen(0).text().ends_with("c NOOP\r\n"), "the open session stayed on alice's backend");
     proxy.stop().await;
 }

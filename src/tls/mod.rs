@@ -4,6 +4,7 @@
 pub mod load;
 pub mod prefixed;
 pub mod store;
+pub mod tickets;
 pub mod trial;
 
 use std::path::PathBuf;
@@ -14,10 +15,11 @@ use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
 use rustls::{ServerConfig, ServerConnection};
 
-use crate::config::{Config, TlsConfig, TlsVersion};
+use crate::config::{Config, Origin, TlsConfig, TlsVersion};
 use crate::metrics::Metrics;
 pub use load::{LoadError, LoadedCert};
 pub use store::CertStore;
+pub use tickets::SharedTicketer;
 
 /// The crypto provider mailtls uses everywhere: aws-lc-rs, chosen explicitly so no other
 /// provider that a dependency might enable is ever picked by accident.
@@ -32,6 +34,8 @@ pub enum TlsError {
     Load(#[from] LoadError),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{origin}: {source}")]
+    TicketKeys { origin: Origin, source: tickets::TicketKeyError },
 }
 
 /// Whether loading may create the self-signed trial pairs a config asks for.
@@ -204,28 +208,53 @@ pub struct Resumption {
     cache_size: usize,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
     storage: Arc<dyn rustls::server::StoresServerSessions>,
+    /// The fleet's key file (`tls.ticket_keys`), when set; then also `ticketer`.
+    shared: Option<Arc<SharedTicketer>>,
 }
 
 impl Resumption {
-    pub fn new(tls: &TlsConfig) -> Result<Resumption, TlsError> {
+    pub fn new(tls: &TlsConfig, metrics: Arc<Metrics>) -> Result<Resumption, TlsError> {
         let storage: Arc<dyn rustls::server::StoresServerSessions> = if tls.session_cache == 0 {
             Arc::new(rustls::server::NoServerSessionStorage {})
         } else {
             rustls::server::ServerSessionMemoryCache::new(tls.session_cache)
         };
-        let ticketer =
-            if tls.session_tickets { Some(rustls::crypto::aws_lc_rs::Ticketer::new()?) } else { None };
-        Ok(Resumption { tickets: tls.session_tickets, cache_size: tls.session_cache, ticketer, storage })
+        let shared = match &tls.ticket_keys {
+            None => None,
+            Some(k) => Some(Arc::new(SharedTicketer::load(&k.path, metrics.clone()).map_err(|source| {
+                metrics.ticket_key_reload(false);
+                TlsError::TicketKeys { origin: k.origin.clone(), source }
+            })?)),
+        };
+        let ticketer: Option<Arc<dyn rustls::server::ProducesTickets>> = match (&shared, tls.session_tickets)
+        {
+            (Some(shared), _) => Some(shared.clone()),
+            (None, true) => Some(rustls::crypto::aws_lc_rs::Ticketer::new()?),
+            (None, false) => None,
+        };
+        Ok(Resumption {
+            tickets: tls.session_tickets,
+            cache_size: tls.session_cache,
+            ticketer,
+            storage,
+            shared,
+        })
     }
 
     /// The state for `tls`: this very one while the resumption settings are unchanged (so
     /// issued tickets and cached sessions stay valid), a fresh one otherwise.
-    pub fn for_config(&self, tls: &TlsConfig) -> Result<Resumption, TlsError> {
-        if tls.session_tickets == self.tickets && tls.session_cache == self.cache_size {
+    pub fn for_config(&self, tls: &TlsConfig, metrics: Arc<Metrics>) -> Result<Resumption, TlsError> {
+        let same_keys = self.shared.as_ref().map(|s| &s.path) == tls.ticket_keys.as_ref().map(|k| &k.path);
+        if tls.session_tickets == self.tickets && tls.session_cache == self.cache_size && same_keys {
             Ok(self.clone())
         } else {
-            Resumption::new(tls)
+            Resumption::new(tls, metrics)
         }
+    }
+
+    /// The shared ticket keys in service, if `tls.ticket_keys` is set.
+    pub fn shared_ticketer(&self) -> Option<Arc<SharedTicketer>> {
+        self.shared.clone()
     }
 }
 

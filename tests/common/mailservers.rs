@@ -269,7 +269,7 @@ impl Drop for Interop {
 /// A root CA, an intermediate and a leaf for localhost, mail.test and 127.0.0.1, so
 /// clients check a real chain and host names (mbsync checks names only, not IPs); written
 /// as ca.pem, chain.pem and key.pem in `dir`.
-fn write_certificates(dir: &Path) {
+pub fn write_certificates(dir: &Path) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let ca_params = |name: &str| {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -407,7 +407,7 @@ impl Drop for RoutedPair {
 
 // ---- Dovecot ------------------------------------------------------------------------------
 
-struct Dovecot {
+pub struct Dovecot {
     dir: PathBuf,
 }
 
@@ -417,7 +417,7 @@ impl Dovecot {
     }
 
     /// A Dovecot in `dir` holding the one mailbox of `user` (password [`PASSWORD`]).
-    fn start_for(dir: &Path, user: &str, imap: u16, pop3: u16) -> Dovecot {
+    pub fn start_for(dir: &Path, user: &str, imap: u16, pop3: u16) -> Dovecot {
         let config = Dovecot::config(dir, user, imap, pop3);
         Dovecot::launch(dir, &config, [imap, pop3], Some(PROXY_V2_LOCAL))
     }
@@ -777,7 +777,7 @@ fn wait_until_gone(pid: &str) {
     }
 }
 
-fn wait_for_port(port: u16, what: &str, why: impl Fn() -> String) {
+pub fn wait_for_port(port: u16, what: &str, why: impl Fn() -> String) {
     let deadline = Instant::now() + STARTUP;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "{what} is not listening on {port}:\n{}", why());
