@@ -624,6 +624,14 @@ fn upgrade_keeps_the_edited_config_and_restarts_the_running_service(m: &Machine,
         || format!("{}\n----- apt -----\n{log}", m.why()),
     );
     assert_ne!(m.show("MainPID"), before, "the running service was not restarted\n{log}");
+    // The service's restart takes its sockets along (PartOf=), in one ordered transaction.
+    // A try-restart of the socket units as well, as cargo-deb wrote it for one entry of all
+    // units, raced: "Socket service mailtls.service already active, refusing", then a
+    // service with no sockets binding 993 itself until systemd gave up.
+    let journal = m.sd.exec("journalctl --no-pager -o cat").stdout;
+    for failure in ["Failed to listen on mailtls-", "Failed to start mailtls.service", "cannot listen on"] {
+        assert!(!journal.contains(failure), "{failure:?} in the journal\n{}", m.why());
+    }
     for role in ["imaps", "pop3s"] {
         assert_eq!(m.is_enabled(&format!("mailtls-{role}.socket")), "enabled", "{role} after the upgrade");
         let state = m.sd.exec(&format!("systemctl is-active mailtls-{role}.socket")).stdout;
