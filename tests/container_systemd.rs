@@ -460,6 +460,7 @@ struct Packages {
 
 /// The README's "Debian package" commands, run verbatim in the container (apt's yes comes
 /// from an apt.conf snippet, not from a changed command line).
+const BUILD_FIRST: &str = "packaging/build-deb.sh --debug";
 const APT_INSTALL_FIRST: &str = "apt-get install ./mailtls_0.1.0-1_amd64.deb";
 const APT_UPGRADE: &str = "apt-get install ./mailtls_0.1.0-2_amd64.deb";
 const APT_PURGE: &str = "apt-get purge mailtls";
@@ -471,9 +472,10 @@ const REVISION_2: &str =
     "CARGO_TARGET_DIR=target/package/cargo-target cargo deb --no-build --strip --deb-revision 2 --output";
 
 fn build_packages() -> Packages {
-    let build = crate_root().join("packaging/build-deb.sh");
-    let out = run(std::process::Command::new(build).arg("--debug").current_dir(crate_root()), BUILD_TIMEOUT);
-    assert!(out.success(), "packaging/build-deb.sh --debug: {:?}\n{}{}", out.status, out.stdout, out.stderr);
+    let (script, flag) = BUILD_FIRST.split_once(' ').unwrap();
+    let mut build = std::process::Command::new(crate_root().join(script));
+    let out = run(build.arg(flag).current_dir(crate_root()), BUILD_TIMEOUT);
+    assert!(out.success(), "{BUILD_FIRST}: {:?}\n{}{}", out.status, out.stdout, out.stderr);
     let first = crate_root().join(out.stdout.lines().last().expect("the .deb's path").trim());
     let dir = tempfile::tempdir().unwrap();
     let (env, cargo_deb) = REVISION_2.split_once(' ').unwrap();
@@ -488,7 +490,8 @@ fn build_packages() -> Packages {
     Packages { first, second, _dir: dir }
 }
 
-/// cargo-deb's first run compiles nothing (`--no-build`), but the debug build may.
+/// build-deb.sh rebuilds the debug binary and the man page generator when they are stale;
+/// cargo-deb itself compiles nothing (`--no-build`).
 const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
 
 /// packaging/mailtls.toml as an admin edits it after install: the host name, certbot's
@@ -681,9 +684,15 @@ fn the_debian_package_installs_serves_two_roles_upgrades_keeping_the_config_and_
     purge_removes_the_user_config_state_and_enable_links(&m);
     eprintln!("journal (package):\n{}", m.journal("mailtls.service"));
     let readme = fs::read_to_string(crate_root().join("README.md")).unwrap();
-    for command in
-        [APT_INSTALL_FIRST, GRANT_CERTBOT_KEY, ENABLE_TWO_ROLES, APT_UPGRADE, APT_PURGE, REVISION_2]
-    {
+    for command in [
+        BUILD_FIRST,
+        APT_INSTALL_FIRST,
+        GRANT_CERTBOT_KEY,
+        ENABLE_TWO_ROLES,
+        APT_UPGRADE,
+        APT_PURGE,
+        REVISION_2,
+    ] {
         assert!(readme.contains(command), "the README's \"Debian package\" lacks `{command}`");
     }
 }
