@@ -6,7 +6,8 @@
 #                                    # second, release build (what the tests and CI use:
 #                                    # same files, same scripts, a slower binary)
 # Generated files (man pages, completions, the units with ExecStart at /usr/bin) go to
-# target/package/, which Cargo.toml's [package.metadata.deb] assets name.
+# target/package/, which Cargo.toml's [package.metadata.deb] names: the service in
+# systemd/, the socket units in sockets/ (each has its own systemd-units entry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,14 +21,15 @@ command -v cargo-deb >/dev/null || { echo "$0: cargo-deb is missing: cargo insta
 
 stage=target/package
 rm -rf "$stage"
-mkdir -p "$stage/systemd"
+mkdir -p "$stage/systemd" "$stage/sockets"
 cargo run --quiet --example manpages -- "$stage"
 # The project's units install /usr/local/bin/mailtls by hand; the package's binary is in /usr/bin.
 for unit in systemd/*.service systemd/*.socket; do
+  case "$unit" in *.socket) dir=sockets ;; *) dir=systemd ;; esac
   { echo "# Installed by the mailtls Debian package; change it with a drop-in (systemctl edit $(basename "$unit"))."
-    sed 's#/usr/local/bin/mailtls#/usr/bin/mailtls#g' "$unit"; } > "$stage/systemd/$(basename "$unit")"
+    sed 's#/usr/local/bin/mailtls#/usr/bin/mailtls#g' "$unit"; } > "$stage/$dir/$(basename "$unit")"
 done
-if grep -v '^#' "$stage"/systemd/* | grep -q /usr/local; then
+if grep -v '^#' "$stage"/systemd/* "$stage"/sockets/* | grep -q /usr/local; then
   echo "$0: a unit setting still names /usr/local" >&2; exit 1
 fi
 

@@ -4,6 +4,8 @@
 //! `#[ignore]` like the interop tests: tests/run.sh runs them as root. Without root or podman
 //! they print SKIPPED (and fail under CI=true). The install is the README block marked
 //! `tests/container_systemd.rs runs this block`, run as it stands but for its `roles=` line.
+//! The Debian package's test runs the README's "Debian package" commands: install with apt,
+//! two roles enabled and used, an upgrade keeping the edited config, a purge.
 
 mod common;
 
@@ -83,6 +85,19 @@ fn edited_example_config(roles: &[&str]) -> String {
     out
 }
 
+/// What systemd in the container may do beyond podman's default capabilities.
+#[derive(PartialEq)]
+enum Privilege {
+    /// CAP_SYS_ADMIN, which the PID 1 of a host has: without it systemd cannot make the
+    /// mount namespace of the unit's sandbox (ProtectSystem= etc.) unless PrivateUsers=yes
+    /// gives it one of its own, and the README's certbot drop-in turns that off.
+    SysAdmin,
+    /// podman's defaults: enough for a unit with PrivateUsers=yes (the Debian package's).
+    /// With CAP_SYS_ADMIN added, systemd 252 in podman fails to start such a unit ("Failed
+    /// to set up user namespacing: No such file or directory", 217/USER).
+    Default,
+}
+
 /// A booted systemd with Dovecot running and mailtls installed for `roles`; its seven mail
 /// ports published on the host.
 struct Machine {
@@ -95,12 +110,21 @@ struct Machine {
 
 impl Machine {
     fn install(roles: &[&str]) -> Machine {
+        let machine = Machine::boot(Privilege::SysAdmin);
+        machine.copy_source_tree(&edited_example_config(roles));
+        machine.sd.exec_ok(&format!("cd /root/src && set -e -x\n{}", readme_install(roles)));
+        machine
+    }
+
+    /// What an install starts from: systemd up, Dovecot running, certbot's lineage for
+    /// mail.test in place, nothing of mailtls yet.
+    fn boot(privilege: Privilege) -> Machine {
         let image = SYSTEMD_BASE.ensure();
         let ports: BTreeMap<&str, u16> = ROLES.iter().map(|(r, _)| (*r, free_port())).collect();
-        // CAP_SYS_ADMIN, which the PID 1 of a host has: without it systemd cannot make the
-        // mount namespace of the unit's sandbox (ProtectSystem= etc.) unless PrivateUsers=yes
-        // gives it one of its own, and the certbot drop-in turns that off.
-        let mut args = vec!["--systemd=always".to_owned(), "--cap-add=SYS_ADMIN".to_owned()];
+        let mut args = vec!["--systemd=always".to_owned()];
+        if privilege == Privilege::SysAdmin {
+            args.push("--cap-add=SYS_ADMIN".to_owned());
+        }
         for (role, port) in ROLES {
             args.extend(["-p".to_owned(), format!("127.0.0.1:{}:{port}", ports[role])]);
         }
@@ -122,8 +146,6 @@ impl Machine {
         let machine = Machine { sd, ports, certs, dir };
         machine.start_dovecot();
         machine.put_certbot_lineage("mail.test", &machine.certs);
-        machine.copy_source_tree(&edited_example_config(roles));
-        machine.sd.exec_ok(&format!("cd /root/src && set -e -x\n{}", readme_install(roles)));
         machine
     }
 
@@ -423,5 +445,254 @@ async fn an_admin_enabling_only_the_roles_in_use_gets_a_working_service() {
     for role in ["submissions", "submission", "mx", "imap", "pop3"] {
         let state = m.sd.exec(&format!("systemctl is-active mailtls-{role}.socket")).stdout;
         assert_eq!(state.trim(), "inactive", "{role} was started too\n{}", m.why());
+    }
+}
+
+// ---- The Debian package (issue 16): installed, used, upgraded and purged for real --------
+
+/// The two .deb files of one source tree: revision 1 as `packaging/build-deb.sh --debug`
+/// makes it, and revision 2 from the same files, the upgrade an admin installs next.
+struct Packages {
+    first: std::path::PathBuf,
+    second: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The README's "Debian package" commands, run verbatim in the container (apt's yes comes
+/// from an apt.conf snippet, not from a changed command line).
+const BUILD_FIRST: &str = "packaging/build-deb.sh --debug";
+const APT_INSTALL_FIRST: &str = "apt-get install ./mailtls_0.1.0-1_amd64.deb";
+const APT_UPGRADE: &str = "apt-get install ./mailtls_0.1.0-2_amd64.deb";
+const APT_PURGE: &str = "apt-get purge mailtls";
+const GRANT_CERTBOT_KEY: &str = "chgrp -R ssl-cert /etc/letsencrypt/live /etc/letsencrypt/archive
+chmod -R g+rX /etc/letsencrypt/live /etc/letsencrypt/archive
+adduser mailtls ssl-cert";
+const ENABLE_TWO_ROLES: &str = "systemctl enable --now mailtls-imaps.socket mailtls-pop3s.socket";
+const REVISION_2: &str =
+    "CARGO_TARGET_DIR=target/package/cargo-target cargo deb --no-build --strip --deb-revision 2 --output";
+
+fn build_packages() -> Packages {
+    let (script, flag) = BUILD_FIRST.split_once(' ').unwrap();
+    let mut build = std::process::Command::new(crate_root().join(script));
+    let out = run(build.arg(flag).current_dir(crate_root()), BUILD_TIMEOUT);
+    assert!(out.success(), "{BUILD_FIRST}: {:?}\n{}{}", out.status, out.stdout, out.stderr);
+    let first = crate_root().join(out.stdout.lines().last().expect("the .deb's path").trim());
+    let dir = tempfile::tempdir().unwrap();
+    let (env, cargo_deb) = REVISION_2.split_once(' ').unwrap();
+    let mut revision_2 = std::process::Command::new("sh");
+    revision_2.arg("-c").arg(format!("{env} exec {cargo_deb} \"$1\"")).arg("sh").arg(dir.path());
+    let out = run(revision_2.current_dir(crate_root()), BUILD_TIMEOUT);
+    assert!(out.success(), "{REVISION_2}: {:?}\n{}{}", out.status, out.stdout, out.stderr);
+    let second = dir.path().join("mailtls_0.1.0-2_amd64.deb");
+    for deb in [&first, &second] {
+        assert!(deb.exists(), "{} was not made:\n{}{}", deb.display(), out.stdout, out.stderr);
+    }
+    Packages { first, second, _dir: dir }
+}
+
+/// build-deb.sh rebuilds the debug binary and the man page generator when they are stale;
+/// cargo-deb itself compiles nothing (`--no-build`).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// packaging/mailtls.toml as an admin edits it after install: the host name, certbot's
+/// files instead of the trial pair, and the imaps and pop3s roles uncommented in place of
+/// the trial listener, pointed at the Dovecot of this machine.
+fn edited_shipped_config() -> String {
+    let mut text = fs::read_to_string(crate_root().join("packaging/mailtls.toml")).unwrap();
+    let mut edit = |from: &str, to: &str| {
+        assert!(text.contains(from), "packaging/mailtls.toml no longer has {from:?}");
+        text = text.replacen(from, to, 1);
+    };
+    edit("hostname = \"localhost\"", "hostname = \"mail.test\"");
+    edit(
+        "cert = \"/var/lib/mailtls/trial/cert.pem\"",
+        "cert = \"/etc/letsencrypt/live/mail.test/fullchain.pem\"",
+    );
+    edit("key = \"/var/lib/mailtls/trial/key.pem\"", "key = \"/etc/letsencrypt/live/mail.test/privkey.pem\"");
+    edit("\nself_signed = true\n", "\n");
+    let (head, rest) = text.split_once("[[listeners]]\nname = \"trial-imaps\"").expect("the trial listener");
+    let (_, roles) = rest.split_once("\n# [[listeners]]").expect("the commented roles");
+    let mut out = head.to_owned();
+    for block in format!("# [[listeners]]{roles}").split("\n#\n") {
+        let name = |r: &str| block.contains(&format!("# name = \"{r}\""));
+        if name("imaps") || name("pop3s") {
+            let uncommented: String =
+                block.lines().map(|l| l.strip_prefix("# ").unwrap_or(l)).flat_map(|l| [l, "\n"]).collect();
+            // The Dovecot of this machine listens where the example config's backends are.
+            out.push_str(
+                &uncommented
+                    .replace("127.0.0.1:10143", "127.0.0.1:11143")
+                    .replace("127.0.0.1:10110", "127.0.0.1:11110"),
+            );
+            out.push('\n');
+        }
+    }
+    assert_eq!(out.matches("[[listeners]]").count(), 2, "imaps and pop3s uncommented:\n{out}");
+    out
+}
+
+impl Machine {
+    fn root(&self, script: &str) -> String {
+        self.sd.exec_ok(&format!("set -e; export DEBIAN_FRONTEND=noninteractive; cd /root; {script}"))
+    }
+
+    fn package_status(&self) -> String {
+        self.sd.exec("dpkg-query -W -f '${Status} ${Version}' mailtls").stdout
+    }
+
+    fn is_enabled(&self, unit: &str) -> String {
+        self.sd.exec(&format!("systemctl is-enabled {unit}")).stdout.trim().to_owned()
+    }
+}
+
+/// Install: the package's user exists, every unit is installed disabled, nothing runs.
+fn apt_install_creates_the_mailtls_user_and_leaves_every_unit_disabled(m: &Machine, deb: &Path) {
+    m.sd.copy_in(deb, "/root/mailtls_0.1.0-1_amd64.deb");
+    m.root("echo 'APT::Get::Assume-Yes \"true\";' >/etc/apt/apt.conf.d/90mailtls-test");
+    let log = m.root(&format!("{APT_INSTALL_FIRST} 2>&1"));
+    assert_eq!(m.package_status(), "install ok installed 0.1.0-1", "{log}");
+    // Its dependencies (adduser, libc6) are on any Debian system: nothing was fetched.
+    assert!(!log.contains("http://") && !log.contains("https://"), "apt downloaded:\n{log}");
+    let user = m.root("getent passwd mailtls");
+    let fields: Vec<&str> = user.trim().split(':').collect();
+    assert!(fields[2].parse::<u32>().is_ok_and(|uid| uid < 1000), "not a system user: {user}");
+    assert_eq!(fields[5..], ["/var/lib/mailtls", "/usr/sbin/nologin"], "{user}");
+    assert!(m.sd.exec("getent group mailtls").success(), "no group mailtls");
+    for (role, _) in ROLES {
+        assert_eq!(m.is_enabled(&format!("mailtls-{role}.socket")), "disabled", "{role}");
+        assert_eq!(
+            m.sd.exec(&format!("systemctl is-active mailtls-{role}.socket")).stdout.trim(),
+            "inactive"
+        );
+    }
+    assert_eq!(m.is_enabled("mailtls.service"), "disabled");
+    assert_eq!(m.show("ActiveState"), "inactive");
+    // The packaged unit (ExecStart at /usr/bin) has no Sockets=: enabling some roles works.
+    let unit = m.root("systemctl cat mailtls.service");
+    assert!(unit.contains("ExecStart=/usr/bin/mailtls --config /etc/mailtls/mailtls.toml"), "{unit}");
+    assert!(!unit.lines().any(|l| l.starts_with("Sockets=")), "{unit}");
+    assert!(unit.contains("User=mailtls"), "the Debian drop-in is not applied:\n{unit}");
+    m.root("mailtls --config /etc/mailtls/mailtls.toml --check");
+}
+
+/// The admin's edits: config, access to certbot's key, two socket units enabled.
+fn edit_config_grant_the_key_and_enable_two_roles(m: &Machine) -> String {
+    let edited = edited_shipped_config();
+    let file = m.dir.path().join("mailtls.toml");
+    fs::write(&file, &edited).unwrap();
+    m.sd.copy_in(&file, "/etc/mailtls/mailtls.toml");
+    m.root(GRANT_CERTBOT_KEY);
+    m.root(ENABLE_TWO_ROLES);
+    edited
+}
+
+/// Two enabled socket units: real TLS clients from the host read alice's message through
+/// each; the first connection started the service as the mailtls user with two listeners.
+fn two_enabled_socket_units_serve_imaps_and_pop3s_as_the_mailtls_user(m: &Machine) {
+    for role in ["imaps", "pop3s"] {
+        assert_eq!(m.is_enabled(&format!("mailtls-{role}.socket")), "enabled", "{role}");
+    }
+    assert_eq!(m.show("ActiveState"), "inactive", "started before any connection\n{}", m.why());
+    m.fetch("imap", "implicit", "imaps", &m.certs);
+    m.fetch("pop3", "implicit", "pop3s", &m.certs);
+    assert_eq!(m.show("ActiveState"), "active", "{}", m.why());
+    assert!(m.show("StatusText").starts_with("2 listeners (imaps, pop3s)"), "{}", m.why());
+    let pid = m.show("MainPID");
+    let owner = m.root(&format!("stat -c %U /proc/{pid}"));
+    assert_eq!(owner.trim(), "mailtls", "the service does not run as the package's user");
+    for role in ["submissions", "submission", "mx", "imap", "pop3"] {
+        let state = m.sd.exec(&format!("systemctl is-active mailtls-{role}.socket")).stdout;
+        assert_eq!(state.trim(), "inactive", "{role} was started too\n{}", m.why());
+    }
+}
+
+/// Upgrade to revision 2: the edited conffile stays as the admin left it, the running
+/// service was restarted (new PID) and serves again, the enabled roles stay enabled.
+fn upgrade_keeps_the_edited_config_and_restarts_the_running_service(m: &Machine, deb: &Path, edited: &str) {
+    let before = m.show("MainPID");
+    m.sd.copy_in(deb, "/root/mailtls_0.1.0-2_amd64.deb");
+    let log = m.root(&format!("{APT_UPGRADE} 2>&1"));
+    assert_eq!(m.package_status(), "install ok installed 0.1.0-2", "{log}");
+    let config = m.root("cat /etc/mailtls/mailtls.toml");
+    assert!(config == edited, "the upgrade replaced the edited config:\n{config}\n----- apt -----\n{log}");
+    // postinst's try-restart restarts the sockets and the service; the start may still be
+    // under way when apt returns.
+    wait_for(
+        "mailtls.service active again after the upgrade",
+        Duration::from_secs(60),
+        || {
+            let state = m.sd.exec("systemctl show -p ActiveState --value mailtls.service").stdout;
+            (state.trim() == "active").then_some(())
+        },
+        || format!("{}\n----- apt -----\n{log}", m.why()),
+    );
+    assert_ne!(m.show("MainPID"), before, "the running service was not restarted\n{log}");
+    // The service's restart takes its sockets along (PartOf=), in one ordered transaction.
+    // A try-restart of the socket units as well, as cargo-deb wrote it for one entry of all
+    // units, raced: "Socket service mailtls.service already active, refusing", then a
+    // service with no sockets binding 993 itself until systemd gave up.
+    let journal = m.sd.exec("journalctl --no-pager -o cat").stdout;
+    for failure in ["Failed to listen on mailtls-", "Failed to start mailtls.service", "cannot listen on"] {
+        assert!(!journal.contains(failure), "{failure:?} in the journal\n{}", m.why());
+    }
+    for role in ["imaps", "pop3s"] {
+        assert_eq!(m.is_enabled(&format!("mailtls-{role}.socket")), "enabled", "{role} after the upgrade");
+        let state = m.sd.exec(&format!("systemctl is-active mailtls-{role}.socket")).stdout;
+        assert_eq!(state.trim(), "active", "{role} after the upgrade\n{}", m.why());
+    }
+    m.fetch("imap", "implicit", "imaps", &m.certs);
+}
+
+/// Purge: the user and group, /etc/mailtls, /var/lib/mailtls, the units and their enable
+/// links are gone, and nothing listens on the roles' ports.
+fn purge_removes_the_user_config_state_and_enable_links(m: &Machine) {
+    let log = m.root(&format!("{APT_PURGE} 2>&1"));
+    assert_eq!(m.package_status(), "", "{log}");
+    assert!(!m.sd.exec("getent passwd mailtls").success(), "user mailtls left\n{log}");
+    assert!(!m.sd.exec("getent group mailtls").success(), "group mailtls left\n{log}");
+    for path in ["/etc/mailtls", "/var/lib/mailtls", "/usr/lib/systemd/system/mailtls.service"] {
+        assert!(!m.sd.exec(&format!("test -e {path}")).success(), "{path} left\n{log}");
+    }
+    let links = m.sd.exec("find /etc/systemd/system -name 'mailtls*'").stdout;
+    assert!(links.trim().is_empty(), "enable links left:\n{links}");
+    for role in ["imaps", "pop3s"] {
+        let state = m.sd.exec(&format!("systemctl is-active mailtls-{role}.socket")).stdout;
+        assert_ne!(state.trim(), "active", "{role} still listens after the purge\n{log}");
+    }
+    assert_ne!(m.show("ActiveState"), "active", "mailtls still runs after the purge");
+}
+
+#[test]
+#[ignore = "needs root, podman and cargo-deb; run by tests/run.sh"]
+fn the_debian_package_installs_serves_two_roles_upgrades_keeping_the_config_and_purges_clean() {
+    if !can_run_here() {
+        return;
+    }
+    let have_cargo_deb =
+        std::process::Command::new("cargo-deb").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_cargo_deb {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true, yet cargo-deb is missing");
+        say("SKIPPED: the Debian package install test: cargo-deb is missing (cargo install cargo-deb --locked)");
+        return;
+    }
+    let packages = build_packages();
+    let m = Machine::boot(Privilege::Default);
+    apt_install_creates_the_mailtls_user_and_leaves_every_unit_disabled(&m, &packages.first);
+    let edited = edit_config_grant_the_key_and_enable_two_roles(&m);
+    two_enabled_socket_units_serve_imaps_and_pop3s_as_the_mailtls_user(&m);
+    upgrade_keeps_the_edited_config_and_restarts_the_running_service(&m, &packages.second, &edited);
+    purge_removes_the_user_config_state_and_enable_links(&m);
+    eprintln!("journal (package):\n{}", m.journal("mailtls.service"));
+    let readme = fs::read_to_string(crate_root().join("README.md")).unwrap();
+    for command in [
+        BUILD_FIRST,
+        APT_INSTALL_FIRST,
+        GRANT_CERTBOT_KEY,
+        ENABLE_TWO_ROLES,
+        APT_UPGRADE,
+        APT_PURGE,
+        REVISION_2,
+    ] {
+        assert!(readme.contains(command), "the README's \"Debian package\" lacks `{command}`");
     }
 }

@@ -1,8 +1,8 @@
 //! The Debian package (packaging/, Cargo.toml's [package.metadata.deb]): the shipped
 //! config passes --check and serves nothing public, the man pages are generated from the
 //! clap definitions and the config reference, and the .deb holds what the README promises
-//! with lintian reporting no error or warning. Installing it into a real systemd is the
-//! container test's job (issue 16, point 3).
+//! with lintian reporting no error or warning. Installing, upgrading and purging it
+//! under a real systemd is tests/container_systemd.rs's job.
 
 mod common;
 

@@ -38,7 +38,8 @@ pub const RUNTIME_BASE: BaseImage = BaseImage {
 
 /// systemd as PID 1, with Dovecot (the sidecar's mail server, and the backend of the units'
 /// test, its submission service standing in for the SMTP server) and openssl: one image for
-/// both saves a debootstrap.
+/// both saves a debootstrap. dovecot-core brings adduser, which with libc6 is all the
+/// Debian package depends on: its install test checks that apt fetched nothing.
 pub const SYSTEMD_BASE: BaseImage = BaseImage {
     tag: "localhost/mailtls-test-systemd:bookworm-2",
     include: &[
