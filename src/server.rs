@@ -749,7 +749,7 @@ async fn probe_loop(current: Arc<ArcSwap<ListenerContext>>, reprobe: Arc<Notify>
     loop {
         let ctx = current.load_full();
         let learns = match ctx.protocol {
-            Protocol::Smtp => !ctx.settings.require_tls,
+            Protocol::Smtp => !ctx.settings.require_tls || ctx.routes.is_some(),
             Protocol::Imap | Protocol::Pop3 => ctx.routes.is_some(),
         };
         let wait = if learns { Some(learn(&ctx).await) } else { None };

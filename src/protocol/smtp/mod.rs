@@ -27,6 +27,7 @@ mod negotiation;
 mod pre_tls;
 mod probe;
 mod reply;
+mod routed;
 mod xclient;
 
 #[cfg(test)]
@@ -39,8 +40,8 @@ use bytes::BytesMut;
 use super::line::{self, Line};
 use super::smtp_guard::{BareNewline, SmtpGuard};
 use super::{
-    CapabilityProbe, ClientGuard, Entry, Farewell, Finding, Negotiation, Next, PreTls, PreTlsStep, Settings,
-    Step,
+    CapabilityProbe, ClientGuard, Destination, Entry, Farewell, Finding, Negotiation, Next, PreTls,
+    PreTlsStep, Settings, Step,
 };
 use command::*;
 use extensions::*;
@@ -52,6 +53,7 @@ pub(super) use extensions::bdat_size;
 pub use negotiation::SmtpNegotiation;
 pub use pre_tls::SmtpPreTls;
 pub use probe::{Probe, ProbeStep};
+pub use routed::SmtpRouted;
 
 /// Sent by the session to end a probe connection politely once [`ProbeStep::Done`] came.
 pub const PROBE_QUIT: &[u8] = b"QUIT\r\n";

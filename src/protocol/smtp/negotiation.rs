@@ -79,9 +79,10 @@ impl SmtpNegotiation {
         let (replay, entry_is_implicit, mode) = match entry {
             Entry::Implicit => (None, true, Mode::Tls),
             Entry::AfterStartTls => (None, false, Mode::Tls),
-            // The config refuses `routes` on SMTP listeners; were one built, it would behave
-            // as its TLS mode says.
-            Entry::Routed { greet } => (None, greet, Mode::Tls),
+            // A routed listener's machine is `SmtpRouted`; its legs to the backends are
+            // built with `SmtpNegotiation::routed_leg`. Were this one built, it would
+            // behave as its TLS mode says.
+            Entry::Routed { greet, .. } => (None, greet, Mode::Tls),
             Entry::Plaintext { replay } => {
                 let mode = if opaque_plaintext_is_safe(&settings.backend_extensions) {
                     Mode::PlaintextOpaque
@@ -114,6 +115,16 @@ impl SmtpNegotiation {
             body: None,
             finding: None,
         }
+    }
+
+    /// The leg of a routed session to one backend, for one transaction: the client's
+    /// `helo` is replayed (after XCLIENT when configured), then the routed machine feeds it
+    /// the transaction's commands. Always guarded, inside TLS too: the routed machine must
+    /// see every reply to tell where a transaction ends, and no AUTH reaches a backend.
+    pub(super) fn routed_leg(settings: &Settings, helo: Vec<u8>) -> Self {
+        let mut leg = SmtpNegotiation::new(settings, Entry::Plaintext { replay: helo });
+        leg.mode = Mode::PlaintextGuarded;
+        leg
     }
 
     pub(super) fn close(&mut self, to_client: Vec<u8>) -> Step {

@@ -9,6 +9,7 @@ mod pre_tls;
 mod fuzz;
 mod guarded;
 mod probe;
+mod routed;
 
 pub(super) fn settings() -> Settings {
     Settings { hostname: "mx.test".to_owned(), ..Settings::default() }
