@@ -12,6 +12,9 @@
 //!   backend: the state machine answers the client itself until the client names its user
 //!   (LOGIN, AUTHENTICATE PLAIN, USER, AUTH PLAIN), then asks the session to connect the
 //!   backend for that user ([`Next::Route`]) and replays the identification to it.
+//! - On a routed SMTP listener the recipient decides instead: the first RCPT of each mail
+//!   transaction asks the session to route it ([`Next::Recipient`]), and the machine
+//!   replays EHLO and MAIL to the backend chosen (`smtp/routed.rs`).
 //!
 //! The state machines do no I/O. They are fed the bytes buffered so far and return a step;
 //! the session performs the writes. Every call consumes at most one unit (one command or
