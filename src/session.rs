@@ -812,6 +812,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
                 }
                 Next::Recipient { address } => {
                     next = self.recipient(address, negotiation, ctx, peer).await?;
+                    deadline = Instant::now() + silence;
                     continue;
                 }
                 Next::Relay | Next::Close | Next::Unavailable => return Ok(next),

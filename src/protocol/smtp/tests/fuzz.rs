@@ -162,3 +162,88 @@ fn random_bytes_never_panic_and_buffers_stay_bounded() {
     }
     assert!(guarded_sessions > 100 && bodies > 5 && chunks > 5, "{guarded_sessions} {bodies} {chunks}");
 }
+
+#[test]
+fn routed_sessions_survive_random_bytes_with_buffers_bounded() {
+    use super::super::routed::Stage;
+    const LINES: [&[u8]; 9] = [
+        b"EHLO x\r\n",
+        b"MAIL FROM:<>\r\n",
+        b"RCPT TO:<a@one.test>\r\n",
+        b"RCPT TO:<b@two.test>\r\n",
+        b"DATA\r\n",
+        b"BDAT 5\r\n",
+        b"BDAT 3 LAST\r\n",
+        b"x\r\n.\r\n",
+        b"RSET\r\n",
+    ];
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let (mut routed, mut bodies) = (0, 0);
+    for iteration in 0..2000 {
+        let settings = Settings { xclient: iteration % 4 == 0, max_errors: 50, ..fuzz_settings(&mut rng) };
+        let helo = (rng.below(2) == 0).then(|| b"EHLO early\r\n".to_vec());
+        let mut neg = SmtpRouted::new(&settings, rng.below(2) == 0, helo);
+        let _ = neg.opening();
+        let (mut from_client, mut from_backend) = (BytesMut::new(), BytesMut::new());
+        let mut attached = false;
+        'session: for _ in 0..30 {
+            match rng.below(3) {
+                0 => from_client.extend_from_slice(&rng.client_chunk()),
+                _ => from_client.extend_from_slice(LINES[rng.below(LINES.len())]),
+            }
+            if attached {
+                // Mostly the replies a transaction needs, so sessions get far.
+                let reply = match rng.below(4) {
+                    0 => rng.backend_chunk(),
+                    1 => b"354 go\r\n".to_vec(),
+                    _ => b"250 ok\r\n".to_vec(),
+                };
+                from_backend.extend_from_slice(&reply);
+            }
+            loop {
+                let step = match neg.on_backend(&mut from_backend) {
+                    Some(step) => step,
+                    None => match neg.on_client(&mut from_client) {
+                        Some(step) => step,
+                        None => break,
+                    },
+                };
+                let mut next = step.next;
+                // The session's side of routing, decided at random.
+                while let Next::Recipient { .. } = next {
+                    routed += 1;
+                    next = match (attached, rng.below(3)) {
+                        (true, 0) => neg.on_recipient(Destination::Other).next,
+                        (true, _) => neg.on_recipient(Destination::Current).next,
+                        (false, 0) => neg.on_route_failed().next,
+                        (false, _) => {
+                            from_backend.clear();
+                            match neg.on_greeting(&mut BytesMut::from(&b"220 b\r\n"[..])) {
+                                Some(s) if s.next == Next::Unavailable => neg.on_route_failed().next,
+                                Some(s) => {
+                                    attached = true;
+                                    s.next
+                                }
+                                None => neg.on_route_failed().next,
+                            }
+                        }
+                    };
+                }
+                match next {
+                    Next::Detach => {
+                        attached = false;
+                        from_backend.clear();
+                    }
+                    Next::Close | Next::Unavailable | Next::Relay => break 'session,
+                    _ => {}
+                }
+            }
+            bodies += usize::from(matches!(neg.stage, Stage::Content { .. }));
+            assert!(from_backend.len() < settings.max_line * 4 + 128);
+            if neg.stage == Stage::Idle {
+                assert!(from_client.len() < settings.max_line, "{:?}", neg.stage);
+            }
+        }
+    }
+    assert!(routed > 800 && bodies > 50, "{routed} {bodies}");
+}
