@@ -541,7 +541,9 @@ fn note_finding(ctx: &ListenerContext, client: SocketAddr, finding: Finding, log
             client = %client,
             found = finding.what,
             action = finding.action.name(),
-            "client sent bare CR or LF line endings (the SMTP smuggling class); {} before they reached the backend",
+            "{}: client input ({}) {} before it reached the backend",
+            finding.about,
+            finding.what,
             finding.action.name()
         );
     }

@@ -306,6 +306,8 @@ impl Action {
 /// A guard's report, logged once per session and counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Finding {
+    /// What the guard defends against, for the log line ("SMTP smuggling defence").
+    pub about: &'static str,
     /// The worst kind found (for SMTP: "bare LF", "non-standard end of data"...).
     pub what: &'static str,
     pub action: Action,

@@ -288,7 +288,12 @@ impl SmtpGuard {
         if self.count == 0 {
             return None;
         }
-        let finding = Finding { what: worst.describe(), action: self.action, count: self.count };
+        let finding = Finding {
+            about: "SMTP smuggling defence",
+            what: worst.describe(),
+            action: self.action,
+            count: self.count,
+        };
         self.count = 0;
         Some(finding)
     }
