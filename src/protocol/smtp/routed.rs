@@ -29,6 +29,8 @@ const NO_VALID_RECIPIENTS: &[u8] = b"554 5.5.1 Error: no valid recipients\r\n";
 const DEFERRED: &[u8] = b"452 4.5.3 Too many recipients for this transaction, send the rest again\r\n";
 /// The recipient's server could not be reached: a temporary failure for it alone.
 const BACKEND_DOWN: &[u8] = b"451 4.4.1 Mailbox server for this recipient not reachable, try again later\r\n";
+/// The backend of the accepted recipients broke before the message: all of them retry.
+const BACKEND_LOST: &[u8] = b"451 4.4.1 Mailbox server connection lost, try again later\r\n";
 const QUIT: &[u8] = b"QUIT\r\n";
 
 /// Where the routed session stands; every stage but `Idle`, `Content` and `Discard` waits
@@ -68,6 +70,10 @@ pub struct SmtpRouted {
     /// Recipients the leg's backend accepted in this transaction, and those tried at all.
     accepted: u32,
     tried: u32,
+    /// The backend of accepted recipients broke before the message: nothing more may be
+    /// accepted or sent in this transaction (another backend's 250 to the DATA would look,
+    /// to the sender, like delivery to those recipients too).
+    lost: bool,
     /// The session is inside TLS (implicit, or after STARTTLS): not the plaintext path.
     in_tls: bool,
     pub(super) stage: Stage,
@@ -83,6 +89,7 @@ impl SmtpRouted {
             in_tls: helo.is_none(),
             helo,
             tried: 0,
+            lost: false,
             mail: None,
             leg: None,
             accepted: 0,
@@ -111,6 +118,7 @@ impl SmtpRouted {
         self.mail = None;
         self.accepted = 0;
         self.tried = 0;
+        self.lost = false;
         match self.leg.take() {
             Some(_) => QUIT.to_vec(),
             None => Vec::new(),
@@ -214,6 +222,9 @@ impl SmtpRouted {
             return self.refuse(MAIL_FIRST);
         }
         let Some(address) = recipient(command.argument) else { return self.refuse(BAD_RECIPIENT) };
+        if self.lost {
+            return Step::to_client(BACKEND_LOST);
+        }
         self.tried += 1;
         self.stage = Stage::Routing { rcpt: with_crlf(line) };
         Step::to_client(Vec::new()).then(Next::Recipient { address })
@@ -222,6 +233,9 @@ impl SmtpRouted {
     fn data(&mut self, line: &[u8]) -> Step {
         if self.mail.is_none() {
             return self.refuse(MAIL_FIRST);
+        }
+        if self.lost {
+            return Step::to_client(BACKEND_LOST);
         }
         if self.accepted == 0 {
             return self.refuse(if self.tried == 0 { RCPT_FIRST } else { NO_VALID_RECIPIENTS });
@@ -245,6 +259,7 @@ impl SmtpRouted {
         let chunking = self.leg.as_ref().is_some_and(|leg| leg.chunking);
         let refusal = match (&self.mail, self.accepted) {
             (None, _) => Some(MAIL_FIRST),
+            _ if self.lost => Some(BACKEND_LOST),
             (Some(_), 0) => Some(NO_VALID_RECIPIENTS),
             _ if !chunking => Some(NOT_IMPLEMENTED),
             _ => None,
@@ -312,8 +327,9 @@ impl SmtpRouted {
     /// A reply of the backend while the transaction's first recipient is being set up.
     fn setup_step(&mut self, step: Step) -> Step {
         if step.next == Next::Unavailable || step.next == Next::Close {
-            // A backend that broke its protocol fails this recipient, not the session.
-            self.stage = Stage::Idle;
+            // A backend that broke its protocol fails this recipient, not the session; if
+            // it had accepted others, the whole transaction is to be retried.
+            self.lost = self.accepted > 0;
             return self.release(BACKEND_DOWN.to_vec());
         }
         let stage = std::mem::replace(&mut self.stage, Stage::Idle);

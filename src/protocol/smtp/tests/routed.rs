@@ -280,3 +280,23 @@ fn recipient_addresses_are_parsed_strictly() {
     }
     assert_eq!(recipient(None), None);
 }
+
+#[test]
+fn accepted_recipients_whose_backend_broke_get_a_temporary_reply_to_data() {
+    let mut neg = routed();
+    first_recipient(&mut neg, b"RCPT TO:<a@one.test>\r\n");
+    assert!(matches!(say(&mut neg, b"RCPT TO:<c@one.test>\r\n").next, Next::Recipient { .. }));
+    neg.on_recipient(Destination::Current);
+    let broken = hear(&mut neg, b"nonsense\r\n");
+    assert!(broken.to_client.starts_with(b"451 4.4.1 ") && broken.next == Next::Detach, "{broken:?}");
+    // No other backend may take the transaction over: its 250 would stand for a@ too.
+    let later = say(&mut neg, b"RCPT TO:<d@two.test>\r\n");
+    assert!(later.to_client.starts_with(b"451 4.4.1 ") && later.next == Next::Negotiate, "{later:?}");
+    let data = say(&mut neg, b"DATA\r\n");
+    assert!(data.to_client.starts_with(b"451 4.4.1 "), "a permanent reply would bounce a: {data:?}");
+    assert!(data.to_backend.is_empty());
+    // The next transaction is routed afresh.
+    say(&mut neg, b"RSET\r\n");
+    say(&mut neg, b"MAIL FROM:<>\r\n");
+    assert!(matches!(say(&mut neg, b"RCPT TO:<d@two.test>\r\n").next, Next::Recipient { .. }));
+}
