@@ -1519,9 +1519,24 @@ async fn hostile_session(
     });
     let outcome = match phase {
         Phase::AfterLogin => {
-            let mut got = vec![0u8; bytes.len()];
+            // SMTP: what the smuggling guard makes of them. When it refused, the session
+            // ends with its reply, and the echo of what had passed may be cut short.
+            let (want, refusal) = echoed(role, &bytes);
+            if let Some(reply) = refusal {
+                let mut got = Vec::new();
+                let read = tokio::time::timeout(Duration::from_secs(30), rx.read_to_end(&mut got)).await;
+                let ended_right =
+                    got.strip_suffix(reply.as_slice()).is_some_and(|echo| want.starts_with(echo));
+                return match read {
+                    Ok(_) if ended_right => Ok(()),
+                    _ => Err(format!(
+                        "{role:?} seed {seed}: the guard's refusal did not end the session cleanly"
+                    )),
+                };
+            }
+            let mut got = vec![0u8; want.len()];
             match tokio::time::timeout(Duration::from_secs(30), rx.read_exact(&mut got)).await {
-                Ok(Ok(_)) if got == bytes => Ok(()),
+                Ok(Ok(_)) if got == want => Ok(()),
                 Ok(Ok(_)) => {
                     Err(format!("{role:?} seed {seed}: the relay altered {} random bytes", bytes.len()))
                 }

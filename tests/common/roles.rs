@@ -189,7 +189,29 @@ pub async fn pop3_echo_login(mut c: Conn<TlsClient>) -> Stream {
     Box::new(c.into_inner())
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), different per seed.
+/// What an echo session of `role` after login gives back for `sent`: the bytes themselves
+/// on IMAP/POP3 (opaque relay); on SMTP what the smuggling guard lets through (bare CR/LF
+/// normalized; the scripted backend announces no CHUNKING), and the refusal reply if it
+/// refused (then the session ends).
+pub fn echoed(role: Role, sent: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+    use mailtls::protocol::smtp_guard::SmtpGuard;
+    use mailtls::protocol::BareNewline;
+    use mailtls::relay::{ClientFilter, Verdict};
+    if role.name().starts_with("imap") || role.name().starts_with("pop3") {
+        return (sent.to_vec(), None);
+    }
+    let mut guard = SmtpGuard::new(BareNewline::Normalize, false);
+    let mut out = Vec::new();
+    match guard.filter(sent, &mut out) {
+        Verdict::Clean => (sent.to_vec(), None),
+        Verdict::Changed => (out, None),
+        Verdict::Refuse(reply) => (out, Some(reply)),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different per seed, without CR or LF:
+/// SMTP sessions pass the smuggling guard, which rewrites bare line endings by design (see
+/// [`echoed`]); to the relay engines every other octet is as good as those two.
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
@@ -200,6 +222,11 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
         out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
     }
     out.truncate(len);
+    for b in &mut out {
+        if *b == b'\r' || *b == b'\n' {
+            *b |= 0x80;
+        }
+    }
     out
 }
 
