@@ -234,7 +234,8 @@ pub struct ListenerConfig {
     pub listen: Vec<SocketAddr>,
     /// The one backend; `None` on a routed listener, whose backends the routes file names.
     pub backend: Option<String>,
-    /// IMAP/POP3 only: the routes file choosing a backend per user (see `routes.rs`).
+    /// The routes file choosing a backend per user (IMAP/POP3) or per recipient (SMTP);
+    /// see `routes.rs`.
     pub routes: Option<RoutesConfig>,
     pub proxy_protocol: ProxyProtocol,
     /// Connections open at once on this listener; `None`: only the total bound applies.
@@ -816,7 +817,7 @@ impl Validator<'_> {
         }
         let listen = self.listen_addresses(&key("listen"), raw.listen, addresses)?;
         let (backend, routes) =
-            self.backends(&key, raw.name.span(), raw.protocol, raw.backend.as_ref(), raw.routes.as_ref())?;
+            self.backends(&key, raw.name.span(), raw.backend.as_ref(), raw.routes.as_ref())?;
         let require_tls = self.require_tls(&key("require_tls"), raw.protocol, raw.tls, &raw.require_tls)?;
         if let Some(v) = raw.max_connections.as_ref().filter(|v| *v.get_ref() == 0) {
             return Err(self.invalid(key("max_connections"), v.span(), "must be at least 1"));
@@ -936,13 +937,12 @@ impl Validator<'_> {
         Ok(out)
     }
 
-    /// Exactly one of `backend` (one server) and `routes` (a server per user, IMAP and POP3
-    /// only: SMTP has no login to route by before it needs its backend).
+    /// Exactly one of `backend` (one server) and `routes` (a server per user on IMAP and
+    /// POP3, per recipient on SMTP).
     fn backends(
         &self,
         key: &dyn Fn(&str) -> String,
         entry: Range<usize>,
-        protocol: Protocol,
         backend: Option<&Spanned<String>>,
         routes: Option<&Spanned<String>>,
     ) -> Result<(Option<String>, Option<RoutesConfig>), ConfigError> {
@@ -952,11 +952,6 @@ impl Validator<'_> {
                 check_backend(text).map_err(|message| self.invalid(key("backend"), b.span(), message))?;
                 Ok((Some(text.clone()), None))
             }
-            (_, Some(r)) if protocol == Protocol::Smtp => Err(self.invalid(
-                key("routes"),
-                r.span(),
-                "only imap and pop3 listeners can route per user: SMTP needs its backend before any login",
-            )),
             (Some(_), Some(r)) => Err(self.invalid(
                 key("routes"),
                 r.span(),
@@ -973,7 +968,7 @@ impl Validator<'_> {
             (None, None) => Err(self.invalid(
                 key("backend"),
                 entry,
-                "missing: every listener needs `backend = \"host:port\"` (or, imap and pop3, `routes`)",
+                "missing: every listener needs `backend = \"host:port\"` (or `routes = \"PATH\"`)",
             )),
         }
     }
@@ -1225,7 +1220,7 @@ backend = "127.0.0.1:2525"
     }
 
     #[test]
-    fn routes_only_on_imap_and_pop3_and_never_with_backend() {
+    fn routes_on_any_protocol_and_never_with_backend() {
         let routed = GOOD.replace("backend = \"127.0.0.1:143\"", "routes = \"routes/imap.toml\"");
         let c = parse_text(&routed).expect("valid");
         let routes = c.listeners[0].routes.as_ref().expect("routed");
@@ -1234,8 +1229,14 @@ backend = "127.0.0.1:2525"
         assert_eq!(c.listeners[0].backend, None);
         assert_eq!(c.listeners[1].backend.as_deref(), Some("127.0.0.1:2525"));
 
-        let e = error_of(&GOOD.replace("backend = \"127.0.0.1:2525\"", "routes = \"r.toml\""));
-        assert!(e.contains(":24: listeners[1].routes: only imap and pop3"), "{e}");
+        // SMTP routes per recipient (the MX listener of GOOD is opportunistic).
+        let c =
+            parse_text(&GOOD.replace("backend = \"127.0.0.1:2525\"", "routes = \"r.toml\"")).expect("valid");
+        assert_eq!(
+            c.listeners[1].routes.as_ref().map(|r| r.path.clone()),
+            Some(PathBuf::from("/etc/mailtls/r.toml"))
+        );
+        assert_eq!(c.listeners[1].backend, None);
         let e =
             error_of(&GOOD.replace("backend = \"127.0.0.1:143\"", "backend = \"h:1\"\nroutes = \"r.toml\""));
         assert!(

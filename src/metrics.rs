@@ -140,6 +140,8 @@ pub struct Metrics {
     ticket_key_reloads: Family<OutcomeLabels, Counter>,
     ticket_keys: Gauge,
     routed: Family<RouteLabels, Counter>,
+    routed_recipients: Family<RouteLabels, Counter>,
+    deferred_recipients: Family<ListenerLabels, Counter>,
     not_after: Family<CertLabels, Gauge>,
     /// Connections accepted, every listener (refused ones included).
     pub connections_accepted: Tally,
@@ -201,6 +203,8 @@ impl Metrics {
             ticket_key_reloads: Family::default(),
             ticket_keys: Gauge::default(),
             routed: Family::default(),
+            routed_recipients: Family::default(),
+            deferred_recipients: Family::default(),
             not_after: Family::default(),
             connections_accepted: Tally::default(),
             connections_open: AtomicI64::new(0),
@@ -282,6 +286,16 @@ impl Metrics {
             "routed_logins",
             "Logins routed to a backend, by the map rule that chose it",
             self.routed.clone(),
+        );
+        r.register(
+            "routed_recipients",
+            "SMTP recipients relayed to a backend, by the map rule that chose it",
+            self.routed_recipients.clone(),
+        );
+        r.register(
+            "deferred_recipients",
+            "SMTP recipients answered 452 4.5.3 because another backend holds the transaction",
+            self.deferred_recipients.clone(),
         );
         r.register(
             "certificate_not_after_seconds",
@@ -448,6 +462,16 @@ impl Metrics {
     /// A login routed by the rule `rule` ("address", "domain", "default").
     pub fn routed(&self, listener: &str, rule: &'static str) {
         self.routed.get_or_create(&RouteLabels { listener: listener.to_owned(), rule }).inc();
+    }
+
+    /// An SMTP recipient relayed to the backend that the rule `rule` chose.
+    pub fn recipient_routed(&self, listener: &str, rule: &'static str) {
+        self.routed_recipients.get_or_create(&RouteLabels { listener: listener.to_owned(), rule }).inc();
+    }
+
+    /// An SMTP recipient deferred to a later transaction (its backend is not this one's).
+    pub fn recipient_deferred(&self, listener: &str) {
+        self.deferred_recipients.get_or_create(&ListenerLabels { listener: listener.to_owned() }).inc();
     }
 
     /// Replaces the per-certificate expiry gauges with the set now in service.

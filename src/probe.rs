@@ -95,7 +95,7 @@ pub async fn run(current: Arc<ArcSwap<ListenerContext>>, reprobe: Arc<Notify>, s
     loop {
         let ctx = current.load_full();
         let learns = match ctx.protocol {
-            Protocol::Smtp => !ctx.settings.require_tls,
+            Protocol::Smtp => !ctx.settings.require_tls || ctx.routes.is_some(),
             Protocol::Imap | Protocol::Pop3 => ctx.routes.is_some(),
         };
         let wait = if learns { Some(learn(&ctx, &mut health).await) } else { None };

@@ -22,10 +22,11 @@ use crate::config::{ProxyProtocol, Timeouts, TlsMode};
 use crate::inbound::Ends;
 use crate::metrics::{Handshake, Metrics};
 use crate::protocol::{
-    self, ClientGuard, Entry, Farewell, Finding, Negotiation, Next, PreTlsStep, Protocol, Settings, Step,
+    self, ClientGuard, Destination, Entry, Farewell, Finding, Negotiation, Next, PreTlsStep, Protocol,
+    Settings, Step,
 };
 use crate::relay::{self, ClientFilter, ClientLeg, Ending, Engine, Verdict};
-use crate::routes::{RouteTable, Rule};
+use crate::routes::{RouteTable, Routes, Rule};
 use crate::tls::prefixed::Prefixed;
 use crate::tls::TlsFacts;
 
@@ -42,7 +43,8 @@ pub struct ListenerContext {
     pub proxy_protocol: ProxyProtocol,
     /// The backend of an unrouted listener; empty on a routed one, where `routes` chooses.
     pub backend: String,
-    /// The per-user map of a routed IMAP/POP3 listener (`routes = "PATH"`).
+    /// The map of a routed listener (`routes = "PATH"`): per user on IMAP/POP3, per
+    /// recipient on SMTP.
     pub routes: Option<Arc<RouteTable>>,
     pub settings: Settings,
     /// What was last learned from the backend (SMTP EHLO extensions on opportunistic
@@ -65,15 +67,18 @@ impl ListenerContext {
     /// map in service at this moment decides), or the listener's one backend. With the rule
     /// that chose it, for logs and metrics.
     pub fn choose_backend(&self, user: Option<&str>) -> (String, Option<Rule>) {
-        match (&self.routes, user) {
-            (Some(routes), Some(user)) => {
-                let map = routes.current();
-                let (backend, rule) = map.route(user);
-                (backend.to_owned(), Some(rule))
+        match &self.routes {
+            Some(routes) => {
+                let (backend, rule) = decide(&routes.current(), user);
+                (backend, Some(rule))
             }
-            (Some(routes), None) => (routes.current().default.clone(), Some(Rule::Default)),
-            (None, _) => (self.backend.clone(), None),
+            None => (self.backend.clone(), None),
         }
+    }
+
+    /// The map a routed SMTP transaction keeps to its end, whatever reloads land meanwhile.
+    fn transaction_map(&self) -> Option<Arc<Routes>> {
+        self.routes.as_ref().map(|routes| routes.current())
     }
 
     fn session_settings(&self) -> Settings {
@@ -82,6 +87,18 @@ impl ListenerContext {
             settings.backend_extensions = ext.clone();
         }
         settings
+    }
+}
+
+/// The one routing decision of all three protocols: the backend for `key` (an IMAP/POP3
+/// login name, an SMTP recipient; `None`: nobody named yet) and the rule that chose it.
+pub fn decide(map: &Routes, key: Option<&str>) -> (String, Rule) {
+    match key {
+        Some(key) => {
+            let (backend, rule) = map.route(key);
+            (backend.to_owned(), rule)
+        }
+        None => (map.default.clone(), Rule::Default),
     }
 }
 
@@ -214,7 +231,10 @@ async fn run(
                 Ok(PreTlsEnd::StartTls(leftover)) => leftover,
                 Ok(PreTlsEnd::Plaintext { replay, buffered }) => {
                     let peer = Peer { client: record.client, local, tls: None };
-                    let entry = Entry::Plaintext { replay };
+                    let entry = match ctx.routes {
+                        Some(_) => Entry::Routed { greet: false, helo: Some(replay) },
+                        None => Entry::Plaintext { replay },
+                    };
                     return Box::pin(after_handshake(
                         stream, buffered, peer, entry, ctx, &settings, record, stop,
                     ))
@@ -226,7 +246,7 @@ async fn run(
     };
     let entry = match (ctx.tls_mode, &ctx.routes) {
         // No backend until the client says who it is; on implicit TLS mailtls greets.
-        (mode, Some(_)) => Entry::Routed { greet: mode == TlsMode::Implicit },
+        (mode, Some(_)) => Entry::Routed { greet: mode == TlsMode::Implicit, helo: None },
         (TlsMode::Implicit, None) => Entry::Implicit,
         (TlsMode::Starttls, None) => Entry::AfterStartTls,
     };
@@ -399,13 +419,20 @@ async fn after_handshake<C: ClientLeg>(
 ) -> Outcome {
     // A guarded plaintext SMTP session stays in negotiation for whole mail transactions, so
     // it gets the session's idle time; everyone else must authenticate within the shorter one.
+    // So does a routed SMTP session, which never leaves it.
     let silence = match entry {
         Entry::Plaintext { .. } => ctx.timeouts.idle,
+        Entry::Routed { .. } if ctx.protocol == Protocol::Smtp => ctx.timeouts.idle,
         _ => ctx.timeouts.pre_auth_idle,
     };
     let mut negotiation = protocol::negotiation(ctx.protocol, settings, entry);
-    let mut link =
-        Link { client: &mut client, backend: None, backend_buf: BytesMut::new(), record: &mut *record };
+    let mut link = Link {
+        client: &mut client,
+        backend: None,
+        backend_buf: BytesMut::new(),
+        record: &mut *record,
+        transaction: None,
+    };
     let first = match negotiation.opening() {
         // A routed listener: no backend until the client has identified itself.
         Some(opening) => opening,
@@ -558,6 +585,17 @@ async fn open_backend(
     negotiation: &mut dyn Negotiation,
 ) -> Result<Opened, (String, OpenError)> {
     let (backend, rule) = ctx.choose_backend(user);
+    connect_backend(ctx, peer, backend, rule, negotiation).await
+}
+
+/// Connects `backend` (chosen by `rule`), sends the PROXY header, consumes the greeting.
+async fn connect_backend(
+    ctx: &ListenerContext,
+    peer: &Peer,
+    backend: String,
+    rule: Option<Rule>,
+    negotiation: &mut dyn Negotiation,
+) -> Result<Opened, (String, OpenError)> {
     let fail = |e: OpenError| (backend.clone(), e);
     let header = backend::proxy_header(ctx.proxy_protocol, peer);
     let deadline = Instant::now() + ctx.timeouts.backend_connect;
@@ -612,6 +650,10 @@ struct Link<'a, C> {
     backend: Option<TcpStream>,
     backend_buf: BytesMut,
     record: &'a mut Record,
+    /// Routed SMTP: the map taken when the transaction's backend was chosen, and that
+    /// backend; kept while it is attached, so a reload meanwhile changes nothing for the
+    /// transaction's later recipients.
+    transaction: Option<(Arc<Routes>, String)>,
 }
 
 impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
@@ -627,6 +669,7 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
     fn detach(&mut self) {
         self.backend = None;
         self.backend_buf.clear();
+        self.transaction = None;
     }
 
     /// Writes a step out: backend first, then client (flushed: TLS buffers inside rustls).
@@ -684,6 +727,67 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
         self.apply(step).await
     }
 
+    /// Routes one recipient of an SMTP transaction with the map the transaction took at its
+    /// first recipient: connects its backend when none is attached; otherwise the machine
+    /// relays the recipient (same backend) or defers it to another transaction.
+    async fn recipient(
+        &mut self,
+        address: String,
+        negotiation: &mut dyn Negotiation,
+        ctx: &ListenerContext,
+        peer: &Peer,
+    ) -> Result<Next, Outcome> {
+        let Some(map) =
+            self.transaction.as_ref().map(|(map, _)| map.clone()).or_else(|| ctx.transaction_map())
+        else {
+            return Err(Outcome::Io("a recipient to route on a listener without routes".to_owned()));
+        };
+        let (backend, rule) = decide(&map, Some(&address));
+        let current = self.transaction.as_ref().map(|(_, current)| current.clone());
+        let step = match (current, self.backend.is_some()) {
+            (Some(current), true) if current == backend => {
+                ctx.metrics.recipient_routed(&ctx.name, rule.name());
+                negotiation.on_recipient(Destination::Current)
+            }
+            (Some(current), true) => {
+                ctx.metrics.recipient_deferred(&ctx.name);
+                tracing::debug!(
+                    listener = %ctx.name,
+                    client = %peer.client,
+                    recipient = address.as_str(),
+                    backend = %backend,
+                    transaction_backend = %current,
+                    "recipient deferred to another transaction"
+                );
+                negotiation.on_recipient(Destination::Other)
+            }
+            _ => {
+                self.backend = None;
+                self.backend_buf.clear();
+                match Box::pin(connect_backend(ctx, peer, backend.clone(), Some(rule), negotiation)).await {
+                    Ok(opened) => {
+                        ctx.metrics.recipient_routed(&ctx.name, rule.name());
+                        tracing::info!(
+                            listener = %ctx.name,
+                            client = %peer.client,
+                            recipient = address.as_str(),
+                            backend = %backend,
+                            rule = rule.name(),
+                            "transaction routed"
+                        );
+                        self.transaction = Some((map, backend));
+                        self.attach(opened)
+                    }
+                    Err(failure) => {
+                        note_unavailable(ctx, peer, Some(&address), &failure);
+                        negotiation.on_route_failed()
+                    }
+                }
+            }
+        };
+        self.apply(step).await
+    }
+
     /// Feeds both sides' bytes to the state machine until it says relay or close; ends the
     /// session after `silence` without a byte from either side. `next` is what the step
     /// written last said.
@@ -708,6 +812,11 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
                 Next::Detach => self.detach(),
                 Next::Route { user } => {
                     next = self.route(user, negotiation, ctx, peer).await?;
+                    deadline = Instant::now() + silence;
+                    continue;
+                }
+                Next::Recipient { address } => {
+                    next = self.recipient(address, negotiation, ctx, peer).await?;
                     deadline = Instant::now() + silence;
                     continue;
                 }

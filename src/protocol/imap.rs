@@ -2731,7 +2731,9 @@ mod tests {
                             }
                         }
                         Next::Negotiate | Next::Detach => {}
-                        Next::Relay | Next::Close | Next::Unavailable => break 'session,
+                        Next::Relay | Next::Close | Next::Unavailable | Next::Recipient { .. } => {
+                            break 'session
+                        }
                     }
                 }
                 if matches!(n.state, Routing::Unrouted) && n.client.literal_left == 0 {

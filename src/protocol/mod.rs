@@ -12,6 +12,9 @@
 //!   backend: the state machine answers the client itself until the client names its user
 //!   (LOGIN, AUTHENTICATE PLAIN, USER, AUTH PLAIN), then asks the session to connect the
 //!   backend for that user ([`Next::Route`]) and replays the identification to it.
+//! - On a routed SMTP listener the recipient decides instead: the first RCPT of each mail
+//!   transaction asks the session to route it ([`Next::Recipient`]), and the machine
+//!   replays EHLO and MAIL to the backend chosen (`smtp/routed.rs`).
 //!
 //! The state machines do no I/O. They are fed the bytes buffered so far and return a step;
 //! the session performs the writes. Every call consumes at most one unit (one command or
@@ -161,7 +164,11 @@ pub enum Entry {
     /// writes [`Negotiation::opening`] (mailtls's own greeting when `greet`, i.e. implicit
     /// TLS; nothing after STARTTLS) and negotiates with the client alone until the state
     /// machine says [`Next::Route`].
-    Routed { greet: bool },
+    ///
+    /// A routed SMTP listener routes each mail transaction by its recipients instead
+    /// ([`Next::Recipient`]); `helo` is the client's EHLO/HELO line when it was given before
+    /// (the opportunistic plaintext path), to be replayed to every backend connected.
+    Routed { greet: bool, helo: Option<Vec<u8>> },
 }
 
 /// What the session does after a [`Step`] has been written out.
@@ -190,6 +197,22 @@ pub enum Next {
     /// `to_client`). The session closes the backend connection and negotiates with the
     /// client alone again, so the next identification is routed afresh.
     Detach,
+    /// Routed SMTP listeners: a recipient (`address`, for choosing the backend and for logs)
+    /// was given. The session decides with the map it took at the transaction's first
+    /// recipient: with no backend attached, it connects the chosen one as for
+    /// [`Next::Route`] (on failure [`Negotiation::on_route_failed`]); with one attached, it
+    /// writes [`Negotiation::on_recipient`] told whether the recipient belongs there.
+    /// [`Next::Detach`] ends the transaction and releases that map.
+    Recipient { address: String },
+}
+
+/// Where a later recipient of a routed SMTP transaction belongs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// The backend the transaction already uses: relay the recipient.
+    Current,
+    /// Another backend: defer the recipient to another transaction.
+    Other,
 }
 
 /// One step of the negotiation phase: bytes for each side and what comes next.
@@ -244,6 +267,11 @@ pub trait Negotiation: Send {
     /// `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`); the machine is back in its state before
     /// the identification, so the client may retry. Machines that never route close.
     fn on_route_failed(&mut self) -> Step {
+        Step::to_client(Vec::new()).then(Next::Close)
+    }
+    /// After [`Next::Recipient`] with a backend attached: the step for that recipient.
+    /// Machines that never route recipients close.
+    fn on_recipient(&mut self, _destination: Destination) -> Step {
         Step::to_client(Vec::new()).then(Next::Close)
     }
     /// After [`Next::Relay`]: the filter every client byte must pass on its way to the
@@ -341,13 +369,16 @@ pub fn pre_tls(protocol: Protocol, settings: &Settings) -> Box<dyn PreTls> {
 /// The negotiation phase, entered as `entry` says.
 pub fn negotiation(protocol: Protocol, settings: &Settings, entry: Entry) -> Box<dyn Negotiation> {
     match protocol {
-        Protocol::Smtp => Box::new(smtp::SmtpNegotiation::new(settings, entry)),
+        Protocol::Smtp => match entry {
+            Entry::Routed { greet, helo } => Box::new(smtp::SmtpRouted::new(settings, greet, helo)),
+            entry => Box::new(smtp::SmtpNegotiation::new(settings, entry)),
+        },
         Protocol::Imap => match entry {
-            Entry::Routed { greet } => Box::new(imap::ImapRouted::new(settings, greet)),
+            Entry::Routed { greet, .. } => Box::new(imap::ImapRouted::new(settings, greet)),
             entry => Box::new(imap::ImapNegotiation::new(settings, entry)),
         },
         Protocol::Pop3 => match entry {
-            Entry::Routed { greet } => Box::new(pop3::Pop3Routed::new(settings, greet)),
+            Entry::Routed { greet, .. } => Box::new(pop3::Pop3Routed::new(settings, greet)),
             entry => Box::new(pop3::Pop3Negotiation::new(settings, entry)),
         },
     }

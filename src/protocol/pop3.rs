@@ -1957,7 +1957,9 @@ mod tests {
                             }
                         }
                         Next::Negotiate | Next::Detach => {}
-                        Next::Relay | Next::Close | Next::Unavailable => break 'session,
+                        Next::Relay | Next::Close | Next::Unavailable | Next::Recipient { .. } => {
+                            break 'session
+                        }
                     }
                 }
                 assert!(client.len() < 512 + 64 || !matches!(n.state, Routing::Unrouted));

@@ -269,6 +269,10 @@ async fn smtp(mut c: Conn, ehlo: &str) {
                 c.say("250 2.1.0 Ok\r\n").await;
                 return c.echo().await;
             }
+            // A mailbox server refuses users it does not have.
+            "RCPT" if line.to_ascii_lowercase().contains("<unknown@") => {
+                "550 5.1.1 <unknown>: Recipient address rejected: User unknown\r\n".to_owned()
+            }
             "MAIL" | "RCPT" | "NOOP" | "RSET" => "250 2.0.0 Ok\r\n".to_owned(),
             "DATA" => {
                 c.say("354 End data with <CR><LF>.<CR><LF>\r\n").await;

@@ -347,19 +347,7 @@ impl RoutedPair {
                  listen = [\"127.0.0.1:{port}\"]\nroutes = \"routes-{protocol}.toml\"\nproxy_protocol = \"v2\"\n"
             ));
         }
-        let config_path = pair.dir.path().join("mailtls.toml");
-        fs::write(&config_path, config).unwrap();
-        let log = File::create(pair.dir.path().join("mailtls.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mailtls"))
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info,mailtls=debug")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the mailtls binary");
-        pair.mailtls = Some(child);
+        pair.mailtls = Some(spawn_mailtls(pair.dir.path(), &config));
         for port in [pair.imaps, pair.pop3s] {
             wait_for_port(port, "mailtls", || pair.mailtls_log());
         }
@@ -403,6 +391,174 @@ impl Drop for RoutedPair {
         }
         self.dovecots.clear();
     }
+}
+
+// ---- two Postfix mailbox servers behind one routed mailtls MX ------------------------------
+
+/// The two mailboxes of [`RoutedMx`], one on each mailbox server.
+pub const MX_USERS: [&str; 2] = ["alice@one.test", "bob@two.test"];
+
+/// Two Postfix mailbox servers (the first holds alice@one.test, the second bob@two.test,
+/// each delivering into its own maildirs) behind one mailtls MX listener whose routes send
+/// @two.test to the second and everyone else to the first; and a third Postfix, the
+/// sending MTA, with mailtls as its relayhost and its SMTP client bound to 127.0.0.2 (so
+/// the mailbox servers' logs prove the PROXY header carried the sender's real address).
+/// The sender retries soon (queue_run_delay and backoff of [`RoutedMx::RETRY`]).
+pub struct RoutedMx {
+    /// mailtls's MX listener, and the sending Postfix's own smtpd (mail is injected there).
+    pub mx: u16,
+    pub sender_smtpd: u16,
+    mailtls: Option<Child>,
+    postfixes: Vec<Postfix>,
+    pub dir: tempfile::TempDir,
+}
+
+impl RoutedMx {
+    /// The sending Postfix's queue_run_delay, minimal_backoff_time (maximal: twice this).
+    pub const RETRY: &'static str = "3s";
+
+    pub fn start() -> RoutedMx {
+        let dir = tempfile::Builder::new().prefix("mailtls-routed-mx-").tempdir_in("/tmp").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let held: Vec<TcpListener> = (0..4).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let p: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
+        write_certificates(dir.path());
+        let mut site = RoutedMx { mx: p[2], sender_smtpd: p[3], mailtls: None, postfixes: Vec::new(), dir };
+        for (i, user) in MX_USERS.into_iter().enumerate() {
+            let home = site.server_dir(i);
+            fs::create_dir_all(home.join("mail")).unwrap();
+            fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
+            run_ok(Command::new("chown").arg("nobody:nogroup").arg(home.join("mail")));
+            site.postfixes.push(mailbox_server(&home, user, p[i]));
+        }
+        site.postfixes.push(sending_mta(&site.server_dir(2), p[3], site.mx));
+        let d = site.dir.path().display().to_string();
+        let routes =
+            format!("default = \"127.0.0.1:{}\"\n\n[routes]\n\"@two.test\" = \"127.0.0.1:{}\"\n", p[0], p[1]);
+        fs::write(site.dir.path().join("routes.toml"), routes).unwrap();
+        let config = format!(
+            "hostname = \"mx.routed.test\"\n\n[tls]\n[[tls.certificates]]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/key.pem\"\n\n\
+             [timeouts]\ndrain = 1\n\n[[listeners]]\nname = \"mx\"\nprotocol = \"smtp\"\ntls = \"starttls\"\n\
+             require_tls = false\nlisten = [\"127.0.0.1:{}\"]\nroutes = \"routes.toml\"\nproxy_protocol = \"v2\"\n",
+            site.mx
+        );
+        site.mailtls = Some(spawn_mailtls(site.dir.path(), &config));
+        wait_for_port(site.mx, "mailtls", || site.mailtls_log());
+        // The EHLO mailtls answers itself shows the default server's extensions once probed.
+        let until = Instant::now() + STARTUP;
+        while !smtp_ehlo(site.mx).is_ok_and(|reply| reply.contains("CHUNKING")) {
+            assert!(Instant::now() < until, "the MX probe never succeeded:\n{}", site.mailtls_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        site
+    }
+
+    /// 0 and 1: the mailbox servers; 2: the sending MTA.
+    fn server_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(["one", "two", "sender"][i])
+    }
+
+    pub fn maillog(&self, i: usize) -> String {
+        read_lossy(&self.server_dir(i).join("maillog"))
+    }
+
+    pub fn mailtls_log(&self) -> String {
+        strip_ansi(&read_lossy(&self.dir.path().join("mailtls.log")))
+    }
+
+    /// The messages delivered to mailbox server `i`'s user so far.
+    pub fn delivered(&self, i: usize) -> Vec<String> {
+        let local = MX_USERS[i].split('@').next().unwrap_or_default();
+        let new = self.server_dir(i).join(format!("mail/{local}/Maildir/new"));
+        let mut out: Vec<String> =
+            fs::read_dir(new).into_iter().flatten().flatten().map(|e| read_lossy(&e.path())).collect();
+        out.sort();
+        out
+    }
+
+    /// Waits (up to `within`) until `done` holds, polling.
+    pub fn wait(&self, within: Duration, done: impl Fn(&RoutedMx) -> bool) -> bool {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            if done(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        done(self)
+    }
+}
+
+impl Drop for RoutedMx {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- mailtls.log -----\n{}", self.mailtls_log());
+            for (i, name) in ["one", "two", "sender"].iter().enumerate() {
+                eprintln!("----- {name} maillog -----\n{}", self.maillog(i));
+            }
+        }
+        if let Some(mut child) = self.mailtls.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.postfixes.clear();
+    }
+}
+
+/// The mailtls binary on `config`, written to DIR/mailtls.toml, logging to DIR/mailtls.log.
+fn spawn_mailtls(dir: &Path, config: &str) -> Child {
+    let config_path = dir.join("mailtls.toml");
+    fs::write(&config_path, config).unwrap();
+    let log = File::create(dir.join("mailtls.log")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_mailtls"))
+        .arg("--config")
+        .arg(&config_path)
+        .env("RUST_LOG", "info,mailtls=debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start the mailtls binary")
+}
+
+/// main.cf lines every private Postfix of [`RoutedMx`] shares.
+fn private_main_cf(dir: &Path, hostname: &str) -> String {
+    let d = dir.display();
+    format!(
+        "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
+         mail_owner = postfix\nsetgid_group = postdrop\nmyhostname = {hostname}\ninet_interfaces = 127.0.0.1\n\
+         inet_protocols = ipv4\nmaillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n\
+         smtpd_banner = $myhostname ESMTP\nmydestination =\nalias_maps =\nalias_database =\n\
+         local_recipient_maps =\nsmtp_tls_security_level = none\nsmtpd_tls_security_level = none\n"
+    )
+}
+
+/// A mailbox server holding `user` alone, its smtpd on `port` behind a PROXY header.
+fn mailbox_server(dir: &Path, user: &str, port: u16) -> Postfix {
+    let (local, domain) = user.split_once('@').unwrap_or((user, ""));
+    let d = dir.display();
+    let main_cf = format!(
+        "{}mynetworks = 127.0.0.1/32\nvirtual_mailbox_domains = {domain}\nvirtual_mailbox_base = {d}/mail\n\
+         virtual_mailbox_maps = inline:{{ {user}={local}/Maildir/ }}\n\
+         virtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\n",
+        private_main_cf(dir, &format!("mx.{domain}"))
+    );
+    let master_cf =
+        format!("{MASTER_CF_BASE}{port} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy\n");
+    Postfix::launch(dir, &main_cf, &master_cf, &[(port, Some(PROXY_V2_LOCAL))])
+}
+
+/// The sending MTA: accepts mail on `port` from 127.0.0.1 and relays all of it to mailtls.
+fn sending_mta(dir: &Path, port: u16, mx: u16) -> Postfix {
+    let retry = RoutedMx::RETRY;
+    let main_cf = format!(
+        "{}mynetworks = 127.0.0.0/8\nrelayhost = [127.0.0.1]:{mx}\nsmtp_bind_address = 127.0.0.2\n\
+         queue_run_delay = {retry}\nminimal_backoff_time = {retry}\nmaximal_backoff_time = 6s\n",
+        private_main_cf(dir, "sender.test")
+    );
+    let master_cf = format!("{MASTER_CF_BASE}{port} inet n - n - - smtpd\n");
+    Postfix::launch(dir, &main_cf, &master_cf, &[(port, None)])
 }
 
 // ---- Dovecot ------------------------------------------------------------------------------
@@ -570,12 +726,6 @@ postlog    unix-dgram n  -       n       -       1       postlogd
 impl Postfix {
     fn start(dir: &Path, ports: &Ports) -> Postfix {
         let d = dir.display();
-        let conf = dir.join("postfix");
-        let queue = dir.join("queue");
-        for sub in [&conf, &queue, &dir.join("data")] {
-            fs::create_dir_all(sub).unwrap();
-        }
-        run_ok(Command::new("chown").arg("postfix").arg(dir.join("data")));
         let main_cf = format!(
             r#"compatibility_level = 3.6
 queue_directory = {d}/queue
@@ -607,7 +757,6 @@ virtual_uid_maps = static:65534
 virtual_gid_maps = static:65534
 "#
         );
-        fs::write(conf.join("main.cf"), main_cf).unwrap();
         let master_cf = format!(
             "{MASTER_CF_BASE}\
              {mx} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy\n\
@@ -619,6 +768,29 @@ virtual_gid_maps = static:65534
             sub = ports.postfix_submission,
             xc = ports.postfix_xclient,
         );
+        Postfix::launch(
+            dir,
+            &main_cf,
+            &master_cf,
+            &[
+                (ports.postfix_mx, Some(PROXY_V2_LOCAL)),
+                (ports.postfix_submission, Some(PROXY_V2_LOCAL)),
+                (ports.postfix_xclient, None),
+            ],
+        )
+    }
+
+    /// Starts a Postfix from `dir` with these main.cf and master.cf texts (main.cf names
+    /// `dir`'s queue and data), and waits for a greeting on each of `ports` (sending the
+    /// header given first, for smtpd with `smtpd_upstream_proxy_protocol`).
+    fn launch(dir: &Path, main_cf: &str, master_cf: &str, ports: &[(u16, Option<&[u8]>)]) -> Postfix {
+        let conf = dir.join("postfix");
+        let queue = dir.join("queue");
+        for sub in [&conf, &queue, &dir.join("data")] {
+            fs::create_dir_all(sub).unwrap();
+        }
+        run_ok(Command::new("chown").arg("postfix").arg(dir.join("data")));
+        fs::write(conf.join("main.cf"), main_cf).unwrap();
         fs::write(conf.join("master.cf"), master_cf).unwrap();
         authorize_config_directory(&conf);
         let out = File::create(dir.join("postfix.out")).unwrap();
@@ -650,9 +822,9 @@ virtual_gid_maps = static:65534
             )
         };
         assert!(status.success(), "postfix did not start: {}", why());
-        wait_for_greeting(ports.postfix_mx, Some(PROXY_V2_LOCAL), "postfix", why);
-        wait_for_greeting(ports.postfix_submission, Some(PROXY_V2_LOCAL), "postfix", why);
-        wait_for_greeting(ports.postfix_xclient, None, "postfix", why);
+        for &(port, header) in ports {
+            wait_for_greeting(port, header, "postfix", why);
+        }
         postfix
     }
 }
