@@ -663,3 +663,31 @@ async fn a_refusal_reaches_the_client_and_closes_both_sides_on_every_engine() {
         assert_eq!((report.engine, report.ending), (engine, Ending::Refused));
     }
 }
+
+/// Most mail clients (Python's imaplib and poplib among them) close TCP after LOGOUT or
+/// QUIT without a TLS close_notify. The mail protocols frame their own data, so that is an
+/// ordinary end of the session: it must be reported as closed (and half-close the backend),
+/// not as a failed relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_closing_without_close_notify_ends_the_relay_as_closed() {
+    let copy = engines(RelayMode::Copy, Faults::default());
+    let (mut client_app, mut running, _watch) = started_tls_session(&copy, &tls_peers(), b"").await;
+    client_app.write_all(b"a1 LOGOUT\r\n").await.unwrap();
+    client_app.flush().await.unwrap();
+    let mut got = [0u8; 11];
+    running.backend_app.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"a1 LOGOUT\r\n");
+    running.backend_app.write_all(b"* BYE\r\na1 OK\r\n").await.unwrap();
+    let mut reply = [0u8; 14];
+    client_app.read_exact(&mut reply).await.unwrap();
+    // Close the TCP socket under the TLS session: no close_notify is sent.
+    let (tcp, _) = client_app.into_inner();
+    drop(tcp);
+    // The backend sees end of stream from the client side, then closes its own.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(BULK_PATIENCE, running.backend_app.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    drop(running.backend_app);
+    let report = tokio::time::timeout(BULK_PATIENCE, &mut running.relay).await.expect("relay ended").unwrap();
+    assert_eq!(report.ending, Ending::Closed, "a close without close_notify is an ordinary close");
+}

@@ -195,6 +195,13 @@ impl<'f> Direction<'f> {
                     }
                     return Poll::Pending;
                 }
+                // rustls's word for a TCP close without close_notify, which is how most mail
+                // clients end (imaplib, poplib...): the mail protocols frame their own data,
+                // so a truncation gains an attacker nothing, and the session simply ended.
+                Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    give_buffer(buf);
+                    self.read_done = true;
+                }
                 Poll::Ready(Err(e)) => {
                     give_buffer(buf);
                     return Poll::Ready(Err(e));
