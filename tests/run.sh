@@ -16,9 +16,10 @@ cd "$(dirname "$0")/.."
 # catatonit (the pods' pause process), netavark and debootstrap: the container image, the
 # sidecar pod and systemd as PID 1 (tests/container_*.rs; base images are made from Debian's
 # packages once and kept under their tags). python3-yaml: the Kubernetes manifest check.
-# haproxy: the balancer of tests/fleet.rs.
+# haproxy: the balancer of tests/fleet.rs. iptables: netavark (podman's default network, the
+# pods' published ports) runs it, and podman only suggests it.
 packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils
-  dpkg-dev lintian man-db prometheus podman runc catatonit netavark debootstrap python3-yaml haproxy)
+  dpkg-dev lintian man-db prometheus podman runc catatonit netavark debootstrap python3-yaml haproxy iptables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

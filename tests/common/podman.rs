@@ -94,6 +94,60 @@ impl BaseImage {
     }
 }
 
+/// A mail server's image: Debian packages installed with apt on top of [`RUNTIME_BASE`], so
+/// every backend of the interop matrix shares the one debootstrap (Debian's MTAs and IMAP
+/// servers conflict with each other and with the host's Postfix and Dovecot, so each gets an
+/// image of its own). The tag names the recipe: change `packages`, bump the tag.
+pub struct DerivedImage {
+    pub tag: &'static str,
+    packages: &'static [&'static str],
+    making: &'static Mutex<()>,
+}
+
+impl DerivedImage {
+    /// An image recipe; `making` must be a static of its own (two images may be made at once).
+    pub const fn new(
+        tag: &'static str,
+        packages: &'static [&'static str],
+        making: &'static Mutex<()>,
+    ) -> Self {
+        DerivedImage { tag, packages, making }
+    }
+
+    /// The tag, after making the image (and its base) if this machine does not have it yet.
+    pub fn ensure(&self) -> &'static str {
+        let base = RUNTIME_BASE.ensure();
+        let _once = self.making.lock().unwrap_or_else(|e| e.into_inner());
+        if podman(&["image", "exists", self.tag]).success() {
+            return self.tag;
+        }
+        let started = Instant::now();
+        let work = tempfile::Builder::new().prefix("mailtls-image-").tempdir_in("/var/tmp").unwrap();
+        // Package scripts may not start daemons in an image build (policy-rc.d 101), and
+        // the mirror is the host's: the base's sources list may name another.
+        let containerfile = format!(
+            "FROM {base}\n\
+             RUN printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d \\\n \
+             && echo 'deb {mirror} bookworm main' > /etc/apt/sources.list \\\n \
+             && apt-get update -qq \\\n \
+             && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends {packages} \\\n \
+             && rm -rf /var/lib/apt/lists/* /usr/sbin/policy-rc.d\n",
+            mirror = debian_mirror(),
+            packages = self.packages.join(" "),
+        );
+        std::fs::write(work.path().join("Containerfile"), containerfile).unwrap();
+        let dir = work.path().display().to_string();
+        let out = run(
+            with_conf(Command::new("podman").args(["build", "--network", "host", "-t", self.tag, &dir]))
+                .stdin(Stdio::null()),
+            DEBOOTSTRAP_TIMEOUT,
+        );
+        assert!(out.success(), "podman build {}: {:?}\n{}\n{}", self.tag, out.status, out.stdout, out.stderr);
+        say(&format!("made image {} in {:.0?}", self.tag, started.elapsed()));
+        self.tag
+    }
+}
+
 /// The Debian mirror apt uses here (debootstrap needs one; no other network is reachable).
 fn debian_mirror() -> String {
     if let Ok(m) = std::env::var("MAILTLS_DEBIAN_MIRROR") {
