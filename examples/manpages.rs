@@ -28,13 +28,13 @@ const DOC_DIR: &str = "/usr/share/doc/mailtls/";
 /// Every page of docs/, as the README's table lists them; both man pages name them all
 /// under FILES (tests/docs.rs checks that this list and docs/ agree).
 const DOCS: &[(&str, &str)] = &[
-    ("docs/install.md", "installing: the Debian package, from source with the systemd units, the container sidecar"),
-    ("docs/configuration.md", "every key of mailtls.toml and an annotated example (this reference is mailtls.toml(5))"),
+    ("docs/install.md", "installing: the Debian package, from source with the systemd units, a container"),
+    ("docs/configuration.md", "every key of mailtls.toml and an annotated example (also mailtls.toml(5))"),
     ("docs/port-roles.md", "the seven port roles, the phases of a connection, what the backend receives"),
     ("docs/postfix.md", "in front of Postfix: master.cf and main.cf, PROXY protocol or XCLIENT"),
     ("docs/dovecot.md", "in front of Dovecot: dovecot.conf, PROXY v2, which trusted networks are safe"),
     ("docs/routing.md", "routing IMAP and POP3 users to their mailbox server, inbound SMTP by recipient"),
-    ("docs/certificates.md", "certbot, hot reload, several names, OCSP stapling, the self-signed trial certificate"),
+    ("docs/certificates.md", "certbot, hot reload, several names, OCSP stapling, the trial certificate"),
     ("docs/operations.md", "signals, logs, reloads, limits, inbound PROXY, metrics, alerts, troubleshooting"),
     ("docs/security.md", "STARTTLS injection, address forgery, SMTP smuggling, bounded input"),
     ("docs/performance.md", "CPU and memory against stunnel, HAProxy and nginx; kernel TLS"),

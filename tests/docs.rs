@@ -99,7 +99,10 @@ fn anchors_follow_githubs_rule() {
         "inbound-smtp-routed-by-recipient-one-mx-many-mailbox-servers"
     );
     assert_eq!(anchor("`tls.certificates[].cert`"), "tlscertificatescert");
-    assert_eq!(anchor("Troubleshooting: what the backend logs mean"), "troubleshooting-what-the-backend-logs-mean");
+    assert_eq!(
+        anchor("Troubleshooting: what the backend logs mean"),
+        "troubleshooting-what-the-backend-logs-mean"
+    );
     let page = parse("# A\n## Limits\ntext\n## Limits\n");
     assert_eq!(page.anchors, ["a", "limits", "limits-1"].map(String::from).into());
 }
@@ -121,7 +124,8 @@ fn normalize(path: &Path) -> PathBuf {
 
 /// What is wrong with the relative links of `files`, one line per broken link.
 fn broken_links(files: &[(String, String)]) -> Vec<String> {
-    let pages: BTreeMap<String, Page> = files.iter().map(|(name, text)| (name.clone(), parse(text))).collect();
+    let pages: BTreeMap<String, Page> =
+        files.iter().map(|(name, text)| (name.clone(), parse(text))).collect();
     // Other markdown files of the tree a link points into (benches/RESULTS.md, say).
     let mut others: BTreeMap<String, Page> = BTreeMap::new();
     let mut broken = Vec::new();
@@ -155,7 +159,9 @@ fn broken_links(files: &[(String, String)]) -> Vec<String> {
                     "{name}:{line}: {dest}: {key} has no heading #{fragment} (it has {:?})",
                     target_page.anchors
                 )),
-                None => broken.push(format!("{name}:{line}: {dest}: a #fragment into {key}, not a markdown page")),
+                None => {
+                    broken.push(format!("{name}:{line}: {dest}: a #fragment into {key}, not a markdown page"))
+                }
             }
         }
     }
@@ -174,8 +180,14 @@ fn every_relative_link_points_at_a_file_and_heading_that_exist() {
 #[test]
 fn the_link_checker_finds_a_missing_file_and_a_missing_heading() {
     let files = vec![
-        ("README.md".to_owned(), "# R\n[ok](docs/a.md#two-words) [gone](docs/nope.md) [bad](docs/a.md#three)\n".to_owned()),
-        ("docs/a.md".to_owned(), "# A\n## Two words\n[back](../README.md#r) [self](#a) [miss](#b)\n".to_owned()),
+        (
+            "README.md".to_owned(),
+            "# R\n[ok](docs/a.md#two-words) [gone](docs/nope.md) [bad](docs/a.md#three)\n".to_owned(),
+        ),
+        (
+            "docs/a.md".to_owned(),
+            "# A\n## Two words\n[back](../README.md#r) [self](#a) [miss](#b)\n".to_owned(),
+        ),
     ];
     let broken = broken_links(&files);
     assert_eq!(broken.len(), 3, "{broken:#?}");
@@ -187,11 +199,8 @@ fn the_link_checker_finds_a_missing_file_and_a_missing_heading() {
 #[test]
 fn every_docs_page_is_linked_from_the_readme() {
     let readme = parse(&read("README.md"));
-    let linked: BTreeSet<String> = readme
-        .links
-        .iter()
-        .map(|(dest, _)| dest.split('#').next().unwrap_or_default().to_owned())
-        .collect();
+    let linked: BTreeSet<String> =
+        readme.links.iter().map(|(dest, _)| dest.split('#').next().unwrap_or_default().to_owned()).collect();
     let pages = docs_pages();
     assert!(pages.len() >= 12, "{pages:?}");
     let missing: Vec<&String> = pages.iter().filter(|p| !linked.contains(p.as_str())).collect();
@@ -232,11 +241,7 @@ fn the_readme_starts_with_the_run_and_test_commands_and_stays_a_front_page() {
 /// The pages examples/manpages.rs lists in mailtls(8)'s FILES section.
 fn man_page_docs() -> BTreeSet<String> {
     let source = read("examples/manpages.rs");
-    source
-        .split('"')
-        .filter(|s| s.starts_with("docs/") && s.ends_with(".md"))
-        .map(str::to_owned)
-        .collect()
+    source.split('"').filter(|s| s.starts_with("docs/") && s.ends_with(".md")).map(str::to_owned).collect()
 }
 
 #[test]
