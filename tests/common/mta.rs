@@ -180,7 +180,10 @@ pub fn swaks(site: &Site, port: u16, tag: &str, args: &[&str]) -> String {
 pub fn swaks_run(site: &Site, port: u16, tag: &str, args: &[&str]) -> Output {
     let mut c = Command::new("swaks");
     c.args(["--server", &format!("127.0.0.1:{port}"), "--local-interface", CLIENT_IP]);
-    c.args(["--ehlo", "client.example", "--from", "carol@sender.test", "--to", "alice@mail.test"]);
+    c.args(["--ehlo", "client.example", "--to", "alice@mail.test"]);
+    if !args.contains(&"--from") {
+        c.args(["--from", "carol@sender.test"]);
+    }
     c.args(["--header", &format!("Subject: cell {tag}"), "--body", &format!("marker {tag}\n.a dot line\n")]);
     if args.iter().any(|a| a.starts_with("--tls")) {
         c.args(["--tls-verify", "--tls-sni", "localhost", "--tls-ca-path"]).arg(site.ca());
