@@ -9,17 +9,21 @@
 mod common;
 
 use common::mailservers::{run, SmtpLines, CLIENT_TIMEOUT};
-use common::mta::{ehlo_with_sni, free_ports, long_name, smtp_listener, swaks, Site, CLIENT_IP, EXIM_IMAGE};
+use common::mta::{
+    ehlo_with_sni, free_ports, long_name, smtp_listener, swaks, swaks_run, Site, CLIENT_IP, EXIM_IMAGE,
+};
 use common::podman::can_run;
 
 /// Exim's whole configuration (/etc/exim4/exim4.conf, which Debian's exim4 reads before
-/// its generated one). MX_PORT and SUB_PORT are the two ports mailtls connects to.
+/// its generated one). MX_PORT and SUB_PORT are the ports mailtls connects to; XCLIENT_PORT
+/// takes no PROXY header.
 const EXIM_CONF: &str = r#"keep_environment =
 primary_hostname = exim.mail.test
-daemon_smtp_ports = MX_PORT : SUB_PORT
+daemon_smtp_ports = MX_PORT : SUB_PORT : XCLIENT_PORT
 local_interfaces = 127.0.0.1
-# mailtls's address: from it a PROXY header (v1 or v2) must open every connection.
-hosts_proxy = 127.0.0.1
+# mailtls's address: from it a PROXY header (v1 or v2) must open every connection; the
+# test's third port takes none, to show what Exim 4.96 makes of XCLIENT.
+hosts_proxy = ${if eq{$received_port}{XCLIENT_PORT}{}{127.0.0.1}}
 # mailtls does TLS; Exim's own STARTTLS would only be stripped by mailtls.
 tls_advertise_hosts =
 # AUTH only on the submission port and only through mailtls, which relays AUTH only
@@ -78,16 +82,19 @@ login:
 /// Exim's fixed user list for the plaintext authenticator.
 const PASSWD: &str = "alice@mail.test: secret\n";
 
-/// Exim in its container on two ports (MX, submission); copies the config to where
-/// Debian's exim4 reads it and runs the daemon in the foreground.
-fn exim() -> (Site, u16, u16) {
-    let [mx, sub] = free_ports();
-    let conf = EXIM_CONF.replace("MX_PORT", &mx.to_string()).replace("SUB_PORT", &sub.to_string());
+/// Exim in its container on three ports (MX, submission, one without PROXY); copies the
+/// config to where Debian's exim4 reads it and runs the daemon in the foreground.
+fn exim() -> (Site, [u16; 3]) {
+    let ports @ [mx, sub, xclient] = free_ports();
+    let conf = EXIM_CONF
+        .replace("MX_PORT", &mx.to_string())
+        .replace("SUB_PORT", &sub.to_string())
+        .replace("XCLIENT_PORT", &xclient.to_string());
     let files = [("exim4.conf", conf), ("passwd", PASSWD.to_owned())];
     let script = "cp /data/exim4.conf /etc/exim4/exim4.conf && exec exim4 -bdf -q1m";
     let site = Site::start("exim", &EXIM_IMAGE, &files, script, &[], "log/mainlog");
     site.wait_for_log("daemon started", |l| l.contains("daemon started"));
-    (site, mx, sub)
+    (site, ports)
 }
 
 /// Exim's `<=` line for the message whose Subject is `cell TAG`.
@@ -102,16 +109,17 @@ fn exim_behind_the_mx_and_submission_roles_logs_every_client_with_its_own_addres
     if !can_run("Exim behind mailtls") {
         return;
     }
-    let (mut site, exim_mx, exim_sub) = exim();
-    let [mx, mx_v1, submission, submissions] = free_ports();
+    let (mut site, [exim_mx, exim_sub, exim_plain]) = exim();
+    let [mx, mx_v1, mx_xclient, submission, submissions] = free_ports();
     let listeners = [
         smtp_listener("mx", "starttls", mx, exim_mx, "v2", ""),
         smtp_listener("mx-v1", "starttls", mx_v1, exim_mx, "v1", ""),
+        smtp_listener("mx-xclient", "starttls", mx_xclient, exim_plain, "none", "xclient = true\n"),
         smtp_listener("submission", "starttls", submission, exim_sub, "v2", ""),
         smtp_listener("submissions", "implicit", submissions, exim_sub, "v2", ""),
     ]
     .concat();
-    site.start_mailtls(&listeners, &[mx, mx_v1, submission, submissions]);
+    site.start_mailtls(&listeners, &[mx, mx_v1, mx_xclient, submission, submissions]);
     // What mailtls offers before TLS is what Exim offers, STARTTLS added, AUTH never.
     let offered = site.wait_for_probe(mx);
     for extension in ["PIPELINING", "CHUNKING", "SIZE 52428800", "STARTTLS"] {
@@ -156,6 +164,11 @@ fn exim_behind_the_mx_and_submission_roles_logs_every_client_with_its_own_addres
     assert!(last.contains("250 OK id="), "{last}");
     c.send("QUIT").unwrap();
 
+    // XCLIENT: Exim 4.96 has none (4.98 brought it). mailtls will not let Exim log its own
+    // address as the client's: the session ends with 421, and nothing is delivered.
+    let xclient = swaks_run(&site, mx_xclient, "mx-xclient", &[]);
+    assert!(!xclient.success() && xclient.stdout.contains("421 4.3.2"), "{}", xclient.stdout);
+
     // Exim's own log: every message from the client's address, mailtls as the proxy.
     let cells = [
         ("mx-plain", "P=esmtp "),
@@ -178,6 +191,9 @@ fn exim_behind_the_mx_and_submission_roles_logs_every_client_with_its_own_addres
     }
     assert!(arrival(&log, "mx-bdat").is_some_and(|l| l.contains(" K ")), "BDAT not logged as CHUNKING");
     assert!(!log.contains("synchronization error"), "{log}");
+    let refused = log.lines().find(|l| l.contains("\"XCLIENT ADDR=127.0.0.2 ")).unwrap_or_default();
+    assert!(refused.contains("H=[127.0.0.1]:") && refused.contains("unrecognized command"), "{log}");
+    assert!(arrival(&log, "mx-xclient").is_none(), "{log}");
     eprintln!("Exim's arrivals through mailtls:\n{}", report.join("\n"));
 
     // The mailbox Exim delivered to: every message once, the chunk's text as text.
@@ -197,7 +213,7 @@ fn no_login_reaches_exim_without_tls() {
     if !can_run("Exim behind mailtls") {
         return;
     }
-    let (mut site, exim_mx, exim_sub) = exim();
+    let (mut site, [exim_mx, exim_sub, _]) = exim();
     let [mx, submission] = free_ports();
     let listeners = [
         smtp_listener("mx", "starttls", mx, exim_mx, "v2", ""),
@@ -242,7 +258,7 @@ fn a_long_sni_overflows_exims_proxy_v2_buffer_unless_the_header_carries_no_tlvs(
     if !can_run("Exim behind mailtls") {
         return;
     }
-    let (mut site, _, exim_sub) = exim();
+    let (mut site, [_, exim_sub, _]) = exim();
     let [with_tlvs, without_tlvs] = free_ports();
     let listeners = [
         smtp_listener("submissions", "implicit", with_tlvs, exim_sub, "v2", ""),
