@@ -30,7 +30,7 @@ tls_advertise_hosts =
 # inside TLS (and refuses it before TLS itself).
 auth_advertise_hosts = ${if and{{bool{$proxy_session}}{eq{$received_port}{SUB_PORT}}}{*}{}}
 log_file_path = /data/log/%slog
-log_selector = +proxy +subject +incoming_port +smtp_connection +smtp_protocol_error +smtp_syntax_error
+log_selector = +pipelining +proxy +subject +incoming_port +smtp_connection +smtp_protocol_error +smtp_syntax_error
 rfc1413_hosts =
 domainlist local_domains = mail.test
 acl_smtp_rcpt = acl_check_rcpt
@@ -42,11 +42,24 @@ acl_check_rcpt:
           !authenticated = *
           message = submission needs AUTH
   accept  authenticated = *
-  accept  domains = +local_domains
+  accept  domains = +local_domains : relay.test
           local_parts = alice
   deny    message = relay not permitted
 
 begin routers
+# relay.test: Exim as a sending MTA through mailtls's MX, and back in on the MX port.
+relayed:
+  driver = accept
+  domains = relay.test
+  condition = ${if eq{$received_port}{MX_PORT}}
+  local_parts = alice
+  transport = relayed
+outbound:
+  driver = manualroute
+  domains = relay.test
+  route_list = * 127.0.0.1::MAILTLS_MX
+  self = send
+  transport = to_mailtls
 mailbox:
   driver = accept
   domains = +local_domains
@@ -54,6 +67,18 @@ mailbox:
   transport = mailbox
 
 begin transports
+relayed:
+  driver = appendfile
+  file = /data/mail/relayed
+  user = Debian-exim
+  group = Debian-exim
+  mode = 0644
+to_mailtls:
+  driver = smtp
+  interface = 127.0.0.2
+  helo_data = sender.exim.test
+  hosts_pipe_connect = *
+  tls_verify_certificates = /data/ca.pem
 mailbox:
   driver = appendfile
   file = /data/mail/$local_part_data
@@ -82,11 +107,13 @@ login:
 /// Exim's fixed user list for the plaintext authenticator.
 const PASSWD: &str = "alice@mail.test: secret\n";
 
-/// Exim in its container on three ports (MX, submission, one without PROXY); copies the
-/// config to where Debian's exim4 reads it and runs the daemon in the foreground.
-fn exim() -> (Site, [u16; 3]) {
+/// Exim in its container on three ports (MX, submission, one without PROXY), sending mail
+/// for relay.test to mailtls's MX listener on `mailtls_mx`; copies the config to where
+/// Debian's exim4 reads it and runs the daemon in the foreground.
+fn exim(mailtls_mx: u16) -> (Site, [u16; 3]) {
     let ports @ [mx, sub, xclient] = free_ports();
     let conf = EXIM_CONF
+        .replace("MAILTLS_MX", &mailtls_mx.to_string())
         .replace("MX_PORT", &mx.to_string())
         .replace("SUB_PORT", &sub.to_string())
         .replace("XCLIENT_PORT", &xclient.to_string());
@@ -109,8 +136,8 @@ fn exim_behind_the_mx_and_submission_roles_logs_every_client_with_its_own_addres
     if !can_run("Exim behind mailtls") {
         return;
     }
-    let (mut site, [exim_mx, exim_sub, exim_plain]) = exim();
     let [mx, mx_v1, mx_xclient, submission, submissions] = free_ports();
+    let (mut site, [exim_mx, exim_sub, exim_plain]) = exim(mx);
     let listeners = [
         smtp_listener("mx", "starttls", mx, exim_mx, "v2", ""),
         smtp_listener("mx-v1", "starttls", mx_v1, exim_mx, "v1", ""),
@@ -186,7 +213,9 @@ fn exim_behind_the_mx_and_submission_roles_logs_every_client_with_its_own_addres
         let line = arrival(&log, tag).unwrap_or_default();
         assert!(line.contains(&format!(" [{CLIENT_IP}]:")), "{tag}: not the client's address: {line}");
         assert!(line.contains(" PRX=127.0.0.1 "), "{tag}: not through mailtls: {line}");
-        assert!(line.contains(protocol), "{tag}: {protocol}: {line}");
+        for field in protocol.split_whitespace() {
+            assert!(line.contains(&format!(" {field} ")), "{tag}: {field}: {line}");
+        }
         report.push(format!("{tag:>12}: {}", &line[line.find(" H=").unwrap_or(0)..]));
     }
     assert!(arrival(&log, "mx-bdat").is_some_and(|l| l.contains(" K ")), "BDAT not logged as CHUNKING");
@@ -197,7 +226,9 @@ fn exim_behind_the_mx_and_submission_roles_logs_every_client_with_its_own_addres
     eprintln!("Exim's arrivals through mailtls:\n{}", report.join("\n"));
 
     // The mailbox Exim delivered to: every message once, the chunk's text as text.
-    site.wait_for_log("every delivery", |l| l.matches(" Completed").count() >= cells.len());
+    site.wait_for_log("every delivery", |l| {
+        l.matches("=> alice <alice@mail.test> R=mailbox").count() >= cells.len()
+    });
     let mbox = common::mailservers::read_lossy(&site.data().join("mail/alice"));
     for (tag, _) in cells {
         assert_eq!(mbox.matches(&format!("Subject: cell {tag}\n")).count(), 1, "{tag}:\n{mbox}");
@@ -205,6 +236,48 @@ fn exim_behind_the_mx_and_submission_roles_logs_every_client_with_its_own_addres
     }
     assert!(mbox.contains("\nQUIT\nRCPT TO:<postmaster@mail.test>\n"), "the chunk arrived whole");
     assert_eq!(mbox.matches(&format!("Received: from [{CLIENT_IP}] (port=")).count(), cells.len(), "{mbox}");
+
+    // A real sending MTA: Exim's smtp transport (from CLIENT_IP) relays two messages for
+    // relay.test through mailtls's MX, with STARTTLS, PIPELINING, CHUNKING and, on the
+    // second connection (the first cached the EHLO reply), PIPECONNECT: its EHLO sent
+    // before mailtls's greeting.
+    for n in 1..=2 {
+        let tag = format!("relay-{n}");
+        swaks(
+            &site,
+            submission,
+            &tag,
+            &[&["--to", "alice@relay.test", "--tls"][..], &auth("PLAIN")].concat(),
+        );
+        let sent = format!("T=\"cell {tag}\"");
+        site.wait_for_log("relayed through mailtls", |l| {
+            l.lines().filter(|l| l.contains(" <= ") && l.contains(&sent)).count() == 2
+                && l.matches("=> alice@relay.test R=outbound T=to_mailtls").count() == n
+        });
+    }
+    let log = site.backend_log();
+    let outbound: Vec<&str> = log.lines().filter(|l| l.contains("=> alice@relay.test R=outbound")).collect();
+    eprintln!("Exim as the sending MTA through mailtls's MX:\n{}", outbound.join("\n"));
+    for line in &outbound {
+        assert!(line.contains(" X=TLS1.3:") && line.contains(" CV=yes "), "verified STARTTLS: {line}");
+        assert!(line.contains(" K C=\"250-"), "BDAT: {line}");
+    }
+    assert!(outbound[0].contains(" L K "), "PIPELINING on the first: {}", outbound[0]);
+    assert!(outbound[1].contains(" L* K "), "PIPECONNECT on the second: {}", outbound[1]);
+    let inbound: Vec<&str> =
+        log.lines().filter(|l| l.contains(" <= ") && l.contains("H=(sender.exim.test) ")).collect();
+    assert_eq!(inbound.len(), 2, "{log}");
+    for line in inbound {
+        assert!(line.contains(&format!(" [{CLIENT_IP}]:")) && line.contains(" PRX=127.0.0.1 "), "{line}");
+        assert!(line.contains(" K "), "{line}");
+    }
+    site.wait_for_log("both relayed delivered", |l| {
+        l.matches("=> alice <alice@relay.test> R=relayed").count() == 2
+    });
+    let relayed = common::mailservers::read_lossy(&site.data().join("mail/relayed"));
+    for n in 1..=2 {
+        assert_eq!(relayed.matches(&format!("Subject: cell relay-{n}\n")).count(), 1, "{relayed}");
+    }
 }
 
 #[test]
@@ -213,8 +286,8 @@ fn no_login_reaches_exim_without_tls() {
     if !can_run("Exim behind mailtls") {
         return;
     }
-    let (mut site, [exim_mx, exim_sub, _]) = exim();
     let [mx, submission] = free_ports();
+    let (mut site, [exim_mx, exim_sub, _]) = exim(mx);
     let listeners = [
         smtp_listener("mx", "starttls", mx, exim_mx, "v2", ""),
         smtp_listener("submission", "starttls", submission, exim_sub, "v2", ""),
@@ -258,8 +331,8 @@ fn a_long_sni_overflows_exims_proxy_v2_buffer_unless_the_header_carries_no_tlvs(
     if !can_run("Exim behind mailtls") {
         return;
     }
-    let (mut site, [_, exim_sub, _]) = exim();
     let [with_tlvs, without_tlvs] = free_ports();
+    let (mut site, [_, exim_sub, _]) = exim(0);
     let listeners = [
         smtp_listener("submissions", "implicit", with_tlvs, exim_sub, "v2", ""),
         smtp_listener("submissions-bare", "implicit", without_tlvs, exim_sub, "v2", "proxy_tlvs = []\n"),

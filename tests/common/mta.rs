@@ -74,6 +74,8 @@ impl Site {
             fs::write(data.join(name), text).unwrap();
         }
         write_certificates(dir.path());
+        // The backend's own TLS client (a sending MTA through mailtls) trusts the same root.
+        fs::copy(dir.path().join("ca.pem"), data.join("ca.pem")).unwrap();
         let volume = format!("{}:/data", data.display());
         let container =
             Container::start(label, &["--network", "host", "-v", &volume, image, "sh", "-c", script]);
@@ -180,9 +182,11 @@ pub fn swaks(site: &Site, port: u16, tag: &str, args: &[&str]) -> String {
 pub fn swaks_run(site: &Site, port: u16, tag: &str, args: &[&str]) -> Output {
     let mut c = Command::new("swaks");
     c.args(["--server", &format!("127.0.0.1:{port}"), "--local-interface", CLIENT_IP]);
-    c.args(["--ehlo", "client.example", "--to", "alice@mail.test"]);
-    if !args.contains(&"--from") {
-        c.args(["--from", "carol@sender.test"]);
+    c.args(["--ehlo", "client.example"]);
+    for (option, default) in [("--from", "carol@sender.test"), ("--to", "alice@mail.test")] {
+        if !args.contains(&option) {
+            c.args([option, default]);
+        }
     }
     c.args(["--header", &format!("Subject: cell {tag}"), "--body", &format!("marker {tag}\n.a dot line\n")]);
     if args.iter().any(|a| a.starts_with("--tls")) {
