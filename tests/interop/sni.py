@@ -13,7 +13,7 @@ import ssl
 import sys
 
 port, mode, sni, source = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-raw = socket.create_connection(("127.0.0.1", int(port)), timeout=20, source_address=(source, 0))
+raw = socket.create_connection(("127.0.0.1", int(port)), timeout=60, source_address=(source, 0))
 lines = raw.makefile("rb")
 
 
