@@ -507,7 +507,7 @@ impl Drop for RoutedMx {
 }
 
 /// The mailtls binary on `config`, written to DIR/mailtls.toml, logging to DIR/mailtls.log.
-fn spawn_mailtls(dir: &Path, config: &str) -> Child {
+pub fn spawn_mailtls(dir: &Path, config: &str) -> Child {
     let config_path = dir.join("mailtls.toml");
     fs::write(&config_path, config).unwrap();
     let log = File::create(dir.join("mailtls.log")).unwrap();
