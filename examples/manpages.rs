@@ -33,6 +33,8 @@ const DOCS: &[(&str, &str)] = &[
     ("docs/port-roles.md", "the seven port roles, the phases of a connection, what the backend receives"),
     ("docs/postfix.md", "in front of Postfix: master.cf and main.cf, PROXY protocol or XCLIENT"),
     ("docs/dovecot.md", "in front of Dovecot: dovecot.conf, PROXY v2, which trusted networks are safe"),
+    ("docs/exim.md", "in front of Exim: hosts_proxy, the submission AUTH setting, what Exim learns"),
+    ("docs/opensmtpd.md", "in front of OpenSMTPD: a proxy-v2 listener, what it learns and cannot"),
     ("docs/routing.md", "routing IMAP and POP3 users to their mailbox server, inbound SMTP by recipient"),
     ("docs/certificates.md", "certbot, hot reload, several names, OCSP stapling, the trial certificate"),
     ("docs/operations.md", "signals, logs, reloads, limits, inbound PROXY, metrics, alerts, troubleshooting"),
