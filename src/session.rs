@@ -237,10 +237,11 @@ async fn run(
                         Some(_) => Entry::Routed { greet: false, helo: Some(replay) },
                         None => Entry::Plaintext { replay },
                     };
-                    return Box::pin(after_handshake(
+                    let negotiating = Box::pin(after_handshake(
                         stream, buffered, peer, entry, ctx, &settings, record, stop,
-                    ))
-                    .await;
+                    ));
+                    let handed = negotiating.await;
+                    return relay_after(handed, ctx, record).await;
                 }
                 Err(outcome) => return outcome,
             }
@@ -253,7 +254,11 @@ async fn run(
         (TlsMode::Starttls, None) => Entry::AfterStartTls,
     };
     // Boxed phases: see server::connection; only the live phase's state is allocated.
-    let tls = match Box::pin(handshake(stream, prefix, ctx, record.client)).await {
+    // Each boxed phase is bound before it is awaited: the arguments of a call awaited in
+    // the same statement would keep their slots (a whole TLS stream) in this future for the
+    // session's life.
+    let handshaking = Box::pin(handshake(stream, prefix, ctx, record.client));
+    let tls = match handshaking.await {
         Ok(tls) => tls,
         Err(outcome) => {
             let counted = if matches!(outcome, Outcome::HandshakeTimeout) {
@@ -269,7 +274,10 @@ async fn run(
     ctx.metrics.handshake(&ctx.name, Handshake::Ok(facts.version));
     record.tls = Some(facts.clone());
     let peer = Peer { client: record.client, local, tls: Some(facts) };
-    Box::pin(after_handshake(tls, BytesMut::new(), peer, entry, ctx, &settings, record, stop)).await
+    let negotiating =
+        Box::pin(after_handshake(tls, BytesMut::new(), peer, entry, ctx, &settings, record, stop));
+    let handed = negotiating.await;
+    relay_after(handed, ctx, record).await
 }
 
 // ---- phase 1: the dialogue before TLS --------------------------------------------------
@@ -408,6 +416,15 @@ async fn handshake(
 
 // ---- phases 3-5: backend, negotiation, relay ---------------------------------------------
 
+/// What the negotiation hands the relay. Everything else of the negotiation is freed before
+/// the relay starts, so an idle session holds only this (and the relay's own state).
+struct Handover {
+    client: relay::Leg,
+    backend: TcpStream,
+    pending: relay::Pending,
+    guard: Option<Box<dyn ClientGuard>>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn after_handshake<C: ClientLeg>(
     mut client: C,
@@ -418,7 +435,7 @@ async fn after_handshake<C: ClientLeg>(
     settings: &Settings,
     record: &mut Record,
     stop: &Shutdown,
-) -> Outcome {
+) -> Result<Handover, Outcome> {
     // A guarded plaintext SMTP session stays in negotiation for whole mail transactions, so
     // it gets the session's idle time; everyone else must authenticate within the shorter one.
     // So does a routed SMTP session, which never leaves it.
@@ -445,20 +462,16 @@ async fn after_handshake<C: ClientLeg>(
                 // The connection's log line names the backend tried, not "-".
                 link.record.backend = Some(e.0.clone());
                 let outcome = Outcome::BackendUnavailable(e.1.to_string());
-                return say_farewell(link.client, ctx.protocol, Farewell::BackendUnavailable, outcome).await;
+                return Err(
+                    say_farewell(link.client, ctx.protocol, Farewell::BackendUnavailable, outcome).await
+                );
             }
         },
     };
-    let next = match link.apply(first).await {
-        Ok(next) => next,
-        Err(outcome) => return outcome,
-    };
+    let next = link.apply(first).await?;
     let negotiating =
         link.negotiate(next, negotiation.as_mut(), &mut client_buf, ctx, &peer, settings, silence, stop);
-    let next = match Box::pin(negotiating).await {
-        Ok(next) => next,
-        Err(outcome) => return outcome,
-    };
+    let next = Box::pin(negotiating).await?;
     let Link { backend, backend_buf, .. } = link;
     let backend_name = record.backend.clone().unwrap_or_default();
     let backend = match (next, backend) {
@@ -469,17 +482,17 @@ async fn after_handshake<C: ClientLeg>(
             ctx.metrics.backend_failure(&ctx.name);
             tracing::warn!(listener = %ctx.name, client = %peer.client, backend = %backend_name, "{reason}");
             let _ = client.shutdown().await;
-            return Outcome::BackendUnavailable(reason);
+            return Err(Outcome::BackendUnavailable(reason));
         }
         (Next::Relay, None) => {
             // A state machine that says relay with no backend attached is a bug; end cleanly.
             tracing::error!(listener = %ctx.name, client = %peer.client, "negotiation ended with no backend");
             let _ = client.shutdown().await;
-            return Outcome::Closed;
+            return Err(Outcome::Closed);
         }
         _ => {
             let _ = client.shutdown().await;
-            return Outcome::Closed;
+            return Err(Outcome::Closed);
         }
     };
     // The negotiation's state (framers, pending replies) is of no use to a relay that may
@@ -487,14 +500,35 @@ async fn after_handshake<C: ClientLeg>(
     let guard = negotiation.client_guard();
     drop(negotiation);
     let pending = relay::Pending::from_buffers(client_buf, backend_buf);
+    Ok(Handover { client: client.into_leg(), backend, pending, guard })
+}
+
+/// Phase 5 after a negotiation that ended in `handed`: the relay, in a future of its own
+/// that an idle session keeps for hours, so it holds the relay's state and nothing else
+/// (the negotiation's future, TLS stream and buffers included, is freed by then).
+async fn relay_after(
+    handed: Result<Handover, Outcome>,
+    ctx: &ListenerContext,
+    record: &mut Record,
+) -> Outcome {
+    match handed {
+        Ok(handover) => {
+            let relaying = Box::pin(relay_phase(handover, ctx, record));
+            relaying.await
+        }
+        Err(outcome) => outcome,
+    }
+}
+
+async fn relay_phase(handover: Handover, ctx: &ListenerContext, record: &mut Record) -> Outcome {
+    let Handover { client, backend, pending, guard } = handover;
     let client_addr = record.client;
     let mut logged = record.finding_logged;
     let mut watched = guard.map(|guard| Watched { guard, ctx, client: client_addr, logged: &mut logged });
     record.inspected = watched.as_ref().map(|w| w.guard.name());
     let filter = watched.as_mut().map(|w| w as &mut dyn ClientFilter);
     let report =
-        relay::run_filtered(client, backend, pending, &ctx.engines, &ctx.name, &mut record.engine, filter)
-            .await;
+        relay::run_leg(client, backend, pending, &ctx.engines, &ctx.name, &mut record.engine, filter).await;
     drop(watched);
     record.finding_logged = logged;
     record.to_backend += report.totals.client_to_backend;

@@ -221,8 +221,10 @@ fn tls_peers_with(suite: rustls::SupportedCipherSuite) -> TlsPeers {
         .with_no_client_auth()
         .with_single_cert(vec![cert.der().clone()], key_der)
         .unwrap();
-    // As mailtls's own config does: the ktls engine needs the keys.
+    // As mailtls's own config does: the ktls engine and the copy engine's record layer need
+    // the keys, and the record layer the TLS 1.3 traffic secrets for KeyUpdates.
     server.enable_secret_extraction = true;
+    server.key_log = mailtls::tls::secrets::SecretLog::shared();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(provider)
@@ -337,6 +339,90 @@ async fn tls_leg_relays_64_mib_each_way_with_copy_engine() {
     }
 }
 
+/// The copy engine's fallback, records left to rustls (the keys could not leave it): the
+/// same 64 MiB each way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_leg_relays_64_mib_each_way_with_records_left_to_rustls() {
+    let copy = engines(RelayMode::Copy, Faults { rustls_records: true, ..Faults::default() });
+    for first in [First::Client, First::Backend] {
+        let run = tls_session(&copy, first, b"a1 NOOP\r\n").await;
+        assert_eq!(run.report.engine, Engine::Copy);
+        assert_eq!(run.report.ending, Ending::Closed, "{first:?}");
+        assert_eq!(run.report.totals.client_to_backend, (BULK + 8) as u64);
+        assert_eq!(run.report.totals.backend_to_client, BULK as u64);
+    }
+}
+
+/// Every suite mailtls negotiates (TLS 1.3 and 1.2; AES-128-GCM, AES-256-GCM,
+/// ChaCha20-Poly1305) through the copy engine's own record layer: 64 MiB each way, with
+/// bytes rustls had already decrypted forwarded first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_relays_every_suite_with_its_own_record_layer() {
+    let copy = engines(RelayMode::Copy, Faults::default());
+    for (suite, _) in kernel_suites() {
+        let what = format!("{:?}", suite.suite());
+        eprintln!("suite {what}");
+        let run = tls_session_with(&copy, &tls_peers_with(suite), First::Backend, b"a1 NOOP\r\n").await;
+        assert_eq!(run.report.engine, Engine::Copy, "{what}");
+        assert_eq!(run.report.ending, Ending::Closed, "{what}");
+        assert_eq!(run.report.totals.client_to_backend, (BULK + 8) as u64, "{what}");
+        assert_eq!(run.report.totals.backend_to_client, BULK as u64, "{what}");
+    }
+}
+
+/// A TLS 1.3 client's KeyUpdate (rustls's asks for the server's too) during the relay:
+/// followed both ways, with the records sealed and opened by the relay itself and with
+/// them left to rustls alike, then 64 MiB each way under the new keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_follows_client_key_updates_both_ways() {
+    for rustls_records in [false, true] {
+        let copy = engines(RelayMode::Copy, Faults { rustls_records, ..Faults::default() });
+        let (mut client_app, mut running, _watch) =
+            started_tls_session(&copy, &tls_peers(), b"a1 NOOP\r\n").await;
+        for round in 0..3 {
+            client_app.get_mut().1.refresh_traffic_keys().unwrap();
+            let line = format!("a{round} after a key update\r\n");
+            client_app.write_all(line.as_bytes()).await.unwrap();
+            client_app.flush().await.unwrap();
+            let mut got = vec![0u8; line.len()];
+            running.backend_app.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, line.as_bytes(), "rustls_records={rustls_records}");
+            let reply = format!("a{round} OK under the new keys\r\n");
+            running.backend_app.write_all(reply.as_bytes()).await.unwrap();
+            let mut got = vec![0u8; reply.len()];
+            let read = tokio::time::timeout(BULK_PATIENCE, client_app.read_exact(&mut got)).await;
+            read.expect("reply in time").expect("reply readable under the server's new key");
+            assert_eq!(got, reply.as_bytes(), "rustls_records={rustls_records}");
+        }
+        exchange(&mut client_app, &mut running.backend_app, First::Client).await;
+        let report = running.relay.await.unwrap();
+        assert_eq!(report.ending, Ending::Closed, "rustls_records={rustls_records}");
+    }
+}
+
+/// A forged record (valid framing, wrong tag) on the copy engine's own record layer: the
+/// session ends as failed, nothing of it reaches the backend, and the client is told with
+/// a bad_record_mac alert, as rustls would tell it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_record_ends_the_session_with_bad_record_mac() {
+    let copy = engines(RelayMode::Copy, Faults::default());
+    let (mut client_app, mut running, _watch) =
+        started_tls_session(&copy, &tls_peers(), b"a1 NOOP\r\n").await;
+    let mut forged = vec![23, 3, 3, 0, 40];
+    forged.extend([0x5au8; 40]);
+    client_app.get_mut().0.write_all(&forged).await.unwrap();
+    let report = tokio::time::timeout(BULK_PATIENCE, &mut running.relay).await.expect("relay ended").unwrap();
+    assert_eq!(report.ending, Ending::Failed);
+    assert_eq!(report.totals.client_to_backend, 8, "only the early bytes reached the backend");
+    let mut rest = Vec::new();
+    let _ = running.backend_app.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let mut buf = [0u8; 64];
+    let end = tokio::time::timeout(BULK_PATIENCE, client_app.read(&mut buf)).await.expect("client told");
+    let err = end.expect_err("the session ended with an error");
+    assert!(err.to_string().contains("BadRecordMac"), "{err}");
+}
+
 /// Checks a session that kernel TLS carried: the engine says so, the client socket has
 /// the "tls" ULP (so the kernel, not rustls, did the record layer), and each direction
 /// ended with close_notify (the exchange's reads would fail on a bare EOF from rustls).
@@ -437,7 +523,7 @@ async fn ktls_ends_the_session_on_a_key_update() {
 /// ktls is assumed available so the set-up path really starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ktls_falls_back_to_copy_when_set_up_fails() {
-    let failing = engines(RelayMode::Auto, Faults { no_pipes: true, assume_ktls: true });
+    let failing = engines(RelayMode::Auto, Faults { no_pipes: true, assume_ktls: true, ..Faults::default() });
     let run = tls_session(&failing, First::Client, b"a1 NOOP\r\n").await;
     assert_eq!(run.report.engine, Engine::Copy);
     assert_eq!(run.ulp, "", "the ULP goes on only after pipes were had");

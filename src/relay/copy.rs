@@ -269,7 +269,13 @@ where
         }
     });
     let mut ending = tokio::select! {
-        result = copy => if result.is_ok() { Ending::Closed } else { Ending::Failed },
+        result = copy => match result {
+            Ok(()) => Ending::Closed,
+            Err(e) => {
+                tracing::debug!("copy relay failed: {e}");
+                Ending::Failed
+            }
+        },
         () = clock.idle_for(idle) => Ending::Idle,
     };
     if let Some(reply) = up.refusal.take() {

@@ -24,9 +24,8 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use super::filter::ClientFilter;
-use super::splice::{self, Legs, Pipes};
-use super::{copy, Engine, Engines, Pending, Report};
+use super::splice::Pipes;
+use super::Engines;
 use crate::tls::prefixed::Prefixed;
 
 /// TLS record content types (RFC 8446 5.1).
@@ -224,8 +223,8 @@ fn set_crypto(fd: RawFd, direction: libc::c_int, info: &CryptoInfo) -> io::Resul
 /// Why a session did not take the ktls engine.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Skip {
-    #[error("kernel TLS unavailable: {0}")]
-    Unavailable(String),
+    #[error("kernel TLS unavailable (see the start-up log)")]
+    Unavailable,
     #[error("the kernel has no cipher for the negotiated suite {0}")]
     Suite(String),
     #[error("STARTTLS prefix bytes still unread by rustls")]
@@ -255,44 +254,41 @@ enum Fatal {
     Install(&'static str, io::Error),
 }
 
-/// Relays a TLS client leg: through the kernel where possible, else with copy.
-pub(super) async fn relay(
-    mut client: TlsStream<Prefixed<TcpStream>>,
-    backend: TcpStream,
-    mut pending: Pending,
+/// What became of a TLS client leg offered to the kernel.
+pub(super) enum Taken {
+    /// The keys are in the kernel: splice serves the socket from here on.
+    Kernel(TcpStream, Pipes),
+    /// Not taken, rustls still whole: the copy engine serves it.
+    Declined(Box<TlsStream<Prefixed<TcpStream>>>),
+    /// The set-up failed after the keys left rustls: the session cannot go on.
+    Failed,
+}
+
+/// Hands a TLS client leg to the kernel where possible. Run in a future of its own, freed
+/// before the relay starts, so a relay idling for hours does not keep this one's state.
+pub(super) async fn take(
+    mut client: Box<TlsStream<Prefixed<TcpStream>>>,
+    to_backend: &mut Vec<u8>,
     engines: &Engines,
-    listener: &str,
-    engine: &mut Option<super::Engine>,
-    filter: Option<&mut dyn ClientFilter>,
-) -> Report {
-    match prepare(&mut client, &mut pending.to_backend, engines).await {
-        Ok(pipes) => {
-            super::announce(engines, listener, engine, Engine::Ktls);
-            let (prefixed, conn) = client.into_inner();
-            let socket = prefixed.into_inner();
-            match install(&socket, conn) {
-                Ok(()) => {
-                    let legs = Legs { client: &socket, backend: &backend, client_ktls: true };
-                    splice::relay(legs, pipes, pending, engines.idle, filter).await
-                }
-                Err(e) => {
-                    tracing::warn!("kernel TLS set-up failed after the keys left rustls; session ends: {e}");
-                    Report {
-                        engine: Engine::Ktls,
-                        totals: super::Totals::default(),
-                        ending: super::Ending::Failed,
-                    }
-                }
-            }
+) -> Taken {
+    let pipes = match prepare(&mut client, to_backend, engines).await {
+        Ok(pipes) => pipes,
+        Err(Skip::Unavailable) => {
+            // Expected on kernels without CONFIG_TLS: said once at start-up, not per session.
+            return Taken::Declined(client);
         }
-        Err(why) => {
-            match &why {
-                // Expected on kernels without CONFIG_TLS: said once at start-up, not per session.
-                Skip::Unavailable(_) => {}
-                other => tracing::debug!("ktls engine not used for this session, using copy: {other}"),
-            }
-            super::announce(engines, listener, engine, Engine::Copy);
-            copy::relay(client, backend, pending, engines.idle, filter).await
+        Err(other) => {
+            tracing::debug!("ktls engine not used for this session, using copy: {other}");
+            return Taken::Declined(client);
+        }
+    };
+    let (prefixed, conn) = super::unbox(client).into_inner();
+    let socket = prefixed.into_inner();
+    match install(&socket, conn) {
+        Ok(()) => Taken::Kernel(socket, pipes),
+        Err(e) => {
+            tracing::warn!("kernel TLS set-up failed after the keys left rustls; session ends: {e}");
+            Taken::Failed
         }
     }
 }
@@ -306,7 +302,7 @@ async fn prepare(
 ) -> Result<Pipes, Skip> {
     let suites = match engines.ktls() {
         super::KtlsSupport::Available(suites) => suites,
-        super::KtlsSupport::Unavailable(why) => return Err(Skip::Unavailable(why.clone())),
+        super::KtlsSupport::Unavailable(_) => return Err(Skip::Unavailable),
     };
     let negotiated = client.get_ref().1.negotiated_cipher_suite();
     let suite = negotiated.and_then(Suite::of);
@@ -314,6 +310,21 @@ async fn prepare(
         let name = negotiated.and_then(|s| s.suite().as_str()).unwrap_or("unknown");
         return Err(Skip::Suite(name.to_owned()));
     }
+    quiesce(client, to_backend).await?;
+    // Pipes before the ULP: either can fail, and both must before the keys leave rustls.
+    let pipes = Pipes::new(&engines.faults).map_err(Skip::Pipes)?;
+    set_ulp(client.get_ref().0.get_ref().as_raw_fd()).map_err(Skip::Ulp)?;
+    Ok(pipes)
+}
+
+/// Brings a rustls stream to the state in which its keys can leave it: no STARTTLS prefix
+/// left unread, everything it would send flushed, the plaintext it already decrypted moved
+/// to `to_backend`, and no part of a record inside it. The ktls engine and the copy
+/// engine's own record layer both switch only from here; any refusal leaves rustls whole.
+pub(super) async fn quiesce(
+    client: &mut TlsStream<Prefixed<TcpStream>>,
+    to_backend: &mut Vec<u8>,
+) -> Result<(), Skip> {
     if client.get_ref().0.unread_prefix() > 0 {
         return Err(Skip::Prefix);
     }
@@ -322,10 +333,7 @@ async fn prepare(
     if !client.get_ref().0.at_record_boundary() || client.get_ref().1.wants_write() {
         return Err(Skip::MidRecord);
     }
-    // Pipes before the ULP: either can fail, and both must before the keys leave rustls.
-    let pipes = Pipes::new(&engines.faults).map_err(Skip::Pipes)?;
-    set_ulp(client.get_ref().0.get_ref().as_raw_fd()).map_err(Skip::Ulp)?;
-    Ok(pipes)
+    Ok(())
 }
 
 /// Moves plaintext rustls already decrypted into `out`; every complete record rustls was

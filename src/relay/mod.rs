@@ -3,8 +3,10 @@
 //!
 //! One seam, three engines, chosen per connection by [`run`]: `splice` when both legs are
 //! cleartext TCP, `ktls` when the client leg's TLS can be handed to the kernel, `copy`
-//! (user space) otherwise and whenever a faster engine cannot be set up. Only the
-//! modules that talk to the kernel directly may use unsafe code.
+//! (user space) otherwise and whenever a faster engine cannot be set up. On a TLS leg,
+//! copy seals and opens the records itself once the keys can leave rustls (record.rs),
+//! and leaves them to rustls otherwise. Only the modules that talk to the kernel directly
+//! may use unsafe code.
 //!
 //! A session may bring a [`ClientFilter`] (SMTP's smuggling guard): every engine then
 //! passes the client-to-backend bytes through it in user space (pending bytes included),
@@ -16,11 +18,14 @@ mod copy;
 mod filter;
 #[allow(unsafe_code)]
 mod ktls;
+mod record;
 mod splice;
 
 pub use filter::{ClientFilter, Verdict};
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +96,9 @@ pub struct Faults {
     /// Treat kernel TLS as available even where the probe said no, so the set-up is
     /// attempted and its real failure on such a kernel exercises the fallback.
     pub assume_ktls: bool,
+    /// The copy engine leaves a TLS leg's records to rustls (its fallback when the keys
+    /// cannot leave rustls), instead of taking them over.
+    pub rustls_records: bool,
 }
 
 /// The engines this process may use, decided once at start-up, plus what every relay
@@ -221,33 +229,138 @@ pub async fn run_filtered<C: ClientLeg>(
     engine: &mut Option<Engine>,
     filter: Option<&mut dyn ClientFilter>,
 ) -> Report {
-    let report = match (engines.mode, client.into_leg()) {
+    run_leg(client.into_leg(), backend, pending, engines, listener, engine, filter).await
+}
+
+/// [`run_filtered`] over a client leg already taken apart. Each engine's future is boxed:
+/// a relay idling for hours holds the state of the engine it uses, not the largest one's.
+pub async fn run_leg(
+    client: Leg,
+    backend: TcpStream,
+    pending: Pending,
+    engines: &Engines,
+    listener: &str,
+    engine: &mut Option<Engine>,
+    filter: Option<&mut dyn ClientFilter>,
+) -> Report {
+    let idle = engines.idle;
+    // Every engine future is boxed and bound before it is awaited, so this future keeps no
+    // slot for the arguments (a whole TLS stream) across the relay's life.
+    let report = match (engines.mode, client) {
         (RelayMode::Copy, Leg::Plain(client)) => {
             announce(engines, listener, engine, Engine::Copy);
-            copy::relay(client, backend, pending, engines.idle, filter).await
+            let relaying = Box::pin(copy::relay(client, backend, pending, idle, filter));
+            relaying.await
         }
         (RelayMode::Copy, Leg::Tls(client)) => {
             announce(engines, listener, engine, Engine::Copy);
-            copy::relay(*client, backend, pending, engines.idle, filter).await
+            copy_tls(client, backend, pending, engines, filter).await
         }
         (RelayMode::Auto, Leg::Plain(client)) => match splice::Pipes::new(&engines.faults) {
             Ok(pipes) => {
                 announce(engines, listener, engine, Engine::Splice);
                 let legs = splice::Legs { client: &client, backend: &backend, client_ktls: false };
-                splice::relay(legs, pipes, pending, engines.idle, filter).await
+                let relaying = Box::pin(splice::relay(legs, pipes, pending, idle, filter));
+                relaying.await
             }
             Err(e) => {
                 tracing::debug!("splice engine unavailable for this session, using copy: {e}");
                 announce(engines, listener, engine, Engine::Copy);
-                copy::relay(client, backend, pending, engines.idle, filter).await
+                let relaying = Box::pin(copy::relay(client, backend, pending, idle, filter));
+                relaying.await
             }
         },
         (RelayMode::Auto, Leg::Tls(client)) => {
-            ktls::relay(*client, backend, pending, engines, listener, engine, filter).await
+            let mut pending = pending;
+            let taking = Box::pin(ktls::take(client, &mut pending.to_backend, engines));
+            match taking.await {
+                ktls::Taken::Kernel(socket, pipes) => {
+                    announce(engines, listener, engine, Engine::Ktls);
+                    let legs = splice::Legs { client: &socket, backend: &backend, client_ktls: true };
+                    let relaying = Box::pin(splice::relay(legs, pipes, pending, idle, filter));
+                    relaying.await
+                }
+                ktls::Taken::Failed => {
+                    announce(engines, listener, engine, Engine::Ktls);
+                    Report { engine: Engine::Ktls, totals: Totals::default(), ending: Ending::Failed }
+                }
+                ktls::Taken::Declined(client) => {
+                    announce(engines, listener, engine, Engine::Copy);
+                    copy_tls(client, backend, pending, engines, filter).await
+                }
+            }
         }
     };
     *engine = Some(report.engine);
     report
+}
+
+/// The copy engine over a TLS client leg: its records sealed and opened by the relay
+/// itself when the keys can leave rustls at a record boundary, by rustls otherwise. The
+/// switch runs in a future of its own, freed before the relay starts.
+async fn copy_tls(
+    client: Box<TlsStream<Prefixed<TcpStream>>>,
+    backend: TcpStream,
+    mut pending: Pending,
+    engines: &Engines,
+    filter: Option<&mut dyn ClientFilter>,
+) -> Report {
+    let idle = engines.idle;
+    let switching = Box::pin(take_records(client, &mut pending.to_backend, engines));
+    let relaying: Pin<Box<dyn Future<Output = Report> + Send + '_>> = match switching.await {
+        Switched::Own(leg) => Box::pin(copy::relay(leg, backend, pending, idle, filter)),
+        Switched::Rustls(client) => Box::pin(copy::relay(unbox(client), backend, pending, idle, filter)),
+        Switched::Failed => {
+            return Report { engine: Engine::Copy, totals: Totals::default(), ending: Ending::Failed }
+        }
+    };
+    relaying.await
+}
+
+/// Who seals and opens a TLS leg's records in the copy engine. Returned once and moved
+/// straight into the relay's future, so the large variant costs nothing to keep.
+#[allow(clippy::large_enum_variant)]
+enum Switched {
+    Own(record::RecordLeg),
+    Rustls(Box<TlsStream<Prefixed<TcpStream>>>),
+    /// The keys left rustls and the record layer could not take them: the session ends.
+    Failed,
+}
+
+async fn take_records(
+    mut client: Box<TlsStream<Prefixed<TcpStream>>>,
+    to_backend: &mut Vec<u8>,
+    engines: &Engines,
+) -> Switched {
+    let ready = if engines.faults.rustls_records {
+        Err("rustls_records fault injected".to_owned())
+    } else {
+        match client.get_ref().1.negotiated_cipher_suite().map(record::takes) {
+            Some(Ok(())) => ktls::quiesce(&mut client, to_backend).await.map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("no negotiated suite".to_owned()),
+        }
+    };
+    if let Err(why) = ready {
+        tracing::debug!("TLS records left to rustls for this session: {why}");
+        return Switched::Rustls(client);
+    }
+    let secrets = client.get_ref().0.take_traffic_secrets();
+    let (prefixed, conn) = unbox(client).into_inner();
+    match record::RecordLeg::new(prefixed.into_inner(), conn, secrets) {
+        Ok(leg) => Switched::Own(leg),
+        Err(e) => {
+            tracing::warn!("taking the TLS records over from rustls failed; session ends: {e}");
+            Switched::Failed
+        }
+    }
+}
+
+/// The value out of its box, the box freed now: moving out with `*b` would keep the
+/// allocation until `b`'s scope ends, which for a relay is the session's end.
+#[allow(clippy::boxed_local)] // taking the box is the point: it is freed here
+fn unbox<T>(b: Box<T>) -> T {
+    *b
 }
 
 fn announce(engines: &Engines, listener: &str, slot: &mut Option<Engine>, chosen: Engine) {

@@ -3,6 +3,7 @@
 
 pub mod load;
 pub mod prefixed;
+pub mod secrets;
 pub mod store;
 pub mod tickets;
 pub mod trial;
@@ -311,6 +312,10 @@ pub fn server_config(
     // refuses to give them out unless asked for here. TLS 1.3 tickets are still sent
     // during the handshake (rustls' default), so none is due after the switch.
     server.enable_secret_extraction = true;
+    // The copy engine takes the records over from rustls too (relay/record.rs), and needs
+    // the TLS 1.3 traffic secrets to follow a client's KeyUpdate; this log only keeps them
+    // for the session's own relay, it writes nothing anywhere.
+    server.key_log = secrets::SecretLog::shared();
     Ok(Arc::new(server))
 }
 
