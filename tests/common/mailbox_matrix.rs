@@ -1,0 +1,319 @@
+//! The IMAP/POP3 backend matrix: a mail server that cannot share the host with Dovecot
+//! (Cyrus, Courier) in a container of its own, the mailtls binary on the host in front of it
+//! with every IMAP and POP3 role, and real clients (imaplib, poplib) in front of mailtls.
+//!
+//! The servers take no PROXY header: every mailtls listener here has `proxy_protocol =
+//! "none"`, and the `-xclient` ones also `xclient = true` (IMAP ID, POP3 XCLIENT). Each
+//! server runs with `--network host` on 127.0.0.1 ports chosen at run time and logs through
+//! an rsyslogd of its own to /var/log/all.log, which is what the cells assert from: which
+//! logins happened, what address they name, and that a refused attempt never got there.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::mailservers::{read_lossy, strip_ansi, wait_for_port, write_certificates, SmtpLines, CLIENT_TIMEOUT};
+use super::podman::{say, wait_for, Container, DerivedImage};
+use super::process::{free_port, Running};
+
+/// The address the clients bind to: not mailtls's own 127.0.0.1, so a backend log that
+/// names 127.0.0.2 learned it from mailtls, and one that names 127.0.0.1 names mailtls.
+pub const CLIENT_IP: &str = "127.0.0.2";
+/// The mailbox every cell logs in to (a sasldb user on Cyrus, a system user on Courier).
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "secret";
+/// The Message-ID of the message each server's mailbox holds from the start.
+pub const FIRST_MESSAGE: &str = "<first@mailbox.test>";
+
+/// The first message, as the container scripts deliver it (LF line ends: both servers'
+/// delivery tools take a Unix file).
+pub fn message(message_id: &str) -> String {
+    format!(
+        "From: bob@mailbox.test\nTo: {USER}@mailbox.test\nSubject: matrix {message_id}\n\
+         Message-ID: {message_id}\n\nmarker {message_id}\n"
+    )
+}
+
+/// A mail server's container. Its script gets the ports as `$1 $2 ...`, sets the server
+/// up, starts rsyslogd and the daemons, prints `READY` and stays.
+pub struct Server {
+    pub container: Container,
+    label: &'static str,
+    marks: AtomicUsize,
+}
+
+/// Where the servers' rsyslogd writes everything.
+const SYSLOG: &str = "/var/log/all.log";
+
+/// The rsyslogd every server script starts first: one file, every facility (the daemons'
+/// own lines, PAM's, `logger`'s marks).
+pub const START_SYSLOG: &str = "printf 'module(load=\"imuxsock\")\\n*.* /var/log/all.log\\n' > /etc/rsyslog.conf\n\
+     rsyslogd\n\
+     for i in $(seq 100); do [ -S /dev/log ] && break; sleep 0.1; done\n";
+
+impl Server {
+    pub fn start(label: &'static str, image: &DerivedImage, script: &str, ports: &[u16]) -> Server {
+        let tag = image.ensure();
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let mut args = vec!["--network", "host", tag, "sh", "-c", script, "sh"];
+        args.extend(ports.iter().map(String::as_str));
+        let server = Server { container: Container::start(label, &args), label, marks: AtomicUsize::new(0) };
+        wait_for(
+            &format!("{label} set up"),
+            Duration::from_secs(60),
+            || server.container.logs().contains("READY\n").then_some(()),
+            || format!("{}\n{}", server.container.logs(), server.syslog()),
+        );
+        server
+    }
+
+    /// Everything the container's syslog holds so far.
+    pub fn syslog(&self) -> String {
+        self.container.exec(&format!("cat {SYSLOG}")).stdout
+    }
+
+    /// What the server logged while `action` ran. A `logger` line written after it is
+    /// waited for, so every line a daemon sent before that is in (one socket, in order).
+    pub fn logged_during<T>(&self, action: impl FnOnce() -> T) -> (T, String) {
+        let before = self.syslog().len();
+        let out = action();
+        let mark = format!("mailtls-test mark {}", self.marks.fetch_add(1, Ordering::Relaxed));
+        self.container.exec_ok(&format!("logger -t mailtls-test '{mark}'"));
+        let log = wait_for(
+            &format!("{} logs the mark", self.label),
+            Duration::from_secs(30),
+            || {
+                let log = self.syslog();
+                let end = log.find(&mark)?;
+                Some(log.get(before..end).unwrap_or_default().to_owned())
+            },
+            || self.syslog(),
+        );
+        (out, log)
+    }
+}
+
+/// The mailtls listeners every matrix has, all with `proxy_protocol = "none"`: (name,
+/// protocol, tls, xclient).
+pub const ROLES: [(&str, &str, &str, bool); 6] = [
+    ("imaps", "imap", "implicit", false),
+    ("imap", "imap", "starttls", false),
+    ("pop3s", "pop3", "implicit", false),
+    ("pop3", "pop3", "starttls", false),
+    ("imaps-xclient", "imap", "implicit", true),
+    ("pop3s-xclient", "pop3", "implicit", true),
+];
+
+/// The mailtls binary in front of one server: [`ROLES`] on ports of their own.
+pub struct FrontDoor {
+    running: Running,
+    ports: Vec<(&'static str, u16)>,
+    pub dir: tempfile::TempDir,
+}
+
+impl FrontDoor {
+    pub fn start(imap_backend: u16, pop3_backend: u16) -> FrontDoor {
+        let dir = tempfile::Builder::new().prefix("mailtls-matrix-").tempdir_in("/tmp").unwrap();
+        write_certificates(dir.path());
+        let d = dir.path().display().to_string();
+        let mut config = format!(
+            "hostname = \"mx.mail.test\"\n\n[tls]\n[[tls.certificates]]\ncert = \"{d}/chain.pem\"\nkey = \"{d}/key.pem\"\n\n\
+             [timeouts]\ndrain = 1\n"
+        );
+        let mut ports = Vec::new();
+        for (name, protocol, tls, xclient) in ROLES {
+            let port = free_port();
+            let backend = if protocol == "imap" { imap_backend } else { pop3_backend };
+            config.push_str(&format!(
+                "\n[[listeners]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntls = \"{tls}\"\n\
+                 listen = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:{backend}\"\nproxy_protocol = \"none\"\n\
+                 xclient = {xclient}\n"
+            ));
+            ports.push((name, port));
+        }
+        let path = dir.path().join("mailtls.toml");
+        fs::write(&path, config).unwrap();
+        let mut command = Command::new(super::process::BIN);
+        command.arg("--config").arg(&path).env("RUST_LOG", "info");
+        let front = FrontDoor { running: Running::spawn(command, dir.path()), ports, dir };
+        for (_, port) in &front.ports {
+            wait_for_port(*port, "mailtls", || front.log());
+        }
+        front
+    }
+
+    pub fn port(&self, role: &str) -> u16 {
+        self.ports.iter().find(|(n, _)| *n == role).map(|(_, p)| *p).expect("a role of ROLES")
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn log(&self) -> String {
+        strip_ansi(&self.running.log())
+    }
+}
+
+/// What the client script printed, line by line, when it succeeded.
+pub type Session = Vec<String>;
+
+/// tests/interop/mailbox.py on `role`: login and fetch; with `deliver`, also IDLE, during
+/// which `deliver` is called (once the client is idling) to put a new message in.
+pub fn client(front: &FrontDoor, role: &str, deliver: Option<&dyn Fn()>) -> Result<Session, String> {
+    let (_, protocol, tls, _) = ROLES.iter().find(|r| r.0 == role).copied().expect("a role of ROLES");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/mailbox.py");
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new("python3");
+    command.arg(script).args([protocol, tls, &front.port(role).to_string()]).arg(front.ca());
+    command.args([CLIENT_IP, USER, PASSWORD]);
+    if deliver.is_some() {
+        command.arg("idle");
+    }
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr.reopen().unwrap())
+        .spawn()
+        .expect("python3 (tests/run.sh installs it)");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let mut lines = Vec::new();
+    let ended = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                if line == "idling" {
+                    if let Some(deliver) = deliver {
+                        deliver();
+                    }
+                }
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break true,
+            Err(mpsc::RecvTimeoutError::Timeout) => break false,
+        }
+    };
+    if !ended {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let why = || format!("{role}: {status} ({})\n{}\n{}", if ended { "ended" } else { "timed out" }, lines.join("\n"), read_lossy(stderr.path()));
+    if ended && status.success() {
+        Ok(lines)
+    } else {
+        Err(why())
+    }
+}
+
+/// The line of `session` that starts with `word `, without it.
+pub fn said<'a>(session: &'a Session, word: &str) -> Option<&'a str> {
+    session.iter().find_map(|l| l.strip_prefix(word)?.strip_prefix(' '))
+}
+
+/// A plaintext login attempt on a STARTTLS role, before STARTTLS: every answer mailtls gave.
+/// IMAP LOGIN and AUTHENTICATE PLAIN (initial response), POP3 USER, PASS and AUTH PLAIN.
+pub fn plaintext_login(front: &FrontDoor, role: &str) -> Vec<String> {
+    let mut s = SmtpLines::connect(front.port(role), Some(CLIENT_IP)).expect("connect to mailtls");
+    let plain = base64_plain();
+    let commands: Vec<String> = if role == "imap" {
+        vec![format!("a LOGIN {USER} {PASSWORD}"), format!("b AUTHENTICATE PLAIN {plain}"), "c LOGOUT".into()]
+    } else {
+        vec![format!("USER {USER}"), format!("PASS {PASSWORD}"), format!("AUTH PLAIN {plain}"), "QUIT".into()]
+    };
+    let mut answers = vec![s.line().expect("greeting")];
+    for command in commands {
+        s.send(&command).expect("send");
+        loop {
+            let line = s.line().unwrap_or_else(|e| format!("<{e}>"));
+            let untagged = line.starts_with("* ");
+            answers.push(line);
+            if !untagged {
+                break;
+            }
+        }
+    }
+    answers
+}
+
+/// `\0alice\0secret` in base64, the SASL PLAIN initial response.
+fn base64_plain() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = format!("\0{USER}\0{PASSWORD}").into_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Cells run one after another against the same server and mailtls; a failing cell is
+/// recorded and the others still run, so one run shows the whole matrix.
+pub struct Matrix {
+    name: &'static str,
+    results: Vec<(String, Result<(), String>)>,
+}
+
+impl Matrix {
+    pub fn new(name: &'static str) -> Matrix {
+        Matrix { name, results: Vec::new() }
+    }
+
+    pub fn cell(&mut self, name: &str, body: impl FnOnce()) {
+        let started = Instant::now();
+        let outcome = catch_unwind(AssertUnwindSafe(body)).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        });
+        say(&format!(
+            "{} cell {name}: {} ({:.1?})",
+            self.name,
+            if outcome.is_ok() { "ok" } else { "FAILED" },
+            started.elapsed()
+        ));
+        self.results.push((name.to_owned(), outcome));
+    }
+
+    /// Panics naming every failed cell, after printing `logs` (server and mailtls); prints
+    /// them in any case with MAILTLS_TEST_SHOW_LOGS=1 (to see what a server says).
+    pub fn finish(self, logs: impl FnOnce() -> String) {
+        let show = std::env::var_os("MAILTLS_TEST_SHOW_LOGS").is_some();
+        let failed: Vec<String> = self
+            .results
+            .iter()
+            .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("--- cell {name}:\n{e}")))
+            .collect();
+        if show || !failed.is_empty() {
+            let _ = writeln!(std::io::stderr(), "{}", logs());
+        }
+        if !failed.is_empty() {
+            panic!("{}: {} of {} cells failed:\n{}", self.name, failed.len(), self.results.len(), failed.join("\n"));
+        }
+    }
+}
+
+/// The lines of `log` that contain every one of `words`.
+pub fn lines_with<'a>(log: &'a str, words: &[&str]) -> Vec<&'a str> {
+    log.lines().filter(|l| words.iter().all(|w| l.contains(w))).collect()
+}

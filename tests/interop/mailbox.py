@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""One session of a mail client against a mailtls port, with Python's imaplib or poplib:
+log in, fetch message 1 and, on IMAP with "idle", wait in IDLE for a new message that the
+test delivers meanwhile, then fetch that one too.
+
+    mailbox.py imap|pop3 starttls|implicit PORT CAFILE SOURCE_IP USER PASSWORD [idle]
+
+Prints, one per line: `capability <what the client saw after TLS, before login>`,
+`login <the server's answer>`, `message <n> <Message-ID>` for each message fetched and, in
+IDLE, `idling` (the test's cue to deliver, flushed at once) and `exists <n>`. Any error
+ends the script with a traceback and a non-zero status.
+"""
+import imaplib
+import poplib
+import re
+import socket
+import ssl
+import sys
+
+proto, mode, port, cafile, source, user, password = sys.argv[1:8]
+idle = sys.argv[8:] == ["idle"]
+port = int(port)
+host = "127.0.0.1"
+
+# imaplib and poplib take no source address: bind every connection they open.
+_create_connection = socket.create_connection
+
+
+def bound(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kw):
+    return _create_connection(address, timeout, (source, 0), **kw)
+
+
+socket.create_connection = bound
+context = ssl.create_default_context(cafile=cafile)
+
+
+def say(*words):
+    print(*words, flush=True)
+
+
+def message_id(data):
+    found = re.search(rb"^Message-ID: (<[^>]*>)", data, re.M | re.I)
+    return found.group(1).decode() if found else "none"
+
+
+def imap_fetch(conn, n):
+    typ, parts = conn.fetch(str(n), "(BODY.PEEK[])")
+    assert typ == "OK", parts
+    say("message", n, message_id(parts[0][1]))
+
+
+def imap_idle(conn):
+    """RFC 2177 by hand (imaplib has no IDLE before Python 3.14): the number of messages
+    the first EXISTS names."""
+    tag = conn._new_tag()
+    conn.send(tag + b" IDLE\r\n")
+    line = conn.readline()
+    assert line.startswith(b"+"), line
+    say("idling")
+    exists = None
+    while exists is None:
+        line = conn.readline()
+        assert line, "the connection closed in IDLE"
+        found = re.match(rb"\* (\d+) EXISTS", line)
+        if found:
+            exists = int(found.group(1))
+    conn.send(b"DONE\r\n")
+    while True:
+        line = conn.readline()
+        assert line, "the connection closed after DONE"
+        if line.startswith(tag + b" "):
+            assert line.startswith(tag + b" OK"), line
+            break
+    say("exists", exists)
+    return exists
+
+
+if proto == "imap":
+    if mode == "implicit":
+        conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=60)
+    else:
+        conn = imaplib.IMAP4(host, port, timeout=60)
+        conn.starttls(ssl_context=context)
+    say("capability", " ".join(conn.capabilities))
+    typ, data = conn.login(user, password)
+    say("login", typ, data[0].decode(errors="replace"))
+    typ, data = conn.select("INBOX")
+    assert typ == "OK", data
+    imap_fetch(conn, 1)
+    if idle:
+        imap_fetch(conn, imap_idle(conn))
+    conn.logout()
+else:
+    if mode == "implicit":
+        conn = poplib.POP3_SSL(host, port, context=context, timeout=60)
+    else:
+        conn = poplib.POP3(host, port, timeout=60)
+        conn.stls(context=context)
+    say("capability", " ".join(sorted(conn.capa())))
+    conn.user(user)
+    say("login", conn.pass_(password).decode(errors="replace"))
+    count, _ = conn.stat()
+    assert count >= 1, count
+    _, lines, _ = conn.retr(1)
+    say("message", 1, message_id(b"\r\n".join(lines)))
+    conn.quit()

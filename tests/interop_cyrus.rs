@@ -1,0 +1,189 @@
+//! Interop: Cyrus IMAP (Debian's cyrus-imapd 3.6) in a container of its own, the mailtls
+//! binary on the host in front of it with every IMAP and POP3 role, real clients in front.
+//!
+//! Cyrus takes no PROXY header. It lets mailtls's plaintext leg log in through a service of
+//! its own (`mailtlsimap_allowplaintext: yes`, on 127.0.0.1 only) while `allowplaintext: no`
+//! holds for every other service; docs/cyrus.md documents exactly these settings. Root and
+//! podman: `#[ignore]`d, run by tests/run.sh; elsewhere SKIPPED (a failure under CI=true).
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::mailbox_matrix::*;
+use common::mailservers::SmtpLines;
+use common::podman::{can_run, DerivedImage};
+use common::process::free_port;
+
+static MAKING_CYRUS: Mutex<()> = Mutex::new(());
+/// Cyrus's IMAP and POP3 servers, Cyrus SASL's sasldb tools and PLAIN/LOGIN mechanisms,
+/// and rsyslogd: Cyrus logs to syslog only.
+static CYRUS: DerivedImage = DerivedImage::new(
+    "localhost/mailtls-test-cyrus:bookworm-1",
+    &["cyrus-imapd", "cyrus-pop3d", "sasl2-bin", "libsasl2-modules", "rsyslog"],
+    &MAKING_CYRUS,
+);
+
+/// Debian's imapd.conf with `allowplaintext: no` (Debian ships `yes`), `popminpoll: 0` (one
+/// POP3 login a minute per mailbox otherwise: the cells log in one after another), the plaintext
+/// exception for mailtls's two services only, and a cyrus.conf whose services are mailtls's
+/// (`$1` IMAP, `$2` POP3) plus an ordinary `imap` on `$3`, standing for every other service.
+/// The first message goes in through lmtpd (`deliver`), which creates the INBOX.
+const SETUP: &str = r#"set -e
+IMAP=$1 POP3=$2 OTHER=$3
+sed -i 's/^allowplaintext: yes/allowplaintext: no/; s/^popminpoll: 1/popminpoll: 0/' /etc/imapd.conf
+cat >> /etc/imapd.conf <<CONF
+servername: cyrus.test
+mailtlsimap_allowplaintext: yes
+mailtlspop3_allowplaintext: yes
+sasl_mech_list: PLAIN LOGIN
+autocreate_post: yes
+CONF
+cat > /etc/cyrus.conf <<CONF
+START {
+  recover cmd="/usr/sbin/cyrus ctl_cyrusdb -r"
+  idled cmd="idled"
+}
+SERVICES {
+  mailtlsimap cmd="imapd" listen="127.0.0.1:$IMAP" prefork=0
+  mailtlspop3 cmd="pop3d" listen="127.0.0.1:$POP3" prefork=0
+  imap cmd="imapd" listen="127.0.0.1:$OTHER" prefork=0
+  lmtpunix cmd="lmtpd" listen="/run/cyrus/socket/lmtp" prefork=0
+}
+EVENTS {
+  checkpoint cmd="/usr/sbin/cyrus ctl_cyrusdb -c" period=30
+}
+CONF
+mkdir -p /run/cyrus/lock /run/cyrus/proc /run/cyrus/socket
+chown -R cyrus:mail /run/cyrus
+echo secret | saslpasswd2 -p -c -u cyrus.test alice
+chown cyrus:mail /etc/sasldb2
+"#;
+
+/// After the set-up and syslog: master as a daemon, the first message, READY.
+const START: &str = r#"/usr/lib/cyrus/bin/master -d
+for i in $(seq 100); do [ -S /run/cyrus/socket/lmtp ] && break; sleep 0.1; done
+"#;
+
+/// `deliver` (lmtpd's client) of a message with this Message-ID, as user cyrus.
+fn deliver_script(message_id: &str) -> String {
+    format!(
+        "cat <<'EOF' | su -s /bin/sh cyrus -c '/usr/lib/cyrus/bin/deliver {USER}'\n{}EOF\n",
+        message(message_id)
+    )
+}
+
+/// Cyrus's log line for a login through one of mailtls's services, as it names the peer:
+/// always mailtls's own address (`localhost [127.0.0.1]`) and `plaintext`, since Cyrus
+/// sees only the cleartext leg.
+fn logins<'a>(log: &'a str, service: &str) -> Vec<&'a str> {
+    lines_with(log, &[&format!("cyrus/{service}["), "login: ", " alice plaintext User logged in"])
+}
+
+fn one_login_from_mailtls<'a>(log: &'a str, service: &str) -> &'a str {
+    let found = logins(log, service);
+    assert_eq!(found.len(), 1, "one login through {service}:\n{log}");
+    assert!(found[0].contains("login: localhost [127.0.0.1] alice"), "{}", found[0]);
+    assert!(!log.contains(CLIENT_IP), "Cyrus cannot know the client's address here:\n{log}");
+    found[0]
+}
+
+fn session_id(line: &str) -> &str {
+    let start = line.find("SESSIONID=<").expect("a SESSIONID") + "SESSIONID=<".len();
+    &line[start..start + line[start..].find('>').expect("SESSIONID's end")]
+}
+
+/// Fetch and IDLE on an IMAP role: the first message, then one delivered while idling.
+fn fetch_and_idle(server: &Server, front: &FrontDoor, role: &str) {
+    let new = format!("<idle-{role}@mailbox.test>");
+    let deliver = || {
+        server.container.exec_ok(&deliver_script(&new));
+    };
+    let (session, log) = server.logged_during(|| client(front, role, Some(&deliver)));
+    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    let capability = said(&session, "capability").expect("capability");
+    for hidden in ["STARTTLS", "LOGINDISABLED"] {
+        assert!(!capability.split(' ').any(|c| c == hidden), "{hidden} after TLS: {capability}");
+    }
+    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
+    let exists = said(&session, "exists").expect("IDLE saw EXISTS");
+    assert_eq!(said(&session, &format!("message {exists}")), Some(new.as_str()), "{session:?}");
+    one_login_from_mailtls(&log, "mailtlsimap");
+    assert_eq!(lines_with(&log, &["Delivered: ", &new]).len(), 1, "{log}");
+}
+
+fn retrieve(server: &Server, front: &FrontDoor, role: &str) {
+    let (session, log) = server.logged_during(|| client(front, role, None));
+    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
+    let capability = said(&session, "capability").expect("capability");
+    assert!(!capability.contains("STLS"), "STLS after TLS: {capability}");
+    one_login_from_mailtls(&log, "mailtlspop3");
+}
+
+/// A plaintext login before STARTTLS: refused by mailtls, and Cyrus never hears of it.
+fn plaintext_refused(server: &Server, front: &FrontDoor, role: &str, service: &str) {
+    let (answers, log) = server.logged_during(|| plaintext_login(front, role));
+    let refusals: Vec<&String> =
+        answers.iter().filter(|a| a.contains("NO [PRIVACYREQUIRED]") || a.starts_with("-ERR [AUTH]")).collect();
+    let attempts = if role == "imap" { 2 } else { 3 };
+    assert_eq!(refusals.len(), attempts, "{answers:?}");
+    assert!(!log.contains(&format!("cyrus/{service}[")), "Cyrus heard of it:\n{log}");
+    assert!(logins(&log, service).is_empty(), "{log}");
+}
+
+#[test]
+#[ignore = "needs root and podman: run tests/run.sh"]
+fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
+    if !can_run("the Cyrus interop matrix") {
+        return;
+    }
+    let (imap, pop3, other) = (free_port(), free_port(), free_port());
+    let script = format!(
+        "{SETUP}{START_SYSLOG}{START}{}echo READY\nexec sleep infinity\n",
+        deliver_script(FIRST_MESSAGE)
+    );
+    let server = Server::start("cyrus", &CYRUS, &script, &[imap, pop3, other]);
+    let front = FrontDoor::start(imap, pop3);
+    let mut matrix = Matrix::new("cyrus");
+
+    // POP3 first: message 1 is the first message whatever IMAP adds later.
+    matrix.cell("pop3s: login and RETR", || retrieve(&server, &front, "pop3s"));
+    matrix.cell("pop3 (STLS): login and RETR", || retrieve(&server, &front, "pop3"));
+    matrix.cell("imaps: login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imaps"));
+    matrix.cell("imap (STARTTLS): login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imap"));
+    matrix.cell("imap: plaintext LOGIN before STARTTLS refused", || {
+        plaintext_refused(&server, &front, "imap", "mailtlsimap")
+    });
+    matrix.cell("pop3: plaintext USER/PASS before STLS refused", || {
+        plaintext_refused(&server, &front, "pop3", "mailtlspop3")
+    });
+    matrix.cell("imaps-xclient: the ID names the client in Cyrus's log", || {
+        let (session, log) = server.logged_during(|| client(&front, "imaps-xclient", None));
+        let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
+        assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
+        let login = logins(&log, "mailtlsimap");
+        assert_eq!(login.len(), 1, "{log}");
+        assert!(login[0].contains("login: localhost [127.0.0.1] alice"), "{}", login[0]);
+        let id = format!("client id sessionid=<{}>: \"x-originating-ip\" \"{CLIENT_IP}\"", session_id(login[0]));
+        assert_eq!(lines_with(&log, &[&id, "\"x-originating-port\""]).len(), 1, "no {id}:\n{log}");
+    });
+    matrix.cell("pop3s-xclient: refused, Cyrus offers no XCLIENT", || {
+        let (session, log) = server.logged_during(|| client(&front, "pop3s-xclient", None));
+        let error = session.expect_err("a POP3 session with xclient = true");
+        assert!(error.contains("-ERR [SYS/TEMP]"), "{error}");
+        assert!(logins(&log, "mailtlspop3").is_empty(), "{log}");
+    });
+    matrix.cell("Cyrus's other services refuse plaintext logins themselves", || {
+        let (answers, log) = server.logged_during(|| {
+            let mut s = SmtpLines::connect(other, None).expect("connect to Cyrus");
+            let greeting = s.line().expect("greeting");
+            s.send(&format!("a LOGIN {USER} {PASSWORD}")).expect("send");
+            [greeting, s.line().expect("answer")]
+        });
+        assert!(answers[0].contains("LOGINDISABLED"), "{answers:?}");
+        assert!(answers[1].starts_with("a NO Login only available under a layer"), "{answers:?}");
+        assert!(logins(&log, "imap").is_empty(), "{log}");
+    });
+    matrix.finish(|| format!("----- Cyrus syslog -----\n{}\n----- mailtls -----\n{}", server.syslog(), front.log()));
+}
