@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::net::TcpStream;
 use std::sync::Mutex;
 
 use common::mailbox_matrix::*;
@@ -168,6 +169,21 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
         let id = format!("client id sessionid=<{}>: \"x-originating-ip\" \"{CLIENT_IP}\"", session_id(login[0]));
         assert_eq!(lines_with(&log, &[&id, "\"x-originating-port\""]).len(), 1, "no {id}:\n{log}");
     });
+    matrix.cell("a client's own ID fields never reach Cyrus's log", || {
+        for role in ["imaps", "imap", "imaps-xclient"] {
+            let (out, log) = server.logged_during(|| forge(&front, role));
+            let out = out.unwrap_or_else(|e| panic!("{e}\n{log}"));
+            assert!(out.lines().any(|l| l.starts_with("login OK")), "{role}: {out}");
+            assert_eq!(logins(&log, "mailtlsimap").len(), 1, "{role}: {log}");
+            assert!(!log.contains(FORGED_IP) && !log.contains("forged"), "{role}: {log}");
+            // Cyrus logs every ID it accepts: on imaps-xclient only mailtls's.
+            let ids = lines_with(&log, &["client id sessionid="]);
+            match role {
+                "imaps-xclient" => assert!(ids.len() == 1 && ids[0].contains(CLIENT_IP), "{log}"),
+                _ => assert!(ids.iter().all(|l| !l.contains("x-")), "{log}"),
+            }
+        }
+    });
     matrix.cell("pop3s-xclient: refused, Cyrus offers no XCLIENT", || {
         let (session, log) = server.logged_during(|| client(&front, "pop3s-xclient", None));
         let error = session.expect_err("a POP3 session with xclient = true");
@@ -184,6 +200,12 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
         assert!(answers[0].contains("LOGINDISABLED"), "{answers:?}");
         assert!(answers[1].starts_with("a NO Login only available under a layer"), "{answers:?}");
         assert!(logins(&log, "imap").is_empty(), "{log}");
+    });
+    matrix.cell("the plaintext services take connections on 127.0.0.1 only", || {
+        for port in [imap, pop3, other] {
+            assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port}");
+            assert!(TcpStream::connect((CLIENT_IP, port)).is_err(), "{CLIENT_IP}:{port} answered");
+        }
     });
     matrix.finish(|| format!("----- Cyrus syslog -----\n{}\n----- mailtls -----\n{}", server.syslog(), front.log()));
 }

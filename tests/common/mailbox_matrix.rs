@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::mailservers::{read_lossy, strip_ansi, wait_for_port, write_certificates, SmtpLines, CLIENT_TIMEOUT};
+use super::mailservers::{read_lossy, run, strip_ansi, wait_for_port, write_certificates, SmtpLines, CLIENT_TIMEOUT};
 use super::podman::{say, wait_for, Container, DerivedImage};
 use super::process::{free_port, Running};
 
@@ -215,6 +215,25 @@ pub fn client(front: &FrontDoor, role: &str, deliver: Option<&dyn Fn()>) -> Resu
         Ok(lines)
     } else {
         Err(why())
+    }
+}
+
+/// What the addresses tests/interop/forge.py claims (203.0.113.77, and .78 as the
+/// connected one) start with.
+pub const FORGED_IP: &str = "203.0.113.7";
+
+/// tests/interop/forge.py on `role`: every way a trusted proxy names its client (IMAP ID
+/// fields, XCLIENT, XOIP) tried by the client itself, then a login; what it printed.
+pub fn forge(front: &FrontDoor, role: &str) -> Result<String, String> {
+    let (_, protocol, tls, _) = ROLES.iter().find(|r| r.0 == role).copied().expect("a role of ROLES");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/forge.py");
+    let mut command = Command::new("python3");
+    command.arg(script).args([protocol, tls, &front.port(role).to_string()]).arg(front.ca());
+    let out = run(command.args([CLIENT_IP, USER, PASSWORD]).stdin(Stdio::null()), CLIENT_TIMEOUT);
+    if out.success() {
+        Ok(out.stdout)
+    } else {
+        Err(format!("forge.py {role}: {:?}\n{}\n{}", out.status, out.stdout, out.stderr))
     }
 }
 

@@ -1,0 +1,167 @@
+//! Interop: Courier IMAP and Courier POP3 (Debian's courier-imap 5.0, courier-pop 1.0) in a
+//! container of their own, the mailtls binary on the host in front of them with every IMAP
+//! and POP3 role, real clients in front.
+//!
+//! Courier takes no PROXY header and has no ID or XCLIENT: it logs mailtls's address for
+//! every client, and the `xclient = true` roles must fail closed. Its plaintext ports listen
+//! on 127.0.0.1 only, with `IMAP_TLS_REQUIRED=0` / `POP3_TLS_REQUIRED=0`; docs/courier.md
+//! documents exactly these settings. Root and podman: `#[ignore]`d, run by tests/run.sh;
+//! elsewhere SKIPPED (a failure under CI=true).
+
+mod common;
+
+use std::net::TcpStream;
+use std::sync::Mutex;
+
+use common::mailbox_matrix::*;
+use common::podman::{can_run, DerivedImage};
+use common::process::free_port;
+
+static MAKING_COURIER: Mutex<()> = Mutex::new(());
+/// Courier's IMAP and POP3 servers (courier-authdaemon and PAM come with them), and
+/// rsyslogd: Courier's courierlogger hands every line to syslog.
+static COURIER: DerivedImage = DerivedImage::new(
+    "localhost/mailtls-test-courier:bookworm-1",
+    &["courier-imap", "courier-pop", "rsyslog"],
+    &MAKING_COURIER,
+);
+
+/// A system user with a Maildir (authpam, Debian's default authmodulelist), and Debian's
+/// /etc/courier files with the settings docs/courier.md names: the plaintext ports on
+/// 127.0.0.1 (`$1` IMAP, `$2` POP3), no STARTTLS offered and none required (mailtls does
+/// TLS), AUTH=PLAIN and POP3 SASL offered on the plaintext leg (the client's is TLS).
+/// `IMAP_IDLE_TIMEOUT=5` is for the test only: without FAM, Courier's IDLE polls the
+/// Maildir that often (60 s by default).
+const SETUP: &str = r#"set -e
+IMAP=$1 POP3=$2
+useradd -m -s /usr/sbin/nologin alice
+echo alice:secret | chpasswd
+su -s /bin/sh alice -c 'maildirmake /home/alice/Maildir'
+sed -i -e "s/^ADDRESS=0/ADDRESS=127.0.0.1/" -e "s/^PORT=143/PORT=$IMAP/" \
+  -e 's/^IMAP_CAPABILITY="\(.*\)"$/IMAP_CAPABILITY="\1 AUTH=PLAIN"/' \
+  -e 's/^IMAP_IDLE_TIMEOUT=60/IMAP_IDLE_TIMEOUT=5/' /etc/courier/imapd
+sed -i -e 's/^IMAPDSTARTTLS=YES/IMAPDSTARTTLS=NO/' -e 's/^IMAP_TLS_REQUIRED=.*/IMAP_TLS_REQUIRED=0/' /etc/courier/imapd-ssl
+sed -i -e "s/^ADDRESS=0/ADDRESS=127.0.0.1/" -e "s/^PORT=110/PORT=$POP3/" \
+  -e 's/^POP3AUTH=""/POP3AUTH="PLAIN LOGIN"/' /etc/courier/pop3d
+sed -i -e 's/^POP3_STARTTLS=YES/POP3_STARTTLS=NO/' -e 's/^POP3_TLS_REQUIRED=.*/POP3_TLS_REQUIRED=0/' /etc/courier/pop3d-ssl
+grep -q '^IMAP_TLS_REQUIRED=0' /etc/courier/imapd-ssl
+grep -q '^POP3_TLS_REQUIRED=0' /etc/courier/pop3d-ssl
+grep -q '^IMAP_CAPABILITY=".* AUTH=PLAIN"$' /etc/courier/imapd
+"#;
+
+/// After the set-up and syslog: Debian's own start scripts, each through courierlogger.
+const START: &str = r#"mkdir -p /run/courier/authdaemon
+authdaemond start
+/usr/lib/courier/imapd start
+/usr/lib/courier/pop3d start
+for i in $(seq 100); do [ -S /run/courier/authdaemon/socket ] && break; sleep 0.1; done
+"#;
+
+/// A message with this Message-ID into alice's Maildir, as a delivery agent puts it: written
+/// in tmp/, then renamed into new/.
+fn deliver_script(message_id: &str, name: &str) -> String {
+    format!(
+        "cd /home/alice/Maildir\ncat > tmp/{name} <<'EOF'\n{}EOF\nchown alice: tmp/{name}\nmv tmp/{name} new/{name}\n",
+        message(message_id)
+    )
+}
+
+/// Courier's log line for a login, as it names the peer: always mailtls's own address.
+fn logins<'a>(log: &'a str, daemon: &str) -> Vec<&'a str> {
+    lines_with(log, &[&format!(" {daemon}: LOGIN, user=alice, ")])
+}
+
+fn one_login_from_mailtls(log: &str, daemon: &str) {
+    let found = logins(log, daemon);
+    assert_eq!(found.len(), 1, "one {daemon} login:\n{log}");
+    assert!(found[0].contains("ip=[::ffff:127.0.0.1], port=["), "{}", found[0]);
+    assert!(!log.contains(CLIENT_IP), "Courier cannot know the client's address:\n{log}");
+}
+
+fn fetch_and_idle(server: &Server, front: &FrontDoor, role: &str) {
+    let new = format!("<idle-{role}@mailbox.test>");
+    let deliver = || {
+        server.container.exec_ok(&deliver_script(&new, &format!("idle-{role}")));
+    };
+    let (session, log) = server.logged_during(|| client(front, role, Some(&deliver)));
+    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    let capability = said(&session, "capability").expect("capability");
+    for hidden in ["STARTTLS", "LOGINDISABLED"] {
+        assert!(!capability.split(' ').any(|c| c == hidden), "{hidden} after TLS: {capability}");
+    }
+    assert!(capability.split(' ').any(|c| c == "AUTH=PLAIN"), "{capability}");
+    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
+    let exists = said(&session, "exists").expect("IDLE saw EXISTS");
+    assert_eq!(said(&session, &format!("message {exists}")), Some(new.as_str()), "{session:?}");
+    one_login_from_mailtls(&log, "imapd");
+}
+
+fn retrieve(server: &Server, front: &FrontDoor, role: &str) {
+    let (session, log) = server.logged_during(|| client(front, role, None));
+    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
+    let capability = said(&session, "capability").expect("capability");
+    assert!(!capability.contains("STLS"), "STLS after TLS: {capability}");
+    one_login_from_mailtls(&log, "pop3d");
+}
+
+/// A plaintext login before STARTTLS: refused by mailtls; Courier never even sees a
+/// connection (it logs `Connection, ip=...` for every one).
+fn plaintext_refused(server: &Server, front: &FrontDoor, role: &str, daemon: &str) {
+    let (answers, log) = server.logged_during(|| plaintext_login(front, role));
+    let refusals: Vec<&String> =
+        answers.iter().filter(|a| a.contains("NO [PRIVACYREQUIRED]") || a.starts_with("-ERR [AUTH]")).collect();
+    let attempts = if role == "imap" { 2 } else { 3 };
+    assert_eq!(refusals.len(), attempts, "{answers:?}");
+    assert!(!log.contains(&format!(" {daemon}: ")), "Courier heard of it:\n{log}");
+}
+
+/// With `xclient = true`, mailtls names the client first (IMAP ID, POP3 XCLIENT); Courier
+/// knows neither, so the session ends before any login rather than run as mailtls.
+fn xclient_fails_closed(server: &Server, front: &FrontDoor, role: &str, daemon: &str, farewell: &str) {
+    let (session, log) = server.logged_during(|| client(front, role, None));
+    let error = session.expect_err("a session with xclient = true");
+    assert!(error.contains(farewell), "{error}");
+    assert!(logins(&log, daemon).is_empty(), "{log}");
+}
+
+#[test]
+#[ignore = "needs root and podman: run tests/run.sh"]
+fn courier_behind_mailtls_on_every_imap_and_pop3_role() {
+    if !can_run("the Courier interop matrix") {
+        return;
+    }
+    let (imap, pop3) = (free_port(), free_port());
+    let script = format!(
+        "{SETUP}{}{START_SYSLOG}{START}echo READY\nexec sleep infinity\n",
+        deliver_script(FIRST_MESSAGE, "first")
+    );
+    let server = Server::start("courier", &COURIER, &script, &[imap, pop3]);
+    let front = FrontDoor::start(imap, pop3);
+    let mut matrix = Matrix::new("courier");
+
+    // POP3 first: message 1 is the first message whatever IMAP adds later.
+    matrix.cell("pop3s: login and RETR", || retrieve(&server, &front, "pop3s"));
+    matrix.cell("pop3 (STLS): login and RETR", || retrieve(&server, &front, "pop3"));
+    matrix.cell("imaps: login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imaps"));
+    matrix.cell("imap (STARTTLS): login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imap"));
+    matrix.cell("imap: plaintext LOGIN before STARTTLS refused", || {
+        plaintext_refused(&server, &front, "imap", "imapd")
+    });
+    matrix.cell("pop3: plaintext USER/PASS before STLS refused", || {
+        plaintext_refused(&server, &front, "pop3", "pop3d")
+    });
+    matrix.cell("imaps-xclient: ends the session, Courier has no ID", || {
+        xclient_fails_closed(&server, &front, "imaps-xclient", "imapd", "UNAVAILABLE")
+    });
+    matrix.cell("pop3s-xclient: ends the session, Courier has no XCLIENT", || {
+        xclient_fails_closed(&server, &front, "pop3s-xclient", "pop3d", "-ERR [SYS/TEMP]")
+    });
+    matrix.cell("the plaintext ports take connections on 127.0.0.1 only", || {
+        for port in [imap, pop3] {
+            assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port}");
+            assert!(TcpStream::connect((CLIENT_IP, port)).is_err(), "{CLIENT_IP}:{port} answered");
+        }
+    });
+    matrix.finish(|| format!("----- Courier syslog -----\n{}\n----- mailtls -----\n{}", server.syslog(), front.log()));
+}
