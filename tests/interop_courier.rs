@@ -29,7 +29,8 @@ static COURIER: DerivedImage = DerivedImage::new(
 /// A system user with a Maildir (authpam, Debian's default authmodulelist), and Debian's
 /// /etc/courier files with the settings docs/courier.md names: the plaintext ports on
 /// 127.0.0.1 (`$1` IMAP, `$2` POP3), no STARTTLS offered and none required (mailtls does
-/// TLS), AUTH=PLAIN and POP3 SASL offered on the plaintext leg (the client's is TLS).
+/// TLS), AUTH=PLAIN and POP3 SASL offered on the plaintext leg (the client's is TLS), and
+/// MAXPERIP (connections per address) raised to MAXDAEMONS: every client has mailtls's.
 /// `IMAP_IDLE_TIMEOUT=5` is for the test only: without FAM, Courier's IDLE polls the
 /// Maildir that often (60 s by default).
 const SETUP: &str = r#"set -e
@@ -39,13 +40,15 @@ echo alice:secret | chpasswd
 su -s /bin/sh alice -c 'maildirmake /home/alice/Maildir'
 sed -i -e "s/^ADDRESS=0/ADDRESS=127.0.0.1/" -e "s/^PORT=143/PORT=$IMAP/" \
   -e 's/^IMAP_CAPABILITY="\(.*\)"$/IMAP_CAPABILITY="\1 AUTH=PLAIN"/' \
-  -e 's/^IMAP_IDLE_TIMEOUT=60/IMAP_IDLE_TIMEOUT=5/' /etc/courier/imapd
+  -e 's/^MAXPERIP=.*/MAXPERIP=$MAXDAEMONS/' -e 's/^IMAP_IDLE_TIMEOUT=60/IMAP_IDLE_TIMEOUT=5/' /etc/courier/imapd
 sed -i -e 's/^IMAPDSTARTTLS=YES/IMAPDSTARTTLS=NO/' -e 's/^IMAP_TLS_REQUIRED=.*/IMAP_TLS_REQUIRED=0/' /etc/courier/imapd-ssl
 sed -i -e "s/^ADDRESS=0/ADDRESS=127.0.0.1/" -e "s/^PORT=110/PORT=$POP3/" \
-  -e 's/^POP3AUTH=""/POP3AUTH="PLAIN LOGIN"/' /etc/courier/pop3d
+  -e 's/^MAXPERIP=.*/MAXPERIP=$MAXDAEMONS/' -e 's/^POP3AUTH=""/POP3AUTH="PLAIN LOGIN"/' /etc/courier/pop3d
 sed -i -e 's/^POP3_STARTTLS=YES/POP3_STARTTLS=NO/' -e 's/^POP3_TLS_REQUIRED=.*/POP3_TLS_REQUIRED=0/' /etc/courier/pop3d-ssl
 grep -q '^IMAP_TLS_REQUIRED=0' /etc/courier/imapd-ssl
 grep -q '^POP3_TLS_REQUIRED=0' /etc/courier/pop3d-ssl
+grep -q '^MAXPERIP=$MAXDAEMONS$' /etc/courier/imapd
+grep -q '^MAXPERIP=$MAXDAEMONS$' /etc/courier/pop3d
 grep -q '^IMAP_CAPABILITY=".* AUTH=PLAIN"$' /etc/courier/imapd
 "#;
 
@@ -156,6 +159,9 @@ fn courier_behind_mailtls_on_every_imap_and_pop3_role() {
     });
     matrix.cell("pop3s-xclient: ends the session, Courier has no XCLIENT", || {
         xclient_fails_closed(&server, &front, "pop3s-xclient", "pop3d", "-ERR [SYS/TEMP]")
+    });
+    matrix.cell("25 IMAP and 6 POP3 sessions at once, all from mailtls's address", || {
+        many_at_once(&server, &front)
     });
     matrix.cell("the plaintext ports take connections on 127.0.0.1 only", || {
         for port in [imap, pop3] {

@@ -201,6 +201,9 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
         assert!(answers[1].starts_with("a NO Login only available under a layer"), "{answers:?}");
         assert!(logins(&log, "imap").is_empty(), "{log}");
     });
+    matrix.cell("25 IMAP and 6 POP3 sessions at once, all from mailtls's address", || {
+        many_at_once(&server, &front)
+    });
     matrix.cell("the plaintext services take connections on 127.0.0.1 only", || {
         for port in [imap, pop3, other] {
             assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port}");

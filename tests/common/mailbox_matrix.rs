@@ -166,15 +166,47 @@ pub type Session = Vec<String>;
 /// tests/interop/mailbox.py on `role`: login and fetch; with `deliver`, also IDLE, during
 /// which `deliver` is called (once the client is idling) to put a new message in.
 pub fn client(front: &FrontDoor, role: &str, deliver: Option<&dyn Fn()>) -> Result<Session, String> {
+    mailbox_py(front, role, if deliver.is_some() { &["idle"] } else { &[] }, deliver)
+}
+
+/// `n` sessions on `role` open at once, none logged in: the greeting each got (or `error
+/// ...`). Through mailtls they all come from its one address, as every client does.
+pub fn together(front: &FrontDoor, role: &str, n: usize) -> Result<Vec<String>, String> {
+    let session = mailbox_py(front, role, &["together", &n.to_string()], None)?;
+    Ok(session.iter().filter_map(|l| l.strip_prefix("greeting ")).map(str::to_owned).collect())
+}
+
+/// Sessions held open at once by [`many_at_once`]: above Courier's default per-address
+/// limits (couriertcpd's MAXPERIP: 20 for imapd, 4 for pop3d), which through mailtls are
+/// limits on all clients together.
+pub const AT_ONCE: [(&str, usize); 2] = [("imaps", 25), ("pop3s", 6)];
+
+/// The [`AT_ONCE`] cell: every session is greeted by the server, and the server logged
+/// no refusal.
+pub fn many_at_once(server: &Server, front: &FrontDoor) {
+    for (role, n) in AT_ONCE {
+        let (greetings, log) = server.logged_during(|| together(front, role, n));
+        let greetings = greetings.unwrap_or_else(|e| panic!("{e}\n{log}"));
+        let greeted = greetings
+            .iter()
+            .filter(|g| g.split_once(' ').is_some_and(|(_, g)| g.starts_with("* OK") || g.starts_with("+OK")))
+            .count();
+        assert_eq!((greetings.len(), greeted), (n, n), "{role}: {greetings:#?}\n{log}");
+    }
+}
+
+fn mailbox_py(
+    front: &FrontDoor,
+    role: &str,
+    mode: &[&str],
+    deliver: Option<&dyn Fn()>,
+) -> Result<Session, String> {
     let (_, protocol, tls, _) = ROLES.iter().find(|r| r.0 == role).copied().expect("a role of ROLES");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/mailbox.py");
     let stderr = tempfile::NamedTempFile::new().unwrap();
     let mut command = Command::new("python3");
     command.arg(script).args([protocol, tls, &front.port(role).to_string()]).arg(front.ca());
-    command.args([CLIENT_IP, USER, PASSWORD]);
-    if deliver.is_some() {
-        command.arg("idle");
-    }
+    command.args([CLIENT_IP, USER, PASSWORD]).args(mode);
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

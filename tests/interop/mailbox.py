@@ -4,11 +4,16 @@ log in, fetch message 1 and, on IMAP with "idle", wait in IDLE for a new message
 test delivers meanwhile, then fetch that one too.
 
     mailbox.py imap|pop3 starttls|implicit PORT CAFILE SOURCE_IP USER PASSWORD [idle]
+    mailbox.py imap|pop3 implicit PORT CAFILE SOURCE_IP USER PASSWORD together N
 
 Prints, one per line: `capability <what the client saw after TLS, before login>`,
 `login <the server's answer>`, `message <n> <Message-ID>` for each message fetched and, in
 IDLE, `idling` (the test's cue to deliver, flushed at once) and `exists <n>`. Any error
 ends the script with a traceback and a non-zero status.
+
+With `together N` it opens N sessions at once (through mailtls, all from one address at
+the backend, as every client is), prints `greeting <i> <the greeting>` or `greeting <i>
+error <what>` for each while all are open, and logs none in.
 """
 import imaplib
 import poplib
@@ -19,6 +24,7 @@ import sys
 
 proto, mode, port, cafile, source, user, password = sys.argv[1:8]
 idle = sys.argv[8:] == ["idle"]
+together = int(sys.argv[9]) if sys.argv[8:9] == ["together"] else 0
 port = int(port)
 host = "127.0.0.1"
 
@@ -75,7 +81,23 @@ def imap_idle(conn):
     return exists
 
 
-if proto == "imap":
+if together:
+    sessions = []
+    for i in range(together):
+        try:
+            if proto == "imap":
+                conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=60)
+                greeting = conn.welcome
+            else:
+                conn = poplib.POP3_SSL(host, port, context=context, timeout=60)
+                greeting = conn.getwelcome()
+            sessions.append(conn)
+            say("greeting", i, greeting.decode(errors="replace"))
+        except Exception as e:
+            say("greeting", i, "error", repr(e))
+    for conn in sessions:
+        conn.logout() if proto == "imap" else conn.quit()
+elif proto == "imap":
     if mode == "implicit":
         conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=60)
     else:
