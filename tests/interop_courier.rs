@@ -74,11 +74,17 @@ fn logins<'a>(log: &'a str, daemon: &str) -> Vec<&'a str> {
     lines_with(log, &[&format!(" {daemon}: LOGIN, user=alice, ")])
 }
 
-fn one_login_from_mailtls(log: &str, daemon: &str) {
+/// The one login `log` holds names mailtls's address, and its `port=[N]` is mailtls's
+/// `backend_source`: mailtls's line for that session names the real client.
+fn one_login_from_mailtls(front: &FrontDoor, log: &str, daemon: &str, role: &str) {
     let found = logins(log, daemon);
     assert_eq!(found.len(), 1, "one {daemon} login:\n{log}");
-    assert!(found[0].contains("ip=[::ffff:127.0.0.1], port=["), "{}", found[0]);
     assert!(!log.contains(CLIENT_IP), "Courier cannot know the client's address:\n{log}");
+    let after = "ip=[::ffff:127.0.0.1], port=[";
+    let at = found[0].find(after).unwrap_or_else(|| panic!("not mailtls's address: {}", found[0])) + after.len();
+    let port = &found[0][at..at + found[0][at..].find(']').expect("port=[N]")];
+    let session = front.session_from(&format!("127.0.0.1:{port}"));
+    assert!(session.contains(&format!("listener={role} client={CLIENT_IP}:")), "{session}");
 }
 
 fn fetch_and_idle(server: &Server, front: &FrontDoor, role: &str) {
@@ -96,7 +102,7 @@ fn fetch_and_idle(server: &Server, front: &FrontDoor, role: &str) {
     assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
     let exists = said(&session, "exists").expect("IDLE saw EXISTS");
     assert_eq!(said(&session, &format!("message {exists}")), Some(new.as_str()), "{session:?}");
-    one_login_from_mailtls(&log, "imapd");
+    one_login_from_mailtls(front, &log, "imapd", role);
 }
 
 fn retrieve(server: &Server, front: &FrontDoor, role: &str) {
@@ -105,7 +111,7 @@ fn retrieve(server: &Server, front: &FrontDoor, role: &str) {
     assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
     let capability = said(&session, "capability").expect("capability");
     assert!(!capability.contains("STLS"), "STLS after TLS: {capability}");
-    one_login_from_mailtls(&log, "pop3d");
+    one_login_from_mailtls(front, &log, "pop3d", role);
 }
 
 /// A plaintext login before STARTTLS: refused by mailtls; Courier never even sees a

@@ -158,6 +158,19 @@ impl FrontDoor {
     pub fn log(&self) -> String {
         strip_ansi(&self.running.log())
     }
+
+    /// mailtls's log line for the session whose backend connection came from `source` (its
+    /// `backend_source=`), once the session has ended: a backend without PROXY support logs
+    /// that address as its peer, and this line names the real client.
+    pub fn session_from(&self, source: &str) -> String {
+        let field = format!(" backend_source={source} ");
+        wait_for(
+            &format!("mailtls logs the session from {source}"),
+            Duration::from_secs(10),
+            || self.log().lines().find(|l| l.contains("connection closed") && l.contains(&field)).map(str::to_owned),
+            || self.log(),
+        )
+    }
 }
 
 /// What the client script printed, line by line, when it succeeded.
