@@ -69,69 +69,41 @@ fn deliver_script(message_id: &str, name: &str) -> String {
     )
 }
 
-/// Courier's log line for a login, as it names the peer: always mailtls's own address.
-fn logins<'a>(log: &'a str, daemon: &str) -> Vec<&'a str> {
-    lines_with(log, &[&format!(" {daemon}: LOGIN, user=alice, ")])
-}
+/// Courier's side of the shared cells.
+struct Courier;
 
-/// The one login `log` holds names mailtls's address, and its `port=[N]` is mailtls's
-/// `backend_source`: mailtls's line for that session names the real client.
-fn one_login_from_mailtls(front: &FrontDoor, log: &str, daemon: &str, role: &str) {
-    let found = logins(log, daemon);
-    assert_eq!(found.len(), 1, "one {daemon} login:\n{log}");
-    assert!(!log.contains(CLIENT_IP), "Courier cannot know the client's address:\n{log}");
-    let after = "ip=[::ffff:127.0.0.1], port=[";
-    let at = found[0].find(after).unwrap_or_else(|| panic!("not mailtls's address: {}", found[0])) + after.len();
-    let port = &found[0][at..at + found[0][at..].find(']').expect("port=[N]")];
-    let session = front.session_from(&format!("127.0.0.1:{port}"));
-    assert!(session.contains(&format!("listener={role} client={CLIENT_IP}:")), "{session}");
-}
-
-fn fetch_and_idle(server: &Server, front: &FrontDoor, role: &str) {
-    let new = format!("<idle-{role}@mailbox.test>");
-    let deliver = || {
-        server.container.exec_ok(&deliver_script(&new, &format!("idle-{role}")));
-    };
-    let (session, log) = server.logged_during(|| client(front, role, Some(&deliver)));
-    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
-    let capability = said(&session, "capability").expect("capability");
-    for hidden in ["STARTTLS", "LOGINDISABLED"] {
-        assert!(!capability.split(' ').any(|c| c == hidden), "{hidden} after TLS: {capability}");
+impl Mailbox for Courier {
+    fn deliver_script(&self, message_id: &str) -> String {
+        deliver_script(message_id, &message_id.replace(['<', '>', '@'], ""))
     }
-    assert!(capability.split(' ').any(|c| c == "AUTH=PLAIN"), "{capability}");
-    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
-    let exists = said(&session, "exists").expect("IDLE saw EXISTS");
-    assert_eq!(said(&session, &format!("message {exists}")), Some(new.as_str()), "{session:?}");
-    one_login_from_mailtls(front, &log, "imapd", role);
-}
 
-fn retrieve(server: &Server, front: &FrontDoor, role: &str) {
-    let (session, log) = server.logged_during(|| client(front, role, None));
-    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
-    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
-    let capability = said(&session, "capability").expect("capability");
-    assert!(!capability.contains("STLS"), "STLS after TLS: {capability}");
-    one_login_from_mailtls(front, &log, "pop3d", role);
-}
+    /// Courier's log line for a login, as it names the peer: always mailtls's own address.
+    fn logins<'a>(&self, log: &'a str, protocol: &str) -> Vec<&'a str> {
+        lines_with(log, &[&format!(" {protocol}d: LOGIN, user=alice, ")])
+    }
 
-/// A plaintext login before STARTTLS: refused by mailtls; Courier never even sees a
-/// connection (it logs `Connection, ip=...` for every one).
-fn plaintext_refused(server: &Server, front: &FrontDoor, role: &str, daemon: &str) {
-    let (answers, log) = server.logged_during(|| plaintext_login(front, role));
-    let refusals: Vec<&String> =
-        answers.iter().filter(|a| a.contains("NO [PRIVACYREQUIRED]") || a.starts_with("-ERR [AUTH]")).collect();
-    let attempts = if role == "imap" { 2 } else { 3 };
-    assert_eq!(refusals.len(), attempts, "{answers:?}");
-    assert!(!log.contains(&format!(" {daemon}: ")), "Courier heard of it:\n{log}");
-}
+    /// The one login names mailtls's address, and its `port=[N]` is mailtls's
+    /// `backend_source`: mailtls's line for that session names the real client.
+    fn check_login(&self, front: &FrontDoor, log: &str, protocol: &str, role: &str) {
+        let found = self.logins(log, protocol);
+        assert_eq!(found.len(), 1, "one {protocol}d login:\n{log}");
+        assert!(!log.contains(CLIENT_IP), "Courier cannot know the client's address:\n{log}");
+        let after = "ip=[::ffff:127.0.0.1], port=[";
+        let at = found[0].find(after).unwrap_or_else(|| panic!("not mailtls's address: {}", found[0]))
+            + after.len();
+        let port = &found[0][at..at + found[0][at..].find(']').expect("port=[N]")];
+        let session = front.session_from(&format!("127.0.0.1:{port}"));
+        assert!(session.contains(&format!("listener={role} client={CLIENT_IP}:")), "{session}");
+    }
 
-/// With `xclient = true`, mailtls names the client first (IMAP ID, POP3 XCLIENT); Courier
-/// knows neither, so the session ends before any login rather than run as mailtls.
-fn xclient_fails_closed(server: &Server, front: &FrontDoor, role: &str, daemon: &str, farewell: &str) {
-    let (session, log) = server.logged_during(|| client(front, role, None));
-    let error = session.expect_err("a session with xclient = true");
-    assert!(error.contains(farewell), "{error}");
-    assert!(logins(&log, daemon).is_empty(), "{log}");
+    /// Courier logs `Connection, ip=...` for every connection it accepts.
+    fn heard_of(&self, log: &str, protocol: &str) -> bool {
+        log.contains(&format!(" {protocol}d: "))
+    }
+
+    fn imap_capabilities(&self) -> &'static [&'static str] {
+        &["AUTH=PLAIN"]
+    }
 }
 
 #[test]
@@ -148,26 +120,12 @@ fn courier_behind_mailtls_on_every_imap_and_pop3_role() {
     let server = Server::start("courier", &COURIER, &script, &[imap, pop3]);
     let front = FrontDoor::start(imap, pop3);
     let mut matrix = Matrix::new("courier");
-
-    // POP3 first: message 1 is the first message whatever IMAP adds later.
-    matrix.cell("pop3s: login and RETR", || retrieve(&server, &front, "pop3s"));
-    matrix.cell("pop3 (STLS): login and RETR", || retrieve(&server, &front, "pop3"));
-    matrix.cell("imaps: login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imaps"));
-    matrix.cell("imap (STARTTLS): login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imap"));
-    matrix.cell("imap: plaintext LOGIN before STARTTLS refused", || {
-        plaintext_refused(&server, &front, "imap", "imapd")
-    });
-    matrix.cell("pop3: plaintext USER/PASS before STLS refused", || {
-        plaintext_refused(&server, &front, "pop3", "pop3d")
-    });
+    common_cells(&mut matrix, &server, &front, &Courier);
     matrix.cell("imaps-xclient: ends the session, Courier has no ID", || {
-        xclient_fails_closed(&server, &front, "imaps-xclient", "imapd", "UNAVAILABLE")
+        xclient_fails_closed(&server, &front, "imaps-xclient", &Courier, "UNAVAILABLE")
     });
     matrix.cell("pop3s-xclient: ends the session, Courier has no XCLIENT", || {
-        xclient_fails_closed(&server, &front, "pop3s-xclient", "pop3d", "-ERR [SYS/TEMP]")
-    });
-    matrix.cell("25 IMAP and 6 POP3 sessions at once, all from mailtls's address", || {
-        many_at_once(&server, &front)
+        xclient_fails_closed(&server, &front, "pop3s-xclient", &Courier, "-ERR [SYS/TEMP]")
     });
     matrix.cell("the plaintext ports take connections on 127.0.0.1 only", || {
         for port in [imap, pop3] {
@@ -175,5 +133,7 @@ fn courier_behind_mailtls_on_every_imap_and_pop3_role() {
             assert!(TcpStream::connect((CLIENT_IP, port)).is_err(), "{CLIENT_IP}:{port} answered");
         }
     });
-    matrix.finish(|| format!("----- Courier syslog -----\n{}\n----- mailtls -----\n{}", server.syslog(), front.log()));
+    matrix.finish(|| {
+        format!("----- Courier syslog -----\n{}\n----- mailtls -----\n{}", server.syslog(), front.log())
+    });
 }

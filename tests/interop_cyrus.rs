@@ -74,19 +74,11 @@ fn deliver_script(message_id: &str) -> String {
     )
 }
 
-/// Cyrus's log line for a login through one of mailtls's services, as it names the peer:
-/// always mailtls's own address (`localhost [127.0.0.1]`) and `plaintext`, since Cyrus
-/// sees only the cleartext leg.
+/// Cyrus's log line for a login through one of its services, as it names the peer:
+/// through mailtls always mailtls's own address (`localhost [127.0.0.1]`) and `plaintext`,
+/// since Cyrus sees only the cleartext leg.
 fn logins<'a>(log: &'a str, service: &str) -> Vec<&'a str> {
     lines_with(log, &[&format!("cyrus/{service}["), "login: ", " alice plaintext User logged in"])
-}
-
-fn one_login_from_mailtls<'a>(log: &'a str, service: &str) -> &'a str {
-    let found = logins(log, service);
-    assert_eq!(found.len(), 1, "one login through {service}:\n{log}");
-    assert!(found[0].contains("login: localhost [127.0.0.1] alice"), "{}", found[0]);
-    assert!(!log.contains(CLIENT_IP), "Cyrus cannot know the client's address here:\n{log}");
-    found[0]
 }
 
 fn session_id(line: &str) -> &str {
@@ -94,43 +86,32 @@ fn session_id(line: &str) -> &str {
     &line[start..start + line[start..].find('>').expect("SESSIONID's end")]
 }
 
-/// Fetch and IDLE on an IMAP role: the first message, then one delivered while idling.
-fn fetch_and_idle(server: &Server, front: &FrontDoor, role: &str) {
-    let new = format!("<idle-{role}@mailbox.test>");
-    let deliver = || {
-        server.container.exec_ok(&deliver_script(&new));
-    };
-    let (session, log) = server.logged_during(|| client(front, role, Some(&deliver)));
-    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
-    let capability = said(&session, "capability").expect("capability");
-    for hidden in ["STARTTLS", "LOGINDISABLED"] {
-        assert!(!capability.split(' ').any(|c| c == hidden), "{hidden} after TLS: {capability}");
+/// Cyrus's side of the shared cells: mailtls's services are `mailtlsimap`, `mailtlspop3`.
+struct Cyrus;
+
+impl Mailbox for Cyrus {
+    fn deliver_script(&self, message_id: &str) -> String {
+        deliver_script(message_id)
     }
-    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
-    let exists = said(&session, "exists").expect("IDLE saw EXISTS");
-    assert_eq!(said(&session, &format!("message {exists}")), Some(new.as_str()), "{session:?}");
-    one_login_from_mailtls(&log, "mailtlsimap");
-    assert_eq!(lines_with(&log, &["Delivered: ", &new]).len(), 1, "{log}");
-}
 
-fn retrieve(server: &Server, front: &FrontDoor, role: &str) {
-    let (session, log) = server.logged_during(|| client(front, role, None));
-    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
-    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
-    let capability = said(&session, "capability").expect("capability");
-    assert!(!capability.contains("STLS"), "STLS after TLS: {capability}");
-    one_login_from_mailtls(&log, "mailtlspop3");
-}
+    fn logins<'a>(&self, log: &'a str, protocol: &str) -> Vec<&'a str> {
+        logins(log, &format!("mailtls{protocol}"))
+    }
 
-/// A plaintext login before STARTTLS: refused by mailtls, and Cyrus never hears of it.
-fn plaintext_refused(server: &Server, front: &FrontDoor, role: &str, service: &str) {
-    let (answers, log) = server.logged_during(|| plaintext_login(front, role));
-    let refusals: Vec<&String> =
-        answers.iter().filter(|a| a.contains("NO [PRIVACYREQUIRED]") || a.starts_with("-ERR [AUTH]")).collect();
-    let attempts = if role == "imap" { 2 } else { 3 };
-    assert_eq!(refusals.len(), attempts, "{answers:?}");
-    assert!(!log.contains(&format!("cyrus/{service}[")), "Cyrus heard of it:\n{log}");
-    assert!(logins(&log, service).is_empty(), "{log}");
+    /// The one login names mailtls's address; without an ID nothing in Cyrus's log names
+    /// the client.
+    fn check_login(&self, _: &FrontDoor, log: &str, protocol: &str, _: &str) {
+        let found = self.logins(log, protocol);
+        assert_eq!(found.len(), 1, "one login through mailtls{protocol}:\n{log}");
+        assert!(found[0].contains("login: localhost [127.0.0.1] alice"), "{}", found[0]);
+        assert!(!log.contains(CLIENT_IP), "Cyrus cannot know the client's address here:\n{log}");
+    }
+
+    /// Cyrus logs nothing for a connection that only greets and closes, so this is the
+    /// service's lines of any kind.
+    fn heard_of(&self, log: &str, protocol: &str) -> bool {
+        log.contains(&format!("cyrus/mailtls{protocol}["))
+    }
 }
 
 #[test]
@@ -147,18 +128,7 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
     let server = Server::start("cyrus", &CYRUS, &script, &[imap, pop3, other]);
     let front = FrontDoor::start(imap, pop3);
     let mut matrix = Matrix::new("cyrus");
-
-    // POP3 first: message 1 is the first message whatever IMAP adds later.
-    matrix.cell("pop3s: login and RETR", || retrieve(&server, &front, "pop3s"));
-    matrix.cell("pop3 (STLS): login and RETR", || retrieve(&server, &front, "pop3"));
-    matrix.cell("imaps: login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imaps"));
-    matrix.cell("imap (STARTTLS): login, FETCH, IDLE", || fetch_and_idle(&server, &front, "imap"));
-    matrix.cell("imap: plaintext LOGIN before STARTTLS refused", || {
-        plaintext_refused(&server, &front, "imap", "mailtlsimap")
-    });
-    matrix.cell("pop3: plaintext USER/PASS before STLS refused", || {
-        plaintext_refused(&server, &front, "pop3", "mailtlspop3")
-    });
+    common_cells(&mut matrix, &server, &front, &Cyrus);
     matrix.cell("imaps-xclient: the ID names the client in Cyrus's log", || {
         let (session, log) = server.logged_during(|| client(&front, "imaps-xclient", None));
         let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
@@ -166,7 +136,8 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
         let login = logins(&log, "mailtlsimap");
         assert_eq!(login.len(), 1, "{log}");
         assert!(login[0].contains("login: localhost [127.0.0.1] alice"), "{}", login[0]);
-        let id = format!("client id sessionid=<{}>: \"x-originating-ip\" \"{CLIENT_IP}\"", session_id(login[0]));
+        let id =
+            format!("client id sessionid=<{}>: \"x-originating-ip\" \"{CLIENT_IP}\"", session_id(login[0]));
         assert_eq!(lines_with(&log, &[&id, "\"x-originating-port\""]).len(), 1, "no {id}:\n{log}");
     });
     matrix.cell("a client's own ID fields never reach Cyrus's log", || {
@@ -185,10 +156,7 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
         }
     });
     matrix.cell("pop3s-xclient: refused, Cyrus offers no XCLIENT", || {
-        let (session, log) = server.logged_during(|| client(&front, "pop3s-xclient", None));
-        let error = session.expect_err("a POP3 session with xclient = true");
-        assert!(error.contains("-ERR [SYS/TEMP]"), "{error}");
-        assert!(logins(&log, "mailtlspop3").is_empty(), "{log}");
+        xclient_fails_closed(&server, &front, "pop3s-xclient", &Cyrus, "-ERR [SYS/TEMP]")
     });
     matrix.cell("Cyrus's other services refuse plaintext logins themselves", || {
         let (answers, log) = server.logged_during(|| {
@@ -201,14 +169,13 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
         assert!(answers[1].starts_with("a NO Login only available under a layer"), "{answers:?}");
         assert!(logins(&log, "imap").is_empty(), "{log}");
     });
-    matrix.cell("25 IMAP and 6 POP3 sessions at once, all from mailtls's address", || {
-        many_at_once(&server, &front)
-    });
     matrix.cell("the plaintext services take connections on 127.0.0.1 only", || {
         for port in [imap, pop3, other] {
             assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "port {port}");
             assert!(TcpStream::connect((CLIENT_IP, port)).is_err(), "{CLIENT_IP}:{port} answered");
         }
     });
-    matrix.finish(|| format!("----- Cyrus syslog -----\n{}\n----- mailtls -----\n{}", server.syslog(), front.log()));
+    matrix.finish(|| {
+        format!("----- Cyrus syslog -----\n{}\n----- mailtls -----\n{}", server.syslog(), front.log())
+    });
 }

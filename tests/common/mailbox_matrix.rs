@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::mailservers::{read_lossy, run, strip_ansi, wait_for_port, write_certificates, SmtpLines, CLIENT_TIMEOUT};
+use super::mailservers::{
+    read_lossy, run, strip_ansi, wait_for_port, write_certificates, SmtpLines, CLIENT_TIMEOUT,
+};
 use super::podman::{say, wait_for, Container, DerivedImage};
 use super::process::{free_port, Running};
 
@@ -52,7 +54,8 @@ const SYSLOG: &str = "/var/log/all.log";
 
 /// The rsyslogd every server script starts first: one file, every facility (the daemons'
 /// own lines, PAM's, `logger`'s marks).
-pub const START_SYSLOG: &str = "printf 'module(load=\"imuxsock\")\\n*.* /var/log/all.log\\n' > /etc/rsyslog.conf\n\
+pub const START_SYSLOG: &str =
+    "printf 'module(load=\"imuxsock\")\\n*.* /var/log/all.log\\n' > /etc/rsyslog.conf\n\
      rsyslogd\n\
      for i in $(seq 100); do [ -S /dev/log ] && break; sleep 0.1; done\n";
 
@@ -167,7 +170,12 @@ impl FrontDoor {
         wait_for(
             &format!("mailtls logs the session from {source}"),
             Duration::from_secs(10),
-            || self.log().lines().find(|l| l.contains("connection closed") && l.contains(&field)).map(str::to_owned),
+            || {
+                self.log()
+                    .lines()
+                    .find(|l| l.contains("connection closed") && l.contains(&field))
+                    .map(str::to_owned)
+            },
             || self.log(),
         )
     }
@@ -255,7 +263,14 @@ fn mailbox_py(
         let _ = child.kill();
     }
     let status = child.wait().unwrap();
-    let why = || format!("{role}: {status} ({})\n{}\n{}", if ended { "ended" } else { "timed out" }, lines.join("\n"), read_lossy(stderr.path()));
+    let why = || {
+        format!(
+            "{role}: {status} ({})\n{}\n{}",
+            if ended { "ended" } else { "timed out" },
+            lines.join("\n"),
+            read_lossy(stderr.path())
+        )
+    };
     if ended && status.success() {
         Ok(lines)
     } else {
@@ -330,6 +345,97 @@ fn base64_plain() -> String {
     out
 }
 
+/// What a server's test file knows of its server, for the cells every matrix shares.
+pub trait Mailbox {
+    /// A shell script that puts a message with this Message-ID into alice's INBOX.
+    fn deliver_script(&self, message_id: &str) -> String;
+    /// The lines of `log` that record a login through the server's `protocol` port.
+    fn logins<'a>(&self, log: &'a str, protocol: &str) -> Vec<&'a str>;
+    /// Checks the one login of a cell in `log`: what address it names, what can be learned.
+    fn check_login(&self, front: &FrontDoor, log: &str, protocol: &str, role: &str);
+    /// Whether `log` shows the server's `protocol` port heard from anyone at all.
+    fn heard_of(&self, log: &str, protocol: &str) -> bool;
+    /// Capabilities an IMAP client must see after TLS besides the server's defaults.
+    fn imap_capabilities(&self) -> &'static [&'static str] {
+        &[]
+    }
+}
+
+/// The cells every matrix has: each role's login and fetch (IMAP with IDLE), a plaintext
+/// login before STARTTLS refused and unheard of, many sessions at once. POP3 first: message
+/// 1 is then the first message whatever IMAP adds later.
+pub fn common_cells(matrix: &mut Matrix, server: &Server, front: &FrontDoor, m: &dyn Mailbox) {
+    matrix.cell("pop3s: login and RETR", || retrieve(server, front, "pop3s", m));
+    matrix.cell("pop3 (STLS): login and RETR", || retrieve(server, front, "pop3", m));
+    matrix.cell("imaps: login, FETCH, IDLE", || fetch_and_idle(server, front, "imaps", m));
+    matrix.cell("imap (STARTTLS): login, FETCH, IDLE", || fetch_and_idle(server, front, "imap", m));
+    matrix.cell("imap: plaintext LOGIN before STARTTLS refused", || {
+        plaintext_refused(server, front, "imap", m)
+    });
+    matrix.cell("pop3: plaintext USER/PASS before STLS refused", || {
+        plaintext_refused(server, front, "pop3", m)
+    });
+    matrix.cell("25 IMAP and 6 POP3 sessions at once, all from mailtls's address", || {
+        many_at_once(server, front)
+    });
+}
+
+/// Login, FETCH of the first message, IDLE until a message delivered meanwhile shows, FETCH
+/// of that one; the server logged exactly that login.
+fn fetch_and_idle(server: &Server, front: &FrontDoor, role: &str, m: &dyn Mailbox) {
+    let new = format!("<idle-{role}@mailbox.test>");
+    let deliver = || {
+        server.container.exec_ok(&m.deliver_script(&new));
+    };
+    let (session, log) = server.logged_during(|| client(front, role, Some(&deliver)));
+    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    let capability = said(&session, "capability").expect("capability");
+    let has = |name: &str| capability.split(' ').any(|c| c == name);
+    for hidden in ["STARTTLS", "LOGINDISABLED"] {
+        assert!(!has(hidden), "{hidden} after TLS: {capability}");
+    }
+    for shown in m.imap_capabilities() {
+        assert!(has(shown), "no {shown} after TLS: {capability}");
+    }
+    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
+    let exists = said(&session, "exists").expect("IDLE saw EXISTS");
+    assert_eq!(said(&session, &format!("message {exists}")), Some(new.as_str()), "{session:?}");
+    m.check_login(front, &log, "imap", role);
+}
+
+/// Login and RETR of the first message; the server logged exactly that login.
+fn retrieve(server: &Server, front: &FrontDoor, role: &str, m: &dyn Mailbox) {
+    let (session, log) = server.logged_during(|| client(front, role, None));
+    let session = session.unwrap_or_else(|e| panic!("{e}\n{log}"));
+    assert_eq!(said(&session, "message 1"), Some(FIRST_MESSAGE), "{session:?}");
+    let capability = said(&session, "capability").expect("capability");
+    assert!(!capability.contains("STLS"), "STLS after TLS: {capability}");
+    m.check_login(front, &log, "pop3", role);
+}
+
+/// A plaintext login on a STARTTLS role before STARTTLS: every attempt refused by mailtls,
+/// and the server never heard of the connection.
+fn plaintext_refused(server: &Server, front: &FrontDoor, role: &str, m: &dyn Mailbox) {
+    let (answers, log) = server.logged_during(|| plaintext_login(front, role));
+    let refusals =
+        answers.iter().filter(|a| a.contains("NO [PRIVACYREQUIRED]") || a.starts_with("-ERR [AUTH]"));
+    let attempts = if role == "imap" { 2 } else { 3 };
+    assert_eq!(refusals.count(), attempts, "{answers:?}");
+    assert!(!m.heard_of(&log, role), "the server heard of it:\n{log}");
+    assert!(m.logins(&log, role).is_empty(), "{log}");
+}
+
+/// An `xclient = true` role in front of a server that cannot be told the client (no ID, no
+/// XCLIENT): mailtls ends the session with `farewell` before any login, rather than let it
+/// run as mailtls.
+pub fn xclient_fails_closed(server: &Server, front: &FrontDoor, role: &str, m: &dyn Mailbox, farewell: &str) {
+    let protocol = if role.starts_with("imap") { "imap" } else { "pop3" };
+    let (session, log) = server.logged_during(|| client(front, role, None));
+    let error = session.expect_err("a session with xclient = true");
+    assert!(error.contains(farewell), "{error}");
+    assert!(m.logins(&log, protocol).is_empty(), "{log}");
+}
+
 /// Cells run one after another against the same server and mailtls; a failing cell is
 /// recorded and the others still run, so one run shows the whole matrix.
 pub struct Matrix {
@@ -372,7 +478,13 @@ impl Matrix {
             let _ = writeln!(std::io::stderr(), "{}", logs());
         }
         if !failed.is_empty() {
-            panic!("{}: {} of {} cells failed:\n{}", self.name, failed.len(), self.results.len(), failed.join("\n"));
+            panic!(
+                "{}: {} of {} cells failed:\n{}",
+                self.name,
+                failed.len(),
+                self.results.len(),
+                failed.join("\n")
+            );
         }
     }
 }
