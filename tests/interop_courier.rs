@@ -96,9 +96,11 @@ impl Mailbox for Courier {
         assert!(session.contains(&format!("listener={role} client={CLIENT_IP}:")), "{session}");
     }
 
-    /// Courier logs `Connection, ip=...` for every connection it accepts.
+    /// couriertcpd logs `Connection, ip=...` for every connection it accepts, before the
+    /// greeting. (Not any line: a session's `LOGOUT` line may come after the mark that
+    /// ended its cell, in the next cell's part of the log.)
     fn heard_of(&self, log: &str, protocol: &str) -> bool {
-        log.contains(&format!(" {protocol}d: "))
+        log.contains(&format!(" {protocol}d: Connection, "))
     }
 
     fn imap_capabilities(&self) -> &'static [&'static str] {

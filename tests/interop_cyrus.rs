@@ -107,10 +107,13 @@ impl Mailbox for Cyrus {
         assert!(!log.contains(CLIENT_IP), "Cyrus cannot know the client's address here:\n{log}");
     }
 
-    /// Cyrus logs nothing for a connection that only greets and closes, so this is the
-    /// service's lines of any kind.
+    /// Cyrus logs nothing for a connection that only greets and closes, so this is any
+    /// line of the service but those a session writes at its end (`USAGE`, `counts:`), which
+    /// may come after the mark that ended the previous cell.
     fn heard_of(&self, log: &str, protocol: &str) -> bool {
-        log.contains(&format!("cyrus/mailtls{protocol}["))
+        lines_with(log, &[&format!("cyrus/mailtls{protocol}[")])
+            .iter()
+            .any(|l| !l.contains("]: USAGE ") && !l.contains("]: counts: "))
     }
 }
 

@@ -82,6 +82,8 @@ impl Server {
 
     /// What the server logged while `action` ran. A `logger` line written after it is
     /// waited for, so every line a daemon sent before that is in (one socket, in order).
+    /// A line a daemon writes after its client is gone (a session's last words) may fall
+    /// into the next call's part instead: assertions look for lines written mid-session.
     pub fn logged_during<T>(&self, action: impl FnOnce() -> T) -> (T, String) {
         let before = self.syslog().len();
         let out = action();
