@@ -15,7 +15,6 @@ use std::sync::Mutex;
 
 use common::mailbox_matrix::*;
 use common::podman::{can_run, DerivedImage};
-use common::process::free_port;
 
 static MAKING_COURIER: Mutex<()> = Mutex::new(());
 /// Courier's IMAP and POP3 servers (courier-authdaemon and PAM come with them), and
@@ -114,7 +113,7 @@ fn courier_behind_mailtls_on_every_imap_and_pop3_role() {
     if !can_run("the Courier interop matrix") {
         return;
     }
-    let (imap, pop3) = (free_port(), free_port());
+    let [imap, pop3] = free_ports();
     let script = format!(
         "{SETUP}{}{START_SYSLOG}{START}echo READY\nexec sleep infinity\n",
         deliver_script(FIRST_MESSAGE, "first")

@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use common::mailbox_matrix::*;
 use common::mailservers::SmtpLines;
 use common::podman::{can_run, DerivedImage};
-use common::process::free_port;
 
 static MAKING_CYRUS: Mutex<()> = Mutex::new(());
 /// Cyrus's IMAP and POP3 servers, Cyrus SASL's sasldb tools and PLAIN/LOGIN mechanisms,
@@ -123,7 +122,7 @@ fn cyrus_behind_mailtls_on_every_imap_and_pop3_role() {
     if !can_run("the Cyrus interop matrix") {
         return;
     }
-    let (imap, pop3, other) = (free_port(), free_port(), free_port());
+    let [imap, pop3, other] = free_ports();
     let script = format!(
         "{SETUP}{START_SYSLOG}{START}{}echo READY\nexec sleep infinity\n",
         deliver_script(FIRST_MESSAGE)

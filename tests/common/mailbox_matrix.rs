@@ -21,7 +21,7 @@ use super::mailservers::{
     read_lossy, run, strip_ansi, wait_for_port, write_certificates, SmtpLines, CLIENT_TIMEOUT,
 };
 use super::podman::{say, wait_for, Container, DerivedImage};
-use super::process::{free_port, Running};
+use super::process::Running;
 
 /// The address the clients bind to: not mailtls's own 127.0.0.1, so a backend log that
 /// names 127.0.0.2 learned it from mailtls, and one that names 127.0.0.1 names mailtls.
@@ -32,8 +32,8 @@ pub const PASSWORD: &str = "secret";
 /// The Message-ID of the message each server's mailbox holds from the start.
 pub const FIRST_MESSAGE: &str = "<first@mailbox.test>";
 
-/// The first message, as the container scripts deliver it (LF line ends: both servers'
-/// delivery tools take a Unix file).
+/// A message with this Message-ID, as the container scripts deliver it (LF line ends: both
+/// servers' delivery tools take a Unix file).
 pub fn message(message_id: &str) -> String {
     format!(
         "From: bob@mailbox.test\nTo: {USER}@mailbox.test\nSubject: matrix {message_id}\n\
@@ -52,8 +52,8 @@ pub struct Server {
 /// Where the servers' rsyslogd writes everything.
 const SYSLOG: &str = "/var/log/all.log";
 
-/// The rsyslogd every server script starts first: one file, every facility (the daemons'
-/// own lines, PAM's, `logger`'s marks).
+/// The rsyslogd every server script starts before its daemons: one file, every facility
+/// (the daemons' own lines, PAM's, `logger`'s marks).
 pub const START_SYSLOG: &str =
     "printf 'module(load=\"imuxsock\")\\n*.* /var/log/all.log\\n' > /etc/rsyslog.conf\n\
      rsyslogd\n\
@@ -69,7 +69,16 @@ impl Server {
         wait_for(
             &format!("{label} set up"),
             Duration::from_secs(60),
-            || server.container.logs().contains("READY\n").then_some(()),
+            || {
+                let logs = server.container.logs();
+                // A set-up step that failed (`set -e`) ends the script: say so at once.
+                assert!(
+                    logs.contains("READY\n") || server.container.inspect("{{.State.Status}}") != "exited",
+                    "{label}'s script failed:\n{logs}\n{}",
+                    server.syslog()
+                );
+                logs.contains("READY\n").then_some(())
+            },
             || format!("{}\n{}", server.container.logs(), server.syslog()),
         );
         server
@@ -103,6 +112,13 @@ impl Server {
     }
 }
 
+/// `N` ports free a moment ago, all held while choosing so that none repeats.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
 /// The mailtls listeners every matrix has, all with `proxy_protocol = "none"`: (name,
 /// protocol, tls, xclient).
 pub const ROLES: [(&str, &str, &str, bool); 6] = [
@@ -131,8 +147,7 @@ impl FrontDoor {
              [timeouts]\ndrain = 1\n"
         );
         let mut ports = Vec::new();
-        for (name, protocol, tls, xclient) in ROLES {
-            let port = free_port();
+        for ((name, protocol, tls, xclient), port) in ROLES.into_iter().zip(free_ports::<6>()) {
             let backend = if protocol == "imap" { imap_backend } else { pop3_backend };
             config.push_str(&format!(
                 "\n[[listeners]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntls = \"{tls}\"\n\
