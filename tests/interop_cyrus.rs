@@ -73,11 +73,11 @@ fn deliver_script(message_id: &str) -> String {
     )
 }
 
-/// Cyrus's log line for a login through one of its services, as it names the peer:
-/// through mailtls always mailtls's own address (`localhost [127.0.0.1]`) and `plaintext`,
-/// since Cyrus sees only the cleartext leg.
+/// Cyrus's log lines for logins through one of its services: `login: HOST [ADDRESS] USER
+/// MECHANISM User logged in SESSIONID=<...>`, the mechanism `plaintext` for LOGIN and
+/// USER/PASS.
 fn logins<'a>(log: &'a str, service: &str) -> Vec<&'a str> {
-    lines_with(log, &[&format!("cyrus/{service}["), "login: ", " alice plaintext User logged in"])
+    lines_with(log, &[&format!("cyrus/{service}["), "]: login: ", " alice ", " User logged in SESSIONID=<"])
 }
 
 fn session_id(line: &str) -> &str {
@@ -97,12 +97,14 @@ impl Mailbox for Cyrus {
         logins(log, &format!("mailtls{protocol}"))
     }
 
-    /// The one login names mailtls's address; without an ID nothing in Cyrus's log names
-    /// the client.
-    fn check_login(&self, _: &FrontDoor, log: &str, protocol: &str, _: &str) {
+    /// The one login names mailtls's address (and the client's mechanism: no TLS, Cyrus
+    /// sees only the cleartext leg); without an ID nothing in Cyrus's log names the client.
+    fn check_login(&self, _: &FrontDoor, log: &str, protocol: &str, role: &str) {
         let found = self.logins(log, protocol);
         assert_eq!(found.len(), 1, "one login through mailtls{protocol}:\n{log}");
-        assert!(found[0].contains("login: localhost [127.0.0.1] alice"), "{}", found[0]);
+        let mechanism = if sasl(role) { "PLAIN" } else { "plaintext" };
+        let expected = format!("login: localhost [127.0.0.1] alice {mechanism} User logged in");
+        assert!(found[0].contains(&expected), "not {expected}: {}", found[0]);
         assert!(!log.contains(CLIENT_IP), "Cyrus cannot know the client's address here:\n{log}");
     }
 

@@ -203,8 +203,22 @@ pub type Session = Vec<String>;
 
 /// tests/interop/mailbox.py on `role`: login and fetch; with `deliver`, also IDLE, during
 /// which `deliver` is called (once the client is idling) to put a new message in.
+/// The implicit-TLS roles log in with SASL PLAIN (AUTHENTICATE, AUTH), the STARTTLS ones
+/// with LOGIN and USER/PASS, so that both ends of mailtls's negotiation meet each server.
 pub fn client(front: &FrontDoor, role: &str, deliver: Option<&dyn Fn()>) -> Result<Session, String> {
-    mailbox_py(front, role, if deliver.is_some() { &["idle"] } else { &[] }, deliver)
+    let mut mode = Vec::new();
+    if deliver.is_some() {
+        mode.push("idle");
+    }
+    if sasl(role) {
+        mode.push("sasl");
+    }
+    mailbox_py(front, role, &mode, deliver)
+}
+
+/// Whether [`client`] logs in with SASL on `role`.
+pub fn sasl(role: &str) -> bool {
+    ROLES.iter().any(|r| r.0 == role && r.2 == "implicit")
 }
 
 /// `n` sessions on `role` open at once, none logged in: the greeting each got (or `error

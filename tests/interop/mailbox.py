@@ -3,18 +3,20 @@
 log in, fetch message 1 and, on IMAP with "idle", wait in IDLE for a new message that the
 test delivers meanwhile, then fetch that one too.
 
-    mailbox.py imap|pop3 starttls|implicit PORT CAFILE SOURCE_IP USER PASSWORD [idle]
+    mailbox.py imap|pop3 starttls|implicit PORT CAFILE SOURCE_IP USER PASSWORD [idle] [sasl]
     mailbox.py imap|pop3 implicit PORT CAFILE SOURCE_IP USER PASSWORD together N
 
 Prints, one per line: `capability <what the client saw after TLS, before login>`,
 `login <the server's answer>`, `message <n> <Message-ID>` for each message fetched and, in
 IDLE, `idling` (the test's cue to deliver, flushed at once) and `exists <n>`. Any error
-ends the script with a traceback and a non-zero status.
+ends the script with a traceback and a non-zero status. With `sasl` the login is SASL
+PLAIN (IMAP AUTHENTICATE, POP3 AUTH with an initial response) instead of LOGIN/USER-PASS.
 
 With `together N` it opens N sessions at once (through mailtls, all from one address at
 the backend, as every client is), prints `greeting <i> <the greeting>` or `greeting <i>
 error <what>` for each while all are open, and logs none in.
 """
+import base64
 import imaplib
 import poplib
 import re
@@ -23,7 +25,9 @@ import ssl
 import sys
 
 proto, mode, port, cafile, source, user, password = sys.argv[1:8]
-idle = sys.argv[8:] == ["idle"]
+idle = "idle" in sys.argv[8:]
+sasl = "sasl" in sys.argv[8:]
+plain = b"\0" + user.encode() + b"\0" + password.encode()
 together = int(sys.argv[9]) if sys.argv[8:9] == ["together"] else 0
 port = int(port)
 host = "127.0.0.1"
@@ -104,7 +108,10 @@ elif proto == "imap":
         conn = imaplib.IMAP4(host, port, timeout=60)
         conn.starttls(ssl_context=context)
     say("capability", " ".join(conn.capabilities))
-    typ, data = conn.login(user, password)
+    if sasl:
+        typ, data = conn.authenticate("PLAIN", lambda _: plain)
+    else:
+        typ, data = conn.login(user, password)
     say("login", typ, data[0].decode(errors="replace"))
     typ, data = conn.select("INBOX")
     assert typ == "OK", data
@@ -119,8 +126,12 @@ else:
         conn = poplib.POP3(host, port, timeout=60)
         conn.stls(context=context)
     say("capability", " ".join(sorted(conn.capa())))
-    conn.user(user)
-    say("login", conn.pass_(password).decode(errors="replace"))
+    if sasl:
+        reply = conn._shortcmd("AUTH PLAIN " + base64.b64encode(plain).decode())
+    else:
+        conn.user(user)
+        reply = conn.pass_(password)
+    say("login", reply.decode(errors="replace"))
     count, _ = conn.stat()
     assert count >= 1, count
     _, lines, _ = conn.retr(1)
