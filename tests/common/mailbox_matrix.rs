@@ -3,7 +3,8 @@
 //! with every IMAP and POP3 role, and real clients (imaplib, poplib) in front of mailtls.
 //!
 //! The servers take no PROXY header: every mailtls listener here has `proxy_protocol =
-//! "none"`, and the `-xclient` ones also `xclient = true` (IMAP ID, POP3 XCLIENT). Each
+//! "none"`, the `-xclient` ones also `xclient = true` (IMAP ID, POP3 XCLIENT), and the
+//! `-routed` ones a routes map whose default is the server (so mailtls probes it). Each
 //! server runs with `--network host` on 127.0.0.1 ports chosen at run time and logs through
 //! an rsyslogd of its own to /var/log/all.log, which is what the cells assert from: which
 //! logins happened, what address they name, and that a refused attempt never got there.
@@ -120,25 +121,41 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
 }
 
 /// The mailtls listeners every matrix has, all with `proxy_protocol = "none"`: (name,
-/// protocol, tls, xclient).
-pub const ROLES: [(&str, &str, &str, bool); 6] = [
+/// protocol, tls, xclient). A `-routed` name has `routes` (default: the server) instead of
+/// `backend`: mailtls answers until the login, from capabilities its probe learned.
+pub const ROLES: [(&str, &str, &str, bool); 8] = [
     ("imaps", "imap", "implicit", false),
     ("imap", "imap", "starttls", false),
     ("pop3s", "pop3", "implicit", false),
     ("pop3", "pop3", "starttls", false),
     ("imaps-xclient", "imap", "implicit", true),
     ("pop3s-xclient", "pop3", "implicit", true),
+    ("imaps-routed", "imap", "implicit", false),
+    ("pop3s-routed", "pop3", "implicit", false),
 ];
 
 /// The mailtls binary in front of one server: [`ROLES`] on ports of their own.
 pub struct FrontDoor {
     running: Running,
     ports: Vec<(&'static str, u16)>,
+    backends: (u16, u16),
     pub dir: tempfile::TempDir,
 }
 
 impl FrontDoor {
+    /// Every role but the routed ones, in front of these IMAP and POP3 ports.
     pub fn start(imap_backend: u16, pop3_backend: u16) -> FrontDoor {
+        FrontDoor::with_roles(imap_backend, pop3_backend, false)
+    }
+
+    /// Another mailtls, with the routed roles only, in front of the same server: it probes
+    /// the server at start and every minute, so it lives for its cells only (the probe's
+    /// connections would otherwise show in other cells' part of the server's log).
+    pub fn routed(&self) -> FrontDoor {
+        FrontDoor::with_roles(self.backends.0, self.backends.1, true)
+    }
+
+    fn with_roles(imap_backend: u16, pop3_backend: u16, routed: bool) -> FrontDoor {
         let dir = tempfile::Builder::new().prefix("mailtls-matrix-").tempdir_in("/tmp").unwrap();
         write_certificates(dir.path());
         let d = dir.path().display().to_string();
@@ -147,12 +164,19 @@ impl FrontDoor {
              [timeouts]\ndrain = 1\n"
         );
         let mut ports = Vec::new();
-        for ((name, protocol, tls, xclient), port) in ROLES.into_iter().zip(free_ports::<6>()) {
+        let roles = ROLES.into_iter().filter(|r| r.0.ends_with("-routed") == routed);
+        for ((name, protocol, tls, xclient), port) in roles.zip(free_ports::<{ ROLES.len() }>()) {
             let backend = if protocol == "imap" { imap_backend } else { pop3_backend };
+            let backend = if name.ends_with("-routed") {
+                let routes = format!("routes-{protocol}.toml");
+                fs::write(dir.path().join(&routes), format!("default = \"127.0.0.1:{backend}\"\n")).unwrap();
+                format!("routes = \"{routes}\"")
+            } else {
+                format!("backend = \"127.0.0.1:{backend}\"")
+            };
             config.push_str(&format!(
                 "\n[[listeners]]\nname = \"{name}\"\nprotocol = \"{protocol}\"\ntls = \"{tls}\"\n\
-                 listen = [\"127.0.0.1:{port}\"]\nbackend = \"127.0.0.1:{backend}\"\nproxy_protocol = \"none\"\n\
-                 xclient = {xclient}\n"
+                 listen = [\"127.0.0.1:{port}\"]\n{backend}\nproxy_protocol = \"none\"\nxclient = {xclient}\n"
             ));
             ports.push((name, port));
         }
@@ -160,7 +184,8 @@ impl FrontDoor {
         fs::write(&path, config).unwrap();
         let mut command = Command::new(super::process::BIN);
         command.arg("--config").arg(&path).env("RUST_LOG", "info");
-        let front = FrontDoor { running: Running::spawn(command, dir.path()), ports, dir };
+        let backends = (imap_backend, pop3_backend);
+        let front = FrontDoor { running: Running::spawn(command, dir.path()), ports, backends, dir };
         for (_, port) in &front.ports {
             wait_for_port(*port, "mailtls", || front.log());
         }
@@ -168,7 +193,7 @@ impl FrontDoor {
     }
 
     pub fn port(&self, role: &str) -> u16 {
-        self.ports.iter().find(|(n, _)| *n == role).map(|(_, p)| *p).expect("a role of ROLES")
+        self.ports.iter().find(|(n, _)| *n == role).map(|(_, p)| *p).expect("a role of this mailtls")
     }
 
     pub fn ca(&self) -> PathBuf {
@@ -398,8 +423,14 @@ pub trait Mailbox {
 pub fn common_cells(matrix: &mut Matrix, server: &Server, front: &FrontDoor, m: &dyn Mailbox) {
     matrix.cell("pop3s: login and RETR", || retrieve(server, front, "pop3s", m));
     matrix.cell("pop3 (STLS): login and RETR", || retrieve(server, front, "pop3", m));
+    matrix.cell("pop3s-routed: AUTH PLAIN replayed, RETR", || {
+        retrieve(server, &front.routed(), "pop3s-routed", m)
+    });
     matrix.cell("imaps: login, FETCH, IDLE", || fetch_and_idle(server, front, "imaps", m));
     matrix.cell("imap (STARTTLS): login, FETCH, IDLE", || fetch_and_idle(server, front, "imap", m));
+    matrix.cell("imaps-routed: AUTHENTICATE PLAIN replayed, FETCH, IDLE", || {
+        fetch_and_idle(server, &front.routed(), "imaps-routed", m)
+    });
     matrix.cell("imap: plaintext LOGIN before STARTTLS refused", || {
         plaintext_refused(server, front, "imap", m)
     });
