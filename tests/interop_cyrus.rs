@@ -32,6 +32,8 @@ static CYRUS: DerivedImage = DerivedImage::new(
 const SETUP: &str = r#"set -e
 IMAP=$1 POP3=$2 OTHER=$3
 sed -i 's/^allowplaintext: yes/allowplaintext: no/; s/^popminpoll: 1/popminpoll: 0/' /etc/imapd.conf
+grep -q '^allowplaintext: no$' /etc/imapd.conf
+grep -q '^popminpoll: 0$' /etc/imapd.conf
 cat >> /etc/imapd.conf <<CONF
 servername: cyrus.test
 mailtlsimap_allowplaintext: yes
@@ -60,7 +62,7 @@ echo secret | saslpasswd2 -p -c -u cyrus.test alice
 chown cyrus:mail /etc/sasldb2
 "#;
 
-/// After the set-up and syslog: master as a daemon, the first message, READY.
+/// After the set-up and syslog: master as a daemon, until lmtpd's socket is there.
 const START: &str = r#"/usr/lib/cyrus/bin/master -d
 for i in $(seq 100); do [ -S /run/cyrus/socket/lmtp ] && break; sleep 0.1; done
 "#;
