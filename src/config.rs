@@ -224,6 +224,31 @@ pub enum ProxyProtocol {
     V2,
 }
 
+/// One TLV a PROXY v2 header may carry (`listeners[].proxy_tlvs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyTlv {
+    /// PP2_TYPE_AUTHORITY: the SNI the client sent.
+    Authority,
+    /// PP2_TYPE_SSL: the client-SSL flag, TLS version and cipher.
+    Ssl,
+}
+
+/// The TLVs a listener's v2 headers carry. Some receivers read a v2 header into a fixed
+/// buffer (Exim 4.96: 232 bytes in all, so an SNI over 158 bytes overflows it and the
+/// session fails), and those that ignore TLVs lose nothing without them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyTlvs {
+    pub authority: bool,
+    pub ssl: bool,
+}
+
+impl Default for ProxyTlvs {
+    fn default() -> Self {
+        ProxyTlvs { authority: true, ssl: true }
+    }
+}
+
 /// One `[[listeners]]` entry.
 #[derive(Clone, Debug)]
 pub struct ListenerConfig {
@@ -238,6 +263,8 @@ pub struct ListenerConfig {
     /// see `routes.rs`.
     pub routes: Option<RoutesConfig>,
     pub proxy_protocol: ProxyProtocol,
+    /// Which TLVs the v2 header carries (both unless the config says otherwise).
+    pub proxy_tlvs: ProxyTlvs,
     /// Connections open at once on this listener; `None`: only the total bound applies.
     pub max_connections: Option<u32>,
     /// Sources that must open with a PROXY header (a load balancer); empty: none may.
@@ -375,6 +402,7 @@ struct RawListener {
     routes: Option<Spanned<String>>,
     #[serde(default)]
     proxy_protocol: ProxyProtocol,
+    proxy_tlvs: Option<Spanned<Vec<ProxyTlv>>>,
     require_tls: Option<Spanned<bool>>,
     max_connections: Option<Spanned<u32>>,
     #[serde(default)]
@@ -825,6 +853,7 @@ impl Validator<'_> {
         let accept_proxy_protocol =
             self.networks(&key("accept_proxy_protocol"), &raw.accept_proxy_protocol)?;
         let xclient = self.xclient(&key("xclient"), raw.protocol, raw.proxy_protocol, &raw.xclient)?;
+        let proxy_tlvs = self.proxy_tlvs(&key("proxy_tlvs"), raw.proxy_protocol, &raw.proxy_tlvs)?;
         let bare_newline = self.bare_newline(&key("bare_newline"), raw.protocol, &raw.bare_newline)?;
         Ok(ListenerConfig {
             name,
@@ -835,11 +864,33 @@ impl Validator<'_> {
             backend,
             routes,
             proxy_protocol: raw.proxy_protocol,
+            proxy_tlvs,
             max_connections: raw.max_connections.map(|v| v.into_inner()),
             accept_proxy_protocol,
             xclient,
             bare_newline,
         })
+    }
+
+    /// TLVs exist only in v2 headers: a list on another listener is a mistake worth naming.
+    fn proxy_tlvs(
+        &self,
+        key: &str,
+        proxy_protocol: ProxyProtocol,
+        raw: &Option<Spanned<Vec<ProxyTlv>>>,
+    ) -> Result<ProxyTlvs, ConfigError> {
+        match raw {
+            None => Ok(ProxyTlvs::default()),
+            Some(v) if proxy_protocol != ProxyProtocol::V2 => Err(self.invalid(
+                key,
+                v.span(),
+                "only a v2 PROXY header carries TLVs: set proxy_protocol = \"v2\"",
+            )),
+            Some(v) => Ok(ProxyTlvs {
+                authority: v.get_ref().contains(&ProxyTlv::Authority),
+                ssl: v.get_ref().contains(&ProxyTlv::Ssl),
+            }),
+        }
     }
 
     /// The smuggling guard exists for SMTP's DATA; IMAP and POP3 have no such framing.
@@ -1171,6 +1222,28 @@ backend = "127.0.0.1:2525"
                 .replace("protocol = \"imap\"", &format!("protocol = \"{protocol}\""));
             assert!(parse_text(&text).expect("valid").listeners[0].xclient, "{protocol}");
         }
+    }
+
+    #[test]
+    fn proxy_tlvs_default_to_both_and_need_a_v2_header() {
+        let c = parse_text(GOOD).unwrap();
+        assert_eq!(c.listeners[0].proxy_tlvs, ProxyTlvs { authority: true, ssl: true });
+        let c =
+            parse_text(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nproxy_tlvs = []"))
+                .unwrap();
+        assert_eq!(c.listeners[0].proxy_tlvs, ProxyTlvs { authority: false, ssl: false });
+        let text = GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nproxy_tlvs = [\"ssl\"]");
+        assert_eq!(
+            parse_text(&text).unwrap().listeners[0].proxy_tlvs,
+            ProxyTlvs { authority: false, ssl: true }
+        );
+        let e =
+            error_of(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v1\"\nproxy_tlvs = []"));
+        assert!(e.contains(":17: listeners[0].proxy_tlvs") && e.contains("proxy_protocol = \"v2\""), "{e}");
+        let e = error_of(
+            &GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nproxy_tlvs = [\"alpn\"]"),
+        );
+        assert!(e.contains(":17: listeners[0].proxy_tlvs") && e.contains("unknown variant `alpn`"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, BackendError, Peer};
-use crate::config::{ProxyProtocol, Timeouts, TlsMode};
+use crate::config::{ProxyProtocol, ProxyTlvs, Timeouts, TlsMode};
 use crate::inbound::Ends;
 use crate::metrics::{Handshake, Metrics};
 use crate::protocol::{
@@ -41,6 +41,8 @@ pub struct ListenerContext {
     pub protocol: Protocol,
     pub tls_mode: TlsMode,
     pub proxy_protocol: ProxyProtocol,
+    /// The TLVs of this listener's v2 headers.
+    pub proxy_tlvs: ProxyTlvs,
     /// The backend of an unrouted listener; empty on a routed one, where `routes` chooses.
     pub backend: String,
     /// The map of a routed listener (`routes = "PATH"`): per user on IMAP/POP3, per
@@ -602,7 +604,7 @@ async fn connect_backend(
     negotiation: &mut dyn Negotiation,
 ) -> Result<Opened, (String, OpenError)> {
     let fail = |e: OpenError| (backend.clone(), e);
-    let header = backend::proxy_header(ctx.proxy_protocol, peer);
+    let header = backend::proxy_header(ctx.proxy_protocol, ctx.proxy_tlvs, peer);
     let deadline = Instant::now() + ctx.timeouts.backend_connect;
     let mut stream = backend::connect(&backend, header.as_deref(), ctx.timeouts.backend_connect)
         .await
