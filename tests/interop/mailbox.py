@@ -17,12 +17,10 @@ the backend, as every client is), prints `greeting <i> <the greeting>` or `greet
 error <what>` for each while all are open, and logs none in.
 """
 import base64
-import imaplib
-import poplib
 import re
-import socket
-import ssl
 import sys
+
+import client
 
 proto, mode, port, cafile, source, user, password = sys.argv[1:8]
 idle = "idle" in sys.argv[8:]
@@ -30,18 +28,8 @@ sasl = "sasl" in sys.argv[8:]
 plain = b"\0" + user.encode() + b"\0" + password.encode()
 together = int(sys.argv[9]) if sys.argv[8:9] == ["together"] else 0
 port = int(port)
-host = "127.0.0.1"
-
-# imaplib and poplib take no source address: bind every connection they open.
-_create_connection = socket.create_connection
-
-
-def bound(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kw):
-    return _create_connection(address, timeout, (source, 0), **kw)
-
-
-socket.create_connection = bound
-context = ssl.create_default_context(cafile=cafile)
+client.bind_all(source)
+context = client.context(cafile)
 
 
 def say(*words):
@@ -90,10 +78,10 @@ if together:
     for i in range(together):
         try:
             if proto == "imap":
-                conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=60)
+                conn = client.imap("implicit", port, context, 60)
                 greeting = conn.welcome
             else:
-                conn = poplib.POP3_SSL(host, port, context=context, timeout=60)
+                conn = client.pop3("implicit", port, context, 60)
                 greeting = conn.getwelcome()
             sessions.append(conn)
             say("greeting", i, greeting.decode(errors="replace"))
@@ -102,11 +90,7 @@ if together:
     for conn in sessions:
         conn.logout() if proto == "imap" else conn.quit()
 elif proto == "imap":
-    if mode == "implicit":
-        conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=60)
-    else:
-        conn = imaplib.IMAP4(host, port, timeout=60)
-        conn.starttls(ssl_context=context)
+    conn = client.imap(mode, port, context, 60)
     say("capability", " ".join(conn.capabilities))
     if sasl:
         typ, data = conn.authenticate("PLAIN", lambda _: plain)
@@ -120,11 +104,7 @@ elif proto == "imap":
         imap_fetch(conn, imap_idle(conn))
     conn.logout()
 else:
-    if mode == "implicit":
-        conn = poplib.POP3_SSL(host, port, context=context, timeout=60)
-    else:
-        conn = poplib.POP3(host, port, timeout=60)
-        conn.stls(context=context)
+    conn = client.pop3(mode, port, context, 60)
     say("capability", " ".join(sorted(conn.capa())))
     if sasl:
         reply = conn._shortcmd("AUTH PLAIN " + base64.b64encode(plain).decode())
