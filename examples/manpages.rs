@@ -35,6 +35,8 @@ const DOCS: &[(&str, &str)] = &[
     ("docs/dovecot.md", "in front of Dovecot: dovecot.conf, PROXY v2, which trusted networks are safe"),
     ("docs/exim.md", "in front of Exim: hosts_proxy, the submission AUTH setting, what Exim learns"),
     ("docs/opensmtpd.md", "in front of OpenSMTPD: a proxy-v2 listener, what it learns and cannot"),
+    ("docs/cyrus.md", "in front of Cyrus IMAP: plaintext for mailtls's services only, IMAP ID"),
+    ("docs/courier.md", "in front of Courier IMAP and POP3: loopback ports, MAXPERIP, no ID"),
     ("docs/routing.md", "routing IMAP and POP3 users to their mailbox server, inbound SMTP by recipient"),
     ("docs/certificates.md", "certbot, hot reload, several names, OCSP stapling, the trial certificate"),
     ("docs/operations.md", "signals, logs, reloads, limits, inbound PROXY, metrics, alerts, troubleshooting"),

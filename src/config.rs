@@ -313,7 +313,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     hostname: Spanned<String>,
-    tls: Spanned<RawTls>,
+    tls: RawTls,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -426,8 +426,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let offset = e.span().map(|s| s.start);
         let line = offset.map(|o| line_of(text, o)).unwrap_or(0);
-        let message = e.message().to_owned();
-        match offset.and_then(|o| key_at(text, o)) {
+        let mut message = e.message().to_owned();
+        let missing = offset.and_then(|o| missing_key(text, o, &message));
+        if missing.is_some() {
+            message = "missing: required, and it has no default".to_owned();
+        }
+        match missing.or_else(|| offset.and_then(|o| key_at(text, o))) {
             Some(key) => ConfigError::Invalid { path: path.to_owned(), line, key, message },
             None => ConfigError::Syntax { path: path.to_owned(), line, message },
         }
@@ -448,11 +452,31 @@ pub fn key_at(text: &str, offset: usize) -> Option<String> {
     if key.is_empty() || key.starts_with('#') || key.starts_with('[') {
         return None;
     }
-    // The table the line belongs to: the nearest header above it; `[[name]]` headers are
-    // numbered by how many of that name came before, as the validator's messages number them.
+    Some(match table_above(&text[..start]) {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// The key a "missing field `name`" error is about: serde's message names the field and
+/// its span is the table's, so the key is that table (the header on or above the span's
+/// line; the top level when there is none) and the field.
+fn missing_key(text: &str, offset: usize, message: &str) -> Option<String> {
+    let field = message.strip_prefix("missing field `")?.split('`').next()?;
+    let offset = offset.min(text.len());
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    Some(match table_above(&text[..end]) {
+        Some(table) => format!("{table}.{field}"),
+        None => field.to_owned(),
+    })
+}
+
+/// The table `text`'s last line belongs to: the nearest header; `[[name]]` headers are
+/// numbered by how many of that name came before, as the validator's messages number them.
+fn table_above(text: &str) -> Option<String> {
     let mut table: Option<String> = None;
     let mut counts: Vec<(String, usize)> = Vec::new();
-    for header in text[..start].lines().map(str::trim) {
+    for header in text.lines().map(str::trim) {
         if let Some(name) = header.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
             let name = name.trim().to_owned();
             let index = match counts.iter_mut().find(|(n, _)| *n == name) {
@@ -470,10 +494,7 @@ pub fn key_at(text: &str, offset: usize) -> Option<String> {
             table = Some(name.trim().to_owned());
         }
     }
-    Some(match table {
-        Some(table) => format!("{table}.{key}"),
-        None => key.to_owned(),
-    })
+    table
 }
 
 /// 1-based line number of a byte offset.
@@ -574,8 +595,7 @@ impl Validator<'_> {
         Ok(name.clone())
     }
 
-    fn tls(&self, raw: Spanned<RawTls>) -> Result<TlsConfig, ConfigError> {
-        let raw = raw.into_inner();
+    fn tls(&self, raw: RawTls) -> Result<TlsConfig, ConfigError> {
         let certs_span = raw.certificates.span();
         let entries = raw.certificates.into_inner();
         if entries.is_empty() {
@@ -1109,6 +1129,35 @@ backend = "127.0.0.1:2525"
         let e = error_of(&text);
         assert!(e.contains(":16:"), "{e}");
         assert!(e.contains("proxy_protocl"), "{e}");
+    }
+
+    /// `[[tls.certificates]]` with no `[tls]` header above it is valid TOML (the header
+    /// makes the table): it once failed with serde's "expected a borrowed string".
+    #[test]
+    fn tls_table_made_by_its_certificates_header_alone_parses() {
+        let c = parse_text(&GOOD.replace("[tls]\nmin_version = \"1.2\"\n", "")).expect("valid config");
+        assert_eq!(c.tls.certificates.len(), 1);
+        // And a dotted key for it.
+        let dotted = GOOD.replace("[tls]\nmin_version = \"1.2\"\n", "").replace(
+            "hostname = \"mail.example.org\"",
+            "hostname = \"mail.example.org\"\ntls.min_version = \"1.3\"",
+        );
+        let c = parse_text(&dotted).expect("valid config");
+        assert_eq!(c.tls.min_version, TlsVersion::Tls13);
+    }
+
+    #[test]
+    fn a_missing_required_key_is_named_with_its_table() {
+        let no_key = GOOD.replace("key  = \"key.pem\"\n", "");
+        let e = error_of(&no_key);
+        assert!(e.contains(":6: tls.certificates[0].key: missing"), "{e}");
+        let no_tls = GOOD.replace(
+            "[tls]\nmin_version = \"1.2\"\n[[tls.certificates]]\ncert = \"cert.pem\"\nkey  = \"key.pem\"\n",
+            "",
+        );
+        let e = error_of(&no_tls);
+        assert!(e.contains(": tls: missing"), "{e}");
+        assert!(!e.contains("hostname"), "the first line's key is not the one missing: {e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod busy;
+pub mod mailbox_matrix;
 pub mod mailservers;
 pub mod mta;
 pub mod openssl;
