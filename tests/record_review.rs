@@ -77,18 +77,23 @@ impl ClientLog {
 struct Server {
     acceptor: tokio_rustls::TlsAcceptor,
     roots: rustls::RootCertStore,
+    suite: rustls::SupportedCipherSuite,
 }
 
 impl Server {
     fn new() -> Server {
+        Server::with(TLS13_AES_128_GCM_SHA256)
+    }
+
+    fn with(suite: rustls::SupportedCipherSuite) -> Server {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert =
             rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-        provider.cipher_suites = vec![TLS13_AES_128_GCM_SHA256];
+        provider.cipher_suites = vec![suite];
         let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
         let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(&[version_of(suite)])
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(vec![cert.der().clone()], key_der)
@@ -97,7 +102,7 @@ impl Server {
         server.key_log = secrets::SecretLog::shared();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
-        Server { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)), roots }
+        Server { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)), roots, suite }
     }
 
     /// A client config with a ClientHello random of the client's choosing, records of at
@@ -109,10 +114,10 @@ impl Server {
         log: Option<Arc<ClientLog>>,
     ) -> rustls::ClientConfig {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-        provider.cipher_suites = vec![TLS13_AES_128_GCM_SHA256];
+        provider.cipher_suites = vec![self.suite];
         provider.secure_random = Box::leak(Box::new(ChosenRandom(random)));
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(&[version_of(self.suite)])
             .unwrap()
             .with_root_certificates(self.roots.clone())
             .with_no_client_auth();
@@ -133,6 +138,13 @@ impl Server {
             self.acceptor.accept(Prefixed::new(server_tcp, BytesMut::new()))
         );
         (client.unwrap(), proxy.unwrap())
+    }
+}
+
+fn version_of(suite: rustls::SupportedCipherSuite) -> &'static rustls::SupportedProtocolVersion {
+    match suite {
+        rustls::SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+        rustls::SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
     }
 }
 
@@ -385,5 +397,229 @@ async fn key_update_requests_unread_grow_the_server_queue() {
             after.saturating_sub(before)
         );
         relay.abort();
+    }
+}
+
+/// The client's TLS 1.3 write key, IV and next sequence number, as the client knows them
+/// (its own key log), to craft records rustls would never send.
+struct Crafter {
+    key: aws_lc_rs::aead::LessSafeKey,
+    iv: rustls::crypto::cipher::Iv,
+    seq: u64,
+}
+
+impl Crafter {
+    /// After the handshake and `relayed`'s one line (client record 0).
+    fn new(log: &ClientLog) -> Crafter {
+        let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+        let secret = OkmBlock::new(&log.get("CLIENT_TRAFFIC_SECRET_0"));
+        let expander = suite.hkdf_provider.expander_for_okm(&secret);
+        let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
+        let iv = rustls::internal::derive_traffic_iv(expander.as_ref());
+        let key = aws_lc_rs::aead::LessSafeKey::new(
+            aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, key.as_ref()).unwrap(),
+        );
+        Crafter { key, iv, seq: 1 }
+    }
+
+    /// One record whose TLSInnerPlaintext is `inner` (content, type, padding), sealed.
+    fn seal(&mut self, inner: &[u8]) -> Vec<u8> {
+        use aws_lc_rs::aead;
+        let mut buf = inner.to_vec();
+        let nonce =
+            aead::Nonce::assume_unique_for_key(rustls::crypto::cipher::Nonce::new(&self.iv, self.seq).0);
+        let aad = aead::Aad::from(rustls::crypto::cipher::make_tls13_aad(inner.len() + 16));
+        self.key.seal_in_place_append_tag(nonce, aad, &mut buf).unwrap();
+        self.seq += 1;
+        let mut record = vec![23, 3, 3];
+        record.extend((buf.len() as u16).to_be_bytes());
+        record.extend(buf);
+        record
+    }
+
+    fn data(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.seal(&[bytes, &[23]].concat())
+    }
+}
+
+/// What was checked and found right: records rustls refuses are refused by the record
+/// layer too (the session fails, nothing of them reaches the backend), and the ones it
+/// accepts are accepted. Crafted with the client's own keys on the wire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_tls13_records_are_judged_as_rustls_judges_them() {
+    type Case = (&'static str, fn(&mut Crafter) -> Vec<u8>);
+    let refused: &[Case] = &[
+        ("all-zero inner plaintext", |c| c.seal(&[0, 0, 0])),
+        ("empty inner plaintext", |c| c.seal(&[])),
+        ("protected change_cipher_spec", |c| c.seal(&[1, 20])),
+        ("NewSessionTicket from the client", |c| c.seal(&[4, 0, 0, 1, 0, 22])),
+        ("ClientHello after the handshake", |c| c.seal(&[1, 0, 0, 0, 22])),
+        ("KeyUpdate with request_update 2", |c| c.seal(&[24, 0, 0, 1, 2, 22])),
+        ("two KeyUpdates in one record", |c| c.seal(&[24, 0, 0, 1, 0, 24, 0, 0, 1, 0, 22])),
+        ("warning alert other than user_canceled", |c| c.seal(&[1, 40, 21])),
+        ("fatal alert", |c| c.seal(&[2, 40, 21])),
+        ("alert of unknown level", |c| c.seal(&[3, 0, 21])),
+        ("alert of three bytes", |c| c.seal(&[1, 0, 0, 21])),
+        ("empty alert", |c| c.seal(&[21])),
+        ("plaintext of 2^14 + 1 bytes", |c| c.data(&[b'x'; 16385])),
+        ("unknown inner content type", |c| c.seal(&[b'x', 99])),
+        ("plaintext handshake record", |_| vec![22, 3, 3, 0, 4, 24, 0, 0, 1]),
+        ("change_cipher_spec record", |_| vec![20, 3, 3, 0, 1, 1]),
+        ("record longer than 2^14 + 2048", |_| vec![23, 3, 3, 0x48, 0x01]),
+        ("record shorter than a tag", |_| vec![23, 3, 3, 0, 3, 1, 2, 3]),
+        ("33 empty data records in a row", |c| (0..33).flat_map(|_| c.data(&[])).collect()),
+        ("record of the wrong sequence number", |c| {
+            c.seq += 1;
+            c.data(b"b0\r\n")
+        }),
+    ];
+    let server = Server::new();
+    for (i, (what, craft)) in refused.iter().enumerate() {
+        let log = Arc::new(ClientLog::default());
+        let random = [0x40 + i as u8; 32];
+        let (mut client, proxy) = server.handshake(server.client(random, None, Some(log.clone()))).await;
+        let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+        let mut crafter = Crafter::new(&log);
+        let wire = craft(&mut crafter);
+        client.get_mut().0.write_all(&wire).await.unwrap();
+        let report =
+            tokio::time::timeout(PATIENCE, relay).await.unwrap_or_else(|_| panic!("{what}: session went on"));
+        assert_eq!(report.unwrap().ending, Ending::Failed, "{what}");
+        let mut rest = Vec::new();
+        let _ = backend.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "{what}: the backend got {rest:?}");
+    }
+    // Accepted: padding, user_canceled, a KeyUpdate, 32 empty records; data after a
+    // close_notify is dropped.
+    let log = Arc::new(ClientLog::default());
+    let (mut client, proxy) = server.handshake(server.client([0x3F; 32], None, Some(log.clone()))).await;
+    let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+    let mut c = Crafter::new(&log);
+    let mut wire = Vec::new();
+    wire.extend(c.seal(&[b"b1 padded\r\n".as_slice(), &[23], &[0u8; 200]].concat()));
+    wire.extend(c.seal(&[1, 90, 21]));
+    wire.extend((0..32).flat_map(|_| c.data(&[])));
+    wire.extend(c.data(b"b2 after 32 empty records\r\n"));
+    wire.extend(c.seal(&[24, 0, 0, 1, 0, 22]));
+    // Under the next client key now.
+    let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+    let secret0 = OkmBlock::new(&log.get("CLIENT_TRAFFIC_SECRET_0"));
+    let expander = suite.hkdf_provider.expander_for_okm(&secret0);
+    let length = (expander.hash_len() as u16).to_be_bytes();
+    const LABEL: &[u8] = b"tls13 traffic upd";
+    let secret1 = expander.expand_block(&[&length, &[LABEL.len() as u8], LABEL, &[0]]);
+    let expander = suite.hkdf_provider.expander_for_okm(&secret1);
+    let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
+    c.key = aws_lc_rs::aead::LessSafeKey::new(
+        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, key.as_ref()).unwrap(),
+    );
+    c.iv = rustls::internal::derive_traffic_iv(expander.as_ref());
+    c.seq = 0;
+    wire.extend(c.data(b"b3 under the next key\r\n"));
+    wire.extend(c.seal(&[1, 0, 21]));
+    wire.extend(c.data(b"b4 after close_notify\r\n"));
+    client.get_mut().0.write_all(&wire).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, backend.read_to_end(&mut got))
+        .await
+        .expect("client's end reached the backend")
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "b1 padded\r\nb2 after 32 empty records\r\nb3 under the next key\r\n"
+    );
+    drop(backend);
+    drop(client);
+    let report = tokio::time::timeout(PATIENCE, relay).await.expect("relay ended").unwrap();
+    assert_ne!(report.ending, Ending::Failed);
+}
+
+/// The same for TLS 1.2 (AES-128-GCM, explicit nonce): warnings, renegotiation and
+/// change_cipher_spec after the handshake. Records crafted with the client's own keys
+/// (taken out of the client's rustls once the session is relayed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_tls12_records_are_judged_as_rustls_judges_them() {
+    use rustls::crypto::aws_lc_rs::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 as SUITE;
+    /// Client-side TLS 1.2 GCM sealing: nonce salt || explicit, AAD seq || type || version || length.
+    struct Tls12 {
+        key: aws_lc_rs::aead::LessSafeKey,
+        iv: [u8; 12],
+        seq: u64,
+    }
+    impl Tls12 {
+        fn seal(&mut self, typ: u8, plain: &[u8]) -> Vec<u8> {
+            use aws_lc_rs::aead;
+            let mut nonce = self.iv;
+            for (n, s) in nonce[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+                *n ^= s;
+            }
+            let mut aad = self.seq.to_be_bytes().to_vec();
+            aad.extend([typ, 3, 3]);
+            aad.extend((plain.len() as u16).to_be_bytes());
+            let mut buf = plain.to_vec();
+            let tag = self
+                .key
+                .seal_in_place_separate_tag(
+                    aead::Nonce::assume_unique_for_key(nonce),
+                    aead::Aad::from(aad),
+                    &mut buf,
+                )
+                .unwrap();
+            self.seq += 1;
+            let mut body = nonce[4..].to_vec();
+            body.extend(buf);
+            body.extend(tag.as_ref());
+            let mut record = vec![typ, 3, 3];
+            record.extend((body.len() as u16).to_be_bytes());
+            record.extend(body);
+            record
+        }
+    }
+    type Case = (&'static str, fn(&mut Tls12) -> Vec<u8>);
+    let cases: &[(bool, Case)] = &[
+        (
+            false,
+            ("four warnings then data", |c| {
+                let mut w: Vec<u8> = (0..4).flat_map(|_| c.seal(21, &[1, 90])).collect();
+                w.extend(c.seal(23, b"c1 after four warnings\r\n"));
+                w
+            }),
+        ),
+        (true, ("five warnings in a row", |c| (0..5).flat_map(|_| c.seal(21, &[1, 90])).collect())),
+        (true, ("renegotiation: a ClientHello after the handshake", |c| c.seal(22, &[1, 0, 0, 0]))),
+        (true, ("a HelloRequest", |c| c.seal(22, &[0, 0, 0, 0]))),
+        (true, ("change_cipher_spec after the handshake", |c| c.seal(20, &[1]))),
+        (true, ("a fatal alert", |c| c.seal(21, &[2, 40]))),
+        (true, ("plaintext of 2^14 + 1 bytes", |c| c.seal(23, &[b'x'; 16385]))),
+        (true, ("heartbeat record", |c| c.seal(24, &[1, 0, 0]))),
+    ];
+    let server = Server::with(SUITE);
+    for (i, (refused, (what, craft))) in cases.iter().enumerate() {
+        let mut config = server.client([0x60 + i as u8; 32], None, None);
+        config.enable_secret_extraction = true;
+        let (mut client, proxy) = server.handshake(config).await;
+        let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+        let (mut tcp, conn) = client.into_inner();
+        let (seq, secrets) = conn.dangerous_extract_secrets().unwrap().tx;
+        let rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv } = secrets else { panic!("suite") };
+        let key = aws_lc_rs::aead::LessSafeKey::new(
+            aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, key.as_ref()).unwrap(),
+        );
+        let mut c = Tls12 { key, iv: iv.as_ref().try_into().unwrap(), seq };
+        tcp.write_all(&craft(&mut c)).await.unwrap();
+        if *refused {
+            let report = tokio::time::timeout(PATIENCE, relay)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: session went on"));
+            assert_eq!(report.unwrap().ending, Ending::Failed, "{what}");
+            let mut rest = Vec::new();
+            let _ = backend.read_to_end(&mut rest).await;
+            assert!(rest.is_empty(), "{what}: the backend got {rest:?}");
+        } else {
+            let mut got = [0u8; 24];
+            tokio::time::timeout(PATIENCE, backend.read_exact(&mut got)).await.expect(what).unwrap();
+            assert_eq!(&got, b"c1 after four warnings\r\n");
+            relay.abort();
+        }
     }
 }
