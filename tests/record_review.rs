@@ -263,18 +263,7 @@ async fn a_replayed_client_hello_random_does_not_hand_the_attacker_the_victims_n
     backend.write_all(mail).await.unwrap();
     // Every record on the victim's wire since the handshake (session tickets, the answer
     // to the KeyUpdate, the backend's bytes), as a passive observer takes them.
-    let wire = &mut victim.get_mut().0;
-    let mut records = Vec::new();
-    loop {
-        let mut header = [0u8; 5];
-        match tokio::time::timeout(Duration::from_secs(2), wire.read_exact(&mut header)).await {
-            Ok(Ok(_)) => {}
-            _ => break,
-        }
-        let mut body = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
-        wire.read_exact(&mut body).await.unwrap();
-        records.push(body);
-    }
+    let records = records_off(&mut victim.get_mut().0).await;
     relay.abort();
     assert!(records.len() >= 2, "the KeyUpdate's answer and the backend's bytes reached the victim");
     // What the attacker derives from its own session: application_traffic_secret_1 of the
@@ -622,4 +611,68 @@ async fn crafted_tls12_records_are_judged_as_rustls_judges_them() {
             relay.abort();
         }
     }
+}
+
+/// Every TLS record that arrives on `wire` until it stays quiet for a moment: the bodies.
+async fn records_off(wire: &mut TcpStream) -> Vec<Vec<u8>> {
+    let mut records = Vec::new();
+    loop {
+        let mut header = [0u8; 5];
+        match tokio::time::timeout(Duration::from_secs(2), wire.read_exact(&mut header)).await {
+            Ok(Ok(_)) => {}
+            _ => return records,
+        }
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+        wire.read_exact(&mut body).await.unwrap();
+        records.push(body);
+    }
+}
+
+/// Finding 4 (stale secrets: nonce reuse). rustls gives the key log only the first
+/// application secrets; a KeyUpdate the client makes while rustls still has the records
+/// (during negotiation: before the relay takes them) moves rustls's keys on, not the log's.
+/// The relay then takes current keys with generation-0 secrets, and at the client's next
+/// KeyUpdate (update_requested) "moves on" to generation 1, the server key already in
+/// use, with its sequence back at 0: AES-GCM key and nonce used twice, for different
+/// plaintexts. Proof: two different records on the wire open under the same key and nonce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_update_before_the_relay_does_not_make_it_reuse_nonces() {
+    let server = Server::new();
+    let log = Arc::new(ClientLog::default());
+    let (mut client, mut proxy) = server.handshake(server.client([0x77; 32], None, Some(log.clone()))).await;
+    // During negotiation, rustls's records: the client's KeyUpdate, and a line each way.
+    client.get_mut().1.refresh_traffic_keys().unwrap();
+    client.write_all(b"n1 LOGIN\r\n").await.unwrap();
+    client.flush().await.unwrap();
+    let mut got = [0u8; 10];
+    proxy.read_exact(&mut got).await.unwrap();
+    proxy.write_all(b"n1 OK logged in under the server's second key\r\n").await.unwrap();
+    proxy.flush().await.unwrap();
+    // Raw off the wire (a passive observer's copy): tickets, the KeyUpdate's answer, the line.
+    let mut before = records_off(&mut client.get_mut().0).await;
+    // Negotiation over: the relay takes the records. The client asks for new keys again.
+    let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+    client.get_mut().1.refresh_traffic_keys().unwrap();
+    client.flush().await.unwrap();
+    backend.write_all(b"* 1 FETCH (BODY[] {24}\r\nthe victim's secret mail)\r\n").await.unwrap();
+    let mut after = records_off(&mut client.get_mut().0).await;
+    relay.abort();
+    // Server application key generation 1, nonce of sequence 0.
+    let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+    let secret0 = OkmBlock::new(&log.get("SERVER_TRAFFIC_SECRET_0"));
+    let expander = suite.hkdf_provider.expander_for_okm(&secret0);
+    let length = (expander.hash_len() as u16).to_be_bytes();
+    const LABEL: &[u8] = b"tls13 traffic upd";
+    let secret1 = expander.expand_block(&[&length, &[LABEL.len() as u8], LABEL, &[0]]);
+    let expander = suite.hkdf_provider.expander_for_okm(&secret1);
+    let mut opened = Vec::new();
+    for body in before.iter_mut().chain(after.iter_mut()) {
+        let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
+        let iv = rustls::internal::derive_traffic_iv(expander.as_ref());
+        let sealed = InboundOpaqueMessage::new(ContentType::ApplicationData, ProtocolVersion::TLSv1_2, body);
+        if let Ok(plain) = suite.aead_alg.decrypter(key, iv).decrypt(sealed, 0) {
+            opened.push(String::from_utf8_lossy(plain.payload).into_owned());
+        }
+    }
+    assert!(opened.len() <= 1, "records sealed under one AES-GCM key and nonce: {opened:?}");
 }
