@@ -263,7 +263,7 @@ async fn a_replayed_client_hello_random_does_not_hand_the_attacker_the_victims_n
     backend.write_all(mail).await.unwrap();
     // Every record on the victim's wire since the handshake (session tickets, the answer
     // to the KeyUpdate, the backend's bytes), as a passive observer takes them.
-    let records = records_off(&mut victim.get_mut().0).await;
+    let records = records_off(victim.get_mut().0).await;
     relay.abort();
     assert!(records.len() >= 2, "the KeyUpdate's answer and the backend's bytes reached the victim");
     // What the attacker derives from its own session: application_traffic_secret_1 of the
@@ -649,13 +649,13 @@ async fn a_key_update_before_the_relay_does_not_make_it_reuse_nonces() {
     proxy.write_all(b"n1 OK logged in under the server's second key\r\n").await.unwrap();
     proxy.flush().await.unwrap();
     // Raw off the wire (a passive observer's copy): tickets, the KeyUpdate's answer, the line.
-    let mut before = records_off(&mut client.get_mut().0).await;
+    let mut before = records_off(client.get_mut().0).await;
     // Negotiation over: the relay takes the records. The client asks for new keys again.
     let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
     client.get_mut().1.refresh_traffic_keys().unwrap();
     client.flush().await.unwrap();
     backend.write_all(b"* 1 FETCH (BODY[] {24}\r\nthe victim's secret mail)\r\n").await.unwrap();
-    let mut after = records_off(&mut client.get_mut().0).await;
+    let mut after = records_off(client.get_mut().0).await;
     relay.abort();
     // Server application key generation 1, nonce of sequence 0.
     let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
