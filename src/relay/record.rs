@@ -158,7 +158,11 @@ impl RecordLeg {
             SupportedCipherSuite::Tls13(s) => {
                 let (rk, riv) = key_iv(rx).ok_or(Fatal::Mismatch)?;
                 let (wk, wiv) = key_iv(tx).ok_or(Fatal::Mismatch)?;
-                rekey = secrets.map(|secrets| (s, secrets));
+                rekey = secrets
+                    .filter(|t| {
+                        secret_gives(s, &t.client, &rk, &riv) && secret_gives(s, &t.server, &wk, &wiv)
+                    })
+                    .map(|secrets| (s, secrets));
                 let sealer = Tls13Sealer::new(s, wk.as_ref(), wiv).ok_or(Fatal::Mismatch)?;
                 (s.aead_alg.decrypter(rk, riv), Box::new(sealer) as Box<dyn MessageEncrypter>, true)
             }
@@ -455,16 +459,31 @@ fn traffic_key(
     secret: &OkmBlock,
 ) -> Option<(aws_lc_rs::aead::LessSafeKey, Iv)> {
     use aws_lc_rs::aead;
-    let algorithm = tls13_algorithm(suite)?;
+    let (key, len, iv) = traffic_key_bytes(suite, secret)?;
+    let key = aead::LessSafeKey::new(aead::UnboundKey::new(tls13_algorithm(suite)?, &key[..len]).ok()?);
+    Some((key, Iv::from(iv)))
+}
+
+/// The key (its first `len` bytes) and IV of a secret, as bytes.
+fn traffic_key_bytes(
+    suite: &'static Tls13CipherSuite,
+    secret: &OkmBlock,
+) -> Option<([u8; 32], usize, [u8; 12])> {
+    let len = tls13_algorithm(suite)?.key_len();
     let expander = suite.hkdf_provider.expander_for_okm(secret);
     let mut key = [0u8; 32];
-    let key = &mut key[..algorithm.key_len()];
     let mut iv = [0u8; 12];
-    if !expand_label(expander.as_ref(), b"key", key) || !expand_label(expander.as_ref(), b"iv", &mut iv) {
-        return None;
-    }
-    let key = aead::LessSafeKey::new(aead::UnboundKey::new(algorithm, key).ok()?);
-    Some((key, Iv::from(iv)))
+    let derived = expand_label(expander.as_ref(), b"key", key.get_mut(..len)?)
+        && expand_label(expander.as_ref(), b"iv", &mut iv);
+    derived.then_some((key, len, iv))
+}
+
+/// Whether `secret` is the one `key` and `iv` come from. The key log's entry is found by
+/// the ClientHello's random, which another connection could replay; a secret that does not
+/// give this session's keys is not this session's, and is not used.
+fn secret_gives(suite: &'static Tls13CipherSuite, secret: &OkmBlock, key: &AeadKey, iv: &Iv) -> bool {
+    traffic_key_bytes(suite, secret)
+        .is_some_and(|(k, len, i)| k[..len] == *key.as_ref() && i[..] == *iv.as_ref())
 }
 
 fn tls13_algorithm(suite: &'static Tls13CipherSuite) -> Option<&'static aws_lc_rs::aead::Algorithm> {
@@ -792,6 +811,17 @@ mod tests {
         client.shutdown().await.unwrap();
         let mut rest = [0u8; 16];
         assert_eq!(leg.read(&mut rest).await.unwrap(), 0, "close_notify is the end of the stream");
+    }
+
+    /// Secrets that do not give the session's own keys (another connection's, replaying
+    /// this one's ClientHello random) are not used; the right ones are.
+    #[tokio::test]
+    async fn only_the_sessions_own_secrets_are_kept() {
+        let (_client, socket, conn) = handshaken().await;
+        let wrong = TrafficSecrets { client: OkmBlock::new(&[1; 32]), server: OkmBlock::new(&[2; 32]) };
+        let leg = RecordLeg::new(socket, conn, Some(wrong)).unwrap();
+        assert!(leg.tls13);
+        assert!(leg.rekey.is_none(), "secrets that give other keys must not be used");
     }
 
     /// An idle leg at a record boundary holds no buffer of its own.
