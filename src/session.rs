@@ -258,10 +258,29 @@ async fn run(
         (TlsMode::Implicit, None) => Entry::Implicit,
         (TlsMode::Starttls, None) => Entry::AfterStartTls,
     };
-    // Boxed phases: see server::connection; only the live phase's state is allocated.
+    // Boxed phases: see server::connection; only the live phase's state is allocated, and
+    // the TLS stream lives only inside the handshake-and-negotiation box, which is freed
+    // before the relay starts (a stream held here would stay for the session's life).
+    let negotiating =
+        Box::pin(secure_then_negotiate(stream, prefix, local, entry, ctx, &settings, record, stop));
+    let handed = negotiating.await;
+    relay_after(handed, ctx, record).await
+}
+
+/// Phases 2-4 of a TLS session: the handshake, then the backend and the negotiation.
+#[allow(clippy::too_many_arguments)]
+async fn secure_then_negotiate(
+    stream: TcpStream,
+    prefix: BytesMut,
+    local: SocketAddr,
+    entry: Entry,
+    ctx: &ListenerContext,
+    settings: &Settings,
+    record: &mut Record,
+    stop: &Shutdown,
+) -> Result<Handover, Outcome> {
     // Each boxed phase is bound before it is awaited: the arguments of a call awaited in
-    // the same statement would keep their slots (a whole TLS stream) in this future for the
-    // session's life.
+    // the same statement would keep their slots in this future until it ends.
     let handshaking = Box::pin(handshake(stream, prefix, ctx, record.client));
     let tls = match handshaking.await {
         Ok(tls) => tls,
@@ -272,7 +291,7 @@ async fn run(
                 Handshake::Failed
             };
             ctx.metrics.handshake(&ctx.name, counted);
-            return outcome;
+            return Err(outcome);
         }
     };
     let facts = TlsFacts::of(tls.get_ref().1);
@@ -280,9 +299,8 @@ async fn run(
     record.tls = Some(facts.clone());
     let peer = Peer { client: record.client, local, tls: Some(facts) };
     let negotiating =
-        Box::pin(after_handshake(tls, BytesMut::new(), peer, entry, ctx, &settings, record, stop));
-    let handed = negotiating.await;
-    relay_after(handed, ctx, record).await
+        Box::pin(after_handshake(tls, BytesMut::new(), peer, entry, ctx, settings, record, stop));
+    negotiating.await
 }
 
 // ---- phase 1: the dialogue before TLS --------------------------------------------------

@@ -370,15 +370,20 @@ async fn copy_relays_every_suite_with_its_own_record_layer() {
     }
 }
 
-/// A TLS 1.3 client's KeyUpdate (rustls's asks for the server's too) during the relay:
-/// followed both ways, with the records sealed and opened by the relay itself and with
-/// them left to rustls alike, then 64 MiB each way under the new keys.
+/// A TLS 1.3 client's KeyUpdate (rustls's asks for the server's too) during the relay, for
+/// each TLS 1.3 suite (SHA-256 and SHA-384 key schedules): followed both ways, with the
+/// records sealed and opened by the relay itself and with them left to rustls alike, then
+/// 64 MiB each way under the new keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_follows_client_key_updates_both_ways() {
-    for rustls_records in [false, true] {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+    let suites =
+        [cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_CHACHA20_POLY1305_SHA256];
+    for (suite, rustls_records) in suites.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+        eprintln!("suite {:?}, rustls_records={rustls_records}", suite.suite());
         let copy = engines(RelayMode::Copy, Faults { rustls_records, ..Faults::default() });
         let (mut client_app, mut running, _watch) =
-            started_tls_session(&copy, &tls_peers(), b"a1 NOOP\r\n").await;
+            started_tls_session(&copy, &tls_peers_with(suite), b"a1 NOOP\r\n").await;
         for round in 0..3 {
             client_app.get_mut().1.refresh_traffic_keys().unwrap();
             let line = format!("a{round} after a key update\r\n");

@@ -7,6 +7,9 @@
 //! only the two application secrets, keyed by that random, which [`crate::tls::prefixed`]
 //! reads off the ClientHello. Entries leave when the relay takes them or the connection
 //! ends (the stream's drop), so at most the handshakes and negotiations in progress hold one.
+//! A random can be replayed by another connection; the relay uses the secrets it takes
+//! only if they give its session's own keys (relay/record.rs), so the worst a replay can
+//! do is leave a session unable to follow a KeyUpdate, which then ends it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
