@@ -48,6 +48,9 @@ const MAX_WRITE: usize = 4 * MAX_FRAGMENT;
 const MAX_EMPTY_IN_A_ROW: u8 = 32;
 /// TLS 1.2 warning alerts in a row tolerated (rustls: 4).
 const MAX_WARNINGS_IN_A_ROW: u8 = 4;
+/// KeyUpdates tolerated without non-empty application data between (rustls: 32, after
+/// BoringSSL): each costs HKDF work, and the peer gains nothing from more.
+const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
 
 /// Every TLS 1.3 record after the handshake says application_data outside (RFC 8446 5.2).
 const TLS13_OUTER_TYPE: u8 = 23;
@@ -158,11 +161,11 @@ impl RecordLeg {
             SupportedCipherSuite::Tls13(s) => {
                 let (rk, riv) = key_iv(rx).ok_or(Fatal::Mismatch)?;
                 let (wk, wiv) = key_iv(tx).ok_or(Fatal::Mismatch)?;
-                rekey = secrets
-                    .filter(|t| {
-                        secret_gives(s, &t.client, &rk, &riv) && secret_gives(s, &t.server, &wk, &wiv)
-                    })
-                    .map(|secrets| (s, secrets));
+                rekey = secrets.and_then(|t| {
+                    let client = generation_of(s, t.client, &rk, &riv)?;
+                    let server = generation_of(s, t.server, &wk, &wiv)?;
+                    Some((s, TrafficSecrets { client, server }))
+                });
                 let sealer = Tls13Sealer::new(s, wk.as_ref(), wiv).ok_or(Fatal::Mismatch)?;
                 (s.aead_alg.decrypter(rk, riv), Box::new(sealer) as Box<dyn MessageEncrypter>, true)
             }
@@ -478,12 +481,28 @@ fn traffic_key_bytes(
     derived.then_some((key, len, iv))
 }
 
-/// Whether `secret` is the one `key` and `iv` come from. The key log's entry is found by
-/// the ClientHello's random, which another connection could replay; a secret that does not
-/// give this session's keys is not this session's, and is not used.
+/// Whether `secret` is the one `key` and `iv` come from.
 fn secret_gives(suite: &'static Tls13CipherSuite, secret: &OkmBlock, key: &AeadKey, iv: &Iv) -> bool {
     traffic_key_bytes(suite, secret)
         .is_some_and(|(k, len, i)| k[..len] == *key.as_ref() && i[..] == *iv.as_ref())
+}
+
+/// The traffic secret of the generation `key` and `iv` belong to, derived forward from the
+/// key log's generation 0 (RFC 8446 7.2): KeyUpdates rustls followed during negotiation
+/// moved its keys on, not the log's. At most [`MAX_KEY_UPDATES_IN_A_ROW`] generations on
+/// (more would have needed data between, which negotiation has little of); `None` if none
+/// gives the keys: then the secrets are not the session's keys' and no KeyUpdate is
+/// followed (one ends the session, as on the ktls engine), rather than risk sealing
+/// under a key already used with sequence numbers reset.
+fn generation_of(suite: &'static Tls13CipherSuite, secret: OkmBlock, key: &AeadKey, iv: &Iv) -> Option<OkmBlock> {
+    let mut secret = secret;
+    for _ in 0..MAX_KEY_UPDATES_IN_A_ROW {
+        if secret_gives(suite, &secret, key, iv) {
+            return Some(secret);
+        }
+        secret = next_secret(suite, &secret)?;
+    }
+    secret_gives(suite, &secret, key, iv).then_some(secret)
 }
 
 fn tls13_algorithm(suite: &'static Tls13CipherSuite) -> Option<&'static aws_lc_rs::aead::Algorithm> {
