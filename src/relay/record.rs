@@ -15,8 +15,10 @@
 //! everything rustls held drained and flushed; otherwise the session stays with rustls. After
 //! it the relay does what rustls did: a close_notify ends the client's stream, TLS 1.2
 //! warning alerts (and TLS 1.3 user_canceled) are ignored, a TLS 1.3 KeyUpdate is followed
-//! (answered when the client asks) with the traffic secrets tls/secrets.rs kept, and any
-//! other record (a renegotiation) ends the session with a fatal alert, as rustls ends it.
+//! (answered when the client asks, one answer for requests it has not yet been sent; at
+//! most 32 in a row without data, as rustls) with the traffic secrets the connection's key
+//! log kept (tls/secrets.rs), and any other record (a renegotiation) ends the session with
+//! a fatal alert, as rustls ends it. Nothing is sealed after our close_notify.
 
 use std::collections::VecDeque;
 use std::io;
@@ -51,6 +53,10 @@ const MAX_WARNINGS_IN_A_ROW: u8 = 4;
 /// KeyUpdates tolerated without non-empty application data between (rustls: 32, after
 /// BoringSSL): each costs HKDF work, and the peer gains nothing from more.
 const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
+/// Sealed bytes queued beyond which the client is not read until the socket takes some:
+/// what one write may leave (four records) and a little for our KeyUpdate and alerts. With
+/// answers coalesced it is not reached; it bounds the queue whatever the client does.
+const MAX_QUEUED: usize = MAX_WRITE + 1024;
 
 /// Every TLS 1.3 record after the handshake says application_data outside (RFC 8446 5.2).
 const TLS13_OUTER_TYPE: u8 = 23;
@@ -137,10 +143,17 @@ pub(super) struct RecordLeg {
     /// Sealed records not yet written, oldest first; emptied (and freed) once written.
     sealed: VecDeque<Vec<u8>>,
     sealed_pos: usize,
+    /// Bytes in `sealed` not yet written.
+    queued: usize,
+    /// The last record queued is our answer to a KeyUpdate, not yet written: a later
+    /// request is answered by it too (as rustls coalesces them), so requests from a
+    /// client that does not read cannot pile answers up.
+    answer_queued: bool,
     incoming: Incoming,
     close_notify_sent: bool,
     empty_in_a_row: u8,
     warnings_in_a_row: u8,
+    key_updates_in_a_row: u8,
 }
 
 impl RecordLeg {
@@ -205,10 +218,13 @@ impl RecordLeg {
             plain_pos: 0,
             sealed: VecDeque::new(),
             sealed_pos: 0,
+            queued: 0,
+            answer_queued: false,
             incoming: Incoming::Open,
             close_notify_sent: false,
             empty_in_a_row: 0,
             warnings_in_a_row: 0,
+            key_updates_in_a_row: 0,
         })
     }
 
@@ -242,16 +258,19 @@ impl RecordLeg {
             version: ProtocolVersion::TLSv1_2,
             payload: OutboundChunks::Single(fragment),
         };
-        let sealed = self.sealer.encrypt(msg, self.write_seq).map_err(io::Error::other)?;
+        let sealed = self.sealer.encrypt(msg, self.write_seq).map_err(io::Error::other)?.encode();
         self.write_seq += 1;
-        self.sealed.push_back(sealed.encode());
+        self.queued += sealed.len();
+        self.answer_queued = false;
+        self.sealed.push_back(sealed);
         Ok(())
     }
 
     /// Queues a fatal alert and pushes out what it can without waiting: the session ends
     /// right after, so the client should learn why rather than see a bare TCP close.
+    /// Nothing is sealed after our close_notify (RFC 8446 6.1), not even the alert.
     fn fail(&mut self, description: u8, why: String) -> io::Error {
-        if self.seal(ContentType::Alert, &[ALERT_FATAL, description]).is_ok() {
+        if !self.close_notify_sent && self.seal(ContentType::Alert, &[ALERT_FATAL, description]).is_ok() {
             let waker = std::task::Waker::noop();
             let _ = self.poll_drain(&mut Context::from_waker(waker));
         }
@@ -272,6 +291,7 @@ impl RecordLeg {
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.queued -= n.min(self.queued);
             while n > 0 {
                 let Some(front) = self.sealed.front() else { break };
                 let left = front.len() - self.sealed_pos;
@@ -287,7 +307,23 @@ impl RecordLeg {
         }
         // Free the queue itself too: an idle session keeps nothing.
         self.sealed = VecDeque::new();
+        self.queued = 0;
+        self.answer_queued = false;
         Poll::Ready(Ok(()))
+    }
+
+    /// Pushes sealed records out; `Pending` only while the socket takes none and more than
+    /// [`MAX_QUEUED`] bytes wait: then the client is not read (and cannot make us seal
+    /// more) until it reads what it was sent.
+    fn poll_backlog(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.sealed.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        match self.poll_drain(cx) {
+            Poll::Pending if self.queued > MAX_QUEUED => Poll::Pending,
+            Poll::Pending => Poll::Ready(Ok(())),
+            done => done,
+        }
     }
 
     /// Opens every whole record in `data`, moving the plaintext of data records to the front.
@@ -338,6 +374,7 @@ impl RecordLeg {
                         return Err(self.fail(RECORD_OVERFLOW, why));
                     }
                     self.empty_in_a_row = 0;
+                    self.key_updates_in_a_row = 0;
                     data.copy_within(from..from + plain_len, out);
                     out += plain_len;
                 }
@@ -402,8 +439,15 @@ impl RecordLeg {
 
     /// Follows the client's KeyUpdate: its next records come under the next client key;
     /// when it asks, a KeyUpdate of ours goes out under the current server key, and ours
-    /// change too (as rustls does, RFC 8446 4.6.3).
+    /// change too (as rustls does, RFC 8446 4.6.3). One answer still queued answers later
+    /// requests too; none after our close_notify. More than [`MAX_KEY_UPDATES_IN_A_ROW`]
+    /// without data between end the session, as rustls ends it.
     fn key_update(&mut self, answer: bool) -> io::Result<()> {
+        self.key_updates_in_a_row += 1;
+        if self.key_updates_in_a_row > MAX_KEY_UPDATES_IN_A_ROW {
+            let why = "the client sent too many TLS KeyUpdates without data between".to_owned();
+            return Err(self.fail(UNEXPECTED_MESSAGE, why));
+        }
         let Some((suite, secrets)) = self.rekey.as_mut() else {
             return Err(io::Error::other("no traffic secrets to follow a KeyUpdate"));
         };
@@ -413,9 +457,10 @@ impl RecordLeg {
         let (key, iv) = traffic_key(suite, &secrets.client).ok_or_else(stuck)?;
         self.opener = Box::new(Tls13Opener { key, iv });
         self.read_seq = 0;
-        if answer {
+        if answer && !self.answer_queued && !self.close_notify_sent {
             self.seal_record(ContentType::Handshake, &[KEY_UPDATE, 0, 0, 1, 0])?;
             self.rotate_sealer()?;
+            self.answer_queued = true;
         }
         Ok(())
     }
@@ -494,7 +539,12 @@ fn secret_gives(suite: &'static Tls13CipherSuite, secret: &OkmBlock, key: &AeadK
 /// gives the keys: then the secrets are not the session's keys' and no KeyUpdate is
 /// followed (one ends the session, as on the ktls engine), rather than risk sealing
 /// under a key already used with sequence numbers reset.
-fn generation_of(suite: &'static Tls13CipherSuite, secret: OkmBlock, key: &AeadKey, iv: &Iv) -> Option<OkmBlock> {
+fn generation_of(
+    suite: &'static Tls13CipherSuite,
+    secret: OkmBlock,
+    key: &AeadKey,
+    iv: &Iv,
+) -> Option<OkmBlock> {
     let mut secret = secret;
     for _ in 0..MAX_KEY_UPDATES_IN_A_ROW {
         if secret_gives(suite, &secret, key, iv) {
@@ -686,6 +736,7 @@ impl AsyncRead for RecordLeg {
             if buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
+            ready!(this.poll_backlog(cx))?;
             let need = this.carry.len() + HEADER + MAX_BODY;
             let plain = if buf.remaining() >= need {
                 let dst = buf.initialize_unfilled();
