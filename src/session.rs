@@ -28,6 +28,7 @@ use crate::protocol::{
 use crate::relay::{self, ClientFilter, ClientLeg, Ending, Engine, Verdict};
 use crate::routes::{RouteTable, Routes, Rule};
 use crate::tls::prefixed::Prefixed;
+use crate::tls::secrets;
 use crate::tls::TlsFacts;
 
 /// The first byte of a TLS handshake record; anything else behind STARTTLS is plaintext.
@@ -415,7 +416,9 @@ async fn handshake(
     client: SocketAddr,
 ) -> Result<TlsStream<Prefixed<TcpStream>>, Outcome> {
     let counted = prefix.first().is_some_and(|&b| b != TLS_HANDSHAKE_RECORD);
-    let accept = ctx.acceptor.accept(Prefixed::new(stream, prefix)).into_fallible();
+    // A config copy with this connection's own key log: the copy engine's record layer gets
+    // the TLS 1.3 traffic secrets of this connection and of no other (tls/secrets.rs).
+    let accept = secrets::accept(&ctx.acceptor, stream, prefix).into_fallible();
     match tokio::time::timeout(ctx.timeouts.handshake, accept).await {
         Ok(Ok(tls)) => Ok(tls),
         Ok(Err((e, io))) => {

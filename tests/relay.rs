@@ -222,9 +222,9 @@ fn tls_peers_with(suite: rustls::SupportedCipherSuite) -> TlsPeers {
         .with_single_cert(vec![cert.der().clone()], key_der)
         .unwrap();
     // As mailtls's own config does: the ktls engine and the copy engine's record layer need
-    // the keys, and the record layer the TLS 1.3 traffic secrets for KeyUpdates.
+    // the keys, and the record layer the TLS 1.3 traffic secrets for KeyUpdates (from a key
+    // log per connection: secrets::accept).
     server.enable_secret_extraction = true;
-    server.key_log = mailtls::tls::secrets::SecretLog::shared();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
     let client = rustls::ClientConfig::builder_with_provider(provider)
@@ -247,7 +247,7 @@ async fn tls_pair(
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let (client, server) = tokio::join!(
         peers.connector.connect(name, client_tcp),
-        peers.acceptor.accept(Prefixed::new(server_tcp, BytesMut::new()))
+        mailtls::tls::secrets::accept(&peers.acceptor, server_tcp, BytesMut::new())
     );
     (client.unwrap(), server.unwrap())
 }

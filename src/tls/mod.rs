@@ -313,9 +313,8 @@ pub fn server_config(
     // during the handshake (rustls' default), so none is due after the switch.
     server.enable_secret_extraction = true;
     // The copy engine takes the records over from rustls too (relay/record.rs), and needs
-    // the TLS 1.3 traffic secrets to follow a client's KeyUpdate; this log only keeps them
-    // for the session's own relay, it writes nothing anywhere.
-    server.key_log = secrets::SecretLog::shared();
+    // the TLS 1.3 traffic secrets to follow a client's KeyUpdate: each connection gets a
+    // copy of this config with a key log of its own (secrets::accept), none is set here.
     Ok(Arc::new(server))
 }
 

@@ -4,8 +4,8 @@
 //!
 //! It also follows the TLS record framing of what it hands up, so the relay can tell
 //! whether rustls holds part of a record before it takes the records over (kernel TLS or
-//! its own record layer), and reads the ClientHello's random, under which the handshake's
-//! traffic secrets are kept for the relay (tls/secrets.rs).
+//! its own record layer), and carries the connection's own key log (tls/secrets.rs), whose
+//! TLS 1.3 traffic secrets the relay takes with the records.
 
 use std::io;
 use std::pin::Pin;
@@ -14,7 +14,8 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::secrets::{self, ClientRandom, TrafficSecrets};
+use super::secrets::{SecretLog, TrafficSecrets};
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct Prefixed<S> {
@@ -22,53 +23,7 @@ pub struct Prefixed<S> {
     inner: S,
     first: Option<u8>,
     records: Records,
-    head: Head,
-}
-
-/// The first bytes handed up, up to the end of the ClientHello's random: record header (5),
-/// handshake header (4), legacy_version (2), random (32).
-const HEAD: usize = 43;
-
-/// The stream's first bytes; on drop, whatever the key log kept for their random goes.
-#[derive(Debug)]
-struct Head {
-    bytes: [u8; HEAD],
-    len: usize,
-}
-
-impl Default for Head {
-    fn default() -> Self {
-        Head { bytes: [0; HEAD], len: 0 }
-    }
-}
-
-impl Head {
-    fn advance(&mut self, bytes: &[u8]) {
-        let n = (HEAD - self.len).min(bytes.len());
-        self.bytes[self.len..self.len + n].copy_from_slice(&bytes[..n]);
-        self.len += n;
-    }
-
-    /// The random of a ClientHello that starts the stream in one record long enough to hold
-    /// it (any real one); `None` otherwise.
-    fn client_random(&self) -> Option<ClientRandom> {
-        let b = &self.bytes;
-        let record_len = usize::from(u16::from_be_bytes([b[3], b[4]]));
-        let client_hello = self.len == HEAD && b[0] == 22 && b[5] == 1 && record_len >= HEAD - 5;
-        client_hello.then(|| {
-            let mut random = [0u8; 32];
-            random.copy_from_slice(&b[11..HEAD]);
-            random
-        })
-    }
-}
-
-impl Drop for Head {
-    fn drop(&mut self) {
-        if let Some(random) = self.client_random() {
-            secrets::forget(&random);
-        }
-    }
+    secrets: Option<Arc<SecretLog>>,
 }
 
 /// Where the bytes handed up so far stand in the TLS record framing (5-byte header with
@@ -107,13 +62,13 @@ impl Records {
 
 impl<S> Prefixed<S> {
     pub fn new(inner: S, prefix: BytesMut) -> Self {
-        Prefixed {
-            first: prefix.first().copied(),
-            prefix,
-            inner,
-            records: Records::default(),
-            head: Head::default(),
-        }
+        Prefixed { first: prefix.first().copied(), prefix, inner, records: Records::default(), secrets: None }
+    }
+
+    /// The stream with the key log its connection's config writes to (tls/secrets.rs).
+    pub fn keeping_secrets(mut self, log: Arc<SecretLog>) -> Self {
+        self.secrets = Some(log);
+        self
     }
 
     pub fn into_inner(self) -> S {
@@ -135,10 +90,10 @@ impl<S> Prefixed<S> {
         &self.inner
     }
 
-    /// The TLS 1.3 traffic secrets the key log kept for this stream's handshake (taken:
-    /// asked once). `None` for TLS 1.2, or with a config that has not [`secrets::SecretLog`].
+    /// The TLS 1.3 traffic secrets this connection's key log kept (taken: asked once).
+    /// `None` for TLS 1.2, or for a stream accepted without a key log of its own.
     pub fn take_traffic_secrets(&self) -> Option<TrafficSecrets> {
-        secrets::take(&self.head.client_random()?)
+        self.secrets.as_ref()?.take()
     }
 
     /// The first byte this stream yielded (prefix or socket), if any: after a failed
@@ -159,7 +114,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             buf.put_slice(&self.prefix[..n]);
             let this = &mut *self;
             this.records.advance(&this.prefix[..n]);
-            this.head.advance(&this.prefix[..n]);
             this.prefix.advance(n);
             return Poll::Ready(Ok(()));
         }
@@ -171,7 +125,6 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         }
         let this = &mut *self;
         this.records.advance(fresh);
-        this.head.advance(fresh);
         polled
     }
 }
@@ -210,25 +163,6 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
-    }
-
-    /// The random is read off a ClientHello however it arrives, and only off one.
-    #[tokio::test]
-    async fn the_client_hello_random_is_read_across_reads() {
-        let mut hello = vec![22, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
-        hello.extend((0..32u8).map(|i| i + 100));
-        hello.extend([0u8; 40]);
-        let inner: &[u8] = &hello[7..];
-        let mut s = Prefixed::new(inner, BytesMut::from(&hello[..7]));
-        let mut sink = Vec::new();
-        s.read_to_end(&mut sink).await.unwrap();
-        let want: Vec<u8> = (0..32u8).map(|i| i + 100).collect();
-        assert_eq!(s.head.client_random().map(|r| r.to_vec()), Some(want));
-        // Plaintext behind STARTTLS is no ClientHello.
-        let plain: &[u8] = b"a1 LOGIN user password and then some more bytes to pass 43";
-        let mut s = Prefixed::new(plain, BytesMut::new());
-        s.read_to_end(&mut sink).await.unwrap();
-        assert_eq!(s.head.client_random(), None);
     }
 
     #[test]

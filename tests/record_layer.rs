@@ -1,12 +1,14 @@
-//! Review of the copy engine's own record layer (relay/record.rs) and of the key log that
-//! feeds it (tls/secrets.rs, tls/prefixed.rs): what a client can make of them.
+//! The copy engine's own record layer (relay/record.rs) and the per-connection key log that
+//! feeds it (tls/secrets.rs, tls/prefixed.rs) against what a client can make of them.
 //!
 //! Each test speaks real TLS (rustls clients, some with a fixed ClientHello random, as any
 //! client may choose its random) to a server configured as mailtls configures its own (key
-//! extraction on, `SecretLog` as key log, sessions accepted over `Prefixed`), and relays
-//! the session with `relay::run`'s copy engine. Each fails while the flaw it names is there.
+//! extraction on, each connection accepted with `secrets::accept`: a config copy with a key
+//! log of its own, over `Prefixed`), and relays the session with `relay::run`'s copy engine.
+//! Each was written failing against a flaw of the first design (one process-wide key log
+//! keyed by ClientHello random; see docs/security.md) and guards the invariant it names.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -73,7 +75,7 @@ impl ClientLog {
 }
 
 /// A server set up as mailtls sets its own up (tls::server_config): secrets extractable,
-/// the SecretLog as key log; TLS 1.3, AES-128-GCM.
+/// a key log per connection (`secrets::accept`); TLS 1.3, AES-128-GCM.
 struct Server {
     acceptor: tokio_rustls::TlsAcceptor,
     roots: rustls::RootCertStore,
@@ -99,7 +101,6 @@ impl Server {
             .with_single_cert(vec![cert.der().clone()], key_der)
             .unwrap();
         server.enable_secret_extraction = true;
-        server.key_log = secrets::SecretLog::shared();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.der().clone()).unwrap();
         Server { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)), roots, suite }
@@ -128,16 +129,36 @@ impl Server {
         config
     }
 
-    /// A whole handshake: the client's end, and the proxy's end as a session holds it.
+    /// A whole handshake: the client's end, and the proxy's end as a session holds it
+    /// (accepted as session.rs accepts it).
     async fn handshake(&self, client: rustls::ClientConfig) -> (ClientTls, ProxyTls) {
         let (client_tcp, server_tcp) = tcp_pair().await;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (client, proxy) = tokio::join!(
             connector.connect(name, client_tcp),
-            self.acceptor.accept(Prefixed::new(server_tcp, BytesMut::new()))
+            secrets::accept(&self.acceptor, server_tcp, BytesMut::new())
         );
         (client.unwrap(), proxy.unwrap())
+    }
+
+    /// [`Server::handshake`] by hand (what `secrets::accept` does), also returning the
+    /// connection's config copy and key log, weakly: whether anything outlives it.
+    async fn handshake_watched(
+        &self,
+        client: rustls::ClientConfig,
+    ) -> (ClientTls, ProxyTls, Weak<rustls::ServerConfig>, Weak<secrets::SecretLog>) {
+        let (client_tcp, server_tcp) = tcp_pair().await;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (config, log) = secrets::for_connection(self.acceptor.config());
+        let (weak_config, weak_log) = (Arc::downgrade(&config), Arc::downgrade(&log));
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let (client, proxy) = tokio::join!(
+            connector.connect(name, client_tcp),
+            acceptor.accept(Prefixed::new(server_tcp, BytesMut::new()).keeping_secrets(log))
+        );
+        (client.unwrap(), proxy.unwrap(), weak_config, weak_log)
     }
 }
 
@@ -198,30 +219,38 @@ async fn key_update_round(client: &mut ClientTls, backend: &mut TcpStream) -> Re
 
 /// Finding 1 (key log leak). A ClientHello split over records (RFC 8446 5.1 allows any
 /// fragmentation of handshake messages; rustls joins them) whose first record is shorter
-/// than the random's end: `Head::client_random` reads no random, so the stream's drop
-/// forgets nothing, and the TLS 1.3 traffic secrets the key log took at the server's flight
-/// stay in the process-wide table after the connection is gone. One entry per handshake,
-/// without bound: memory and live secrets of dead sessions, on demand of any client.
+/// than the random's end: the first design read no random off it, so the stream's drop
+/// forgot nothing and the TLS 1.3 traffic secrets stayed in a process-wide table after the
+/// connection was gone, one entry per handshake, on demand of any client. Now the key log
+/// is the connection's own: it and the config copy that writes to it go with the
+/// connection, however the ClientHello came, and after the relay took them (a session
+/// holds no copy of its secrets at rest besides the record layer's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fragmented_client_hello_leaves_no_secrets_behind_in_the_key_log() {
     let server = Server::new();
-    // Control: an ordinary ClientHello, forgotten when the connection ends.
-    let control = [0xC0; 32];
-    let (client, proxy) = server.handshake(server.client(control, None, None)).await;
+    // Control: the log did get the secrets (else the rest proves nothing).
+    let (client, proxy, _, _) = server.handshake_watched(server.client([0xC0; 32], Some(32), None)).await;
+    assert!(proxy.get_ref().0.take_traffic_secrets().is_some(), "the connection's key log has its secrets");
+    assert!(proxy.get_ref().0.take_traffic_secrets().is_none(), "taken once");
     drop((client, proxy));
-    assert!(secrets::take(&control).is_none(), "control: an ordinary handshake's secrets are forgotten");
-    // The same, in records of 27 payload bytes (rustls's smallest, 32 with the header).
+    // Ordinary and fragmented ClientHellos (records of 27 payload bytes: rustls's smallest,
+    // 32 with the header), the connection ended before the relay.
     let mut held = 0;
     for i in 0..50u8 {
-        let random = [i; 32];
-        let (client, proxy) = server.handshake(server.client(random, Some(32), None)).await;
+        let fragment = if i % 2 == 0 { Some(32) } else { None };
+        let (client, proxy, config, log) =
+            server.handshake_watched(server.client([i; 32], fragment, None)).await;
         drop((client, proxy));
-        held += usize::from(secrets::take(&random).is_some());
+        held += usize::from(config.upgrade().is_some() || log.upgrade().is_some());
     }
-    assert_eq!(
-        held, 0,
-        "connections ended, yet the key log still held the TLS 1.3 traffic secrets of {held} of 50"
-    );
+    assert_eq!(held, 0, "connections ended, yet {held} of 50 key logs (or their config copies) live on");
+    // And one that reached the relay: its copy and log go when the relay takes the records.
+    let (mut client, proxy, config, log) =
+        server.handshake_watched(server.client([0xC2; 32], Some(32), None)).await;
+    let (_backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+    let gone = config.upgrade().is_none() && log.upgrade().is_none();
+    relay.abort();
+    assert!(gone, "the relay runs the session, yet its config copy or key log lives on");
 }
 
 /// Finding 1, its other face: the same legal client loses its session at its first
@@ -303,7 +332,7 @@ async fn a_stranger_with_the_victims_random_cannot_end_its_key_updates() {
     hello.extend(random);
     attacker.write_all(&hello).await.unwrap();
     drop(attacker);
-    let refused = server.acceptor.accept(Prefixed::new(server_tcp, BytesMut::new())).await;
+    let refused = secrets::accept(&server.acceptor, server_tcp, BytesMut::new()).await;
     assert!(refused.is_err(), "no handshake from 43 bytes");
     let (mut backend, relay) = relayed(&mut victim, victim_proxy, Faults::default()).await;
     let round = key_update_round(&mut victim, &mut backend).await;
@@ -675,4 +704,61 @@ async fn a_key_update_before_the_relay_does_not_make_it_reuse_nonces() {
         }
     }
     assert!(opened.len() <= 1, "records sealed under one AES-GCM key and nonce: {opened:?}");
+}
+
+/// Finding 4, the other side of the fix: the relay derives the secrets forward to the
+/// generation rustls reached, so a session whose client made KeyUpdates during
+/// negotiation still has its later KeyUpdates followed (not just ended safely).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_updates_before_the_relay_do_not_stop_it_following_later_ones() {
+    let server = Server::new();
+    let (mut client, mut proxy) = server.handshake(server.client([0x78; 32], None, None)).await;
+    // Three KeyUpdates (asking for the server's) during negotiation, rustls's records.
+    for i in 0..3u8 {
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.write_all(&[b'0' + i, b'\n']).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 2];
+        proxy.read_exact(&mut got).await.unwrap();
+        proxy.write_all(b"ok\n").await.unwrap();
+        proxy.flush().await.unwrap();
+        let mut got = [0u8; 3];
+        client.read_exact(&mut got).await.unwrap();
+    }
+    let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+    let first = key_update_round(&mut client, &mut backend).await;
+    let second = key_update_round(&mut client, &mut backend).await;
+    relay.abort();
+    first.unwrap();
+    second.unwrap();
+}
+
+/// Finding 3, the queue: KeyUpdate requests with a 1-byte data record after each (so the
+/// in-a-row limit never trips) from a client that does not read. The record layer answers
+/// a request only if its previous answer has gone out or data was sealed since (rustls
+/// coalesces them the same way), so the answers on the wire are far fewer than the
+/// requests; one answer per request was the unbounded queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_update_requests_unread_are_answered_coalesced() {
+    const REQUESTS: usize = 1000;
+    let server = Server::new();
+    let (mut client, proxy) = server.handshake(server.client([0x79; 32], None, None)).await;
+    let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+    for _ in 0..REQUESTS {
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.write_all(b"x").await.unwrap();
+    }
+    client.write_all(b"\r\n").await.unwrap();
+    client.flush().await.unwrap();
+    let mut got = vec![0u8; REQUESTS + 2];
+    tokio::time::timeout(PATIENCE, backend.read_exact(&mut got)).await.expect("relayed").unwrap();
+    assert!(got[..REQUESTS].iter().all(|&b| b == b'x'), "every byte under its key reached the backend");
+    // The server's records since the handshake, raw: session tickets and the answers.
+    let records = records_off(client.get_mut().0).await;
+    relay.abort();
+    assert!(
+        records.len() < REQUESTS / 2,
+        "{} records on the wire for {REQUESTS} KeyUpdate requests: answers not coalesced",
+        records.len()
+    );
 }
