@@ -136,6 +136,8 @@ pub(super) struct RecordLeg {
     /// The bytes of an incomplete record, carried to the next read. Empty (no allocation)
     /// whenever the client is at a record boundary, so an idle session holds nothing here.
     carry: Vec<u8>,
+    /// How many bytes of `carry` hold the record so far.
+    carried: usize,
     /// Plaintext opened but not yet delivered; only when a caller's buffer was too small
     /// for a whole record (the copy engine's never is).
     plain: Vec<u8>,
@@ -214,6 +216,7 @@ impl RecordLeg {
             tls13,
             rekey,
             carry: Vec::new(),
+            carried: 0,
             plain: Vec::new(),
             plain_pos: 0,
             sealed: VecDeque::new(),
@@ -465,10 +468,14 @@ impl RecordLeg {
         Ok(())
     }
 
-    /// One socket read into `dst` after the carried bytes, then every whole record opened.
-    /// Returns how many plaintext bytes now lead `dst`.
+    /// One socket read, then every whole record opened; returns how many plaintext bytes
+    /// now lead `dst` (at least [`HEADER`] + [`MAX_BODY`] + `self.carried` long).
     fn poll_fill(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
-        let carried = self.carry.len();
+        if self.carried >= HEADER {
+            return self.poll_finish_carried(cx, dst);
+        }
+        // Nothing carried, or part of a header: the read goes after it in `dst`.
+        let carried = self.carried;
         let mut read = ReadBuf::new(&mut dst[carried..]);
         ready!(Pin::new(&mut self.socket).poll_read(cx, &mut read))?;
         let n = read.filled().len();
@@ -477,10 +484,51 @@ impl RecordLeg {
             self.incoming = Incoming::Truncated;
             return Poll::Ready(Ok(0));
         }
-        dst[..carried].copy_from_slice(&self.carry);
+        dst[..carried].copy_from_slice(&self.carry[..carried]);
         let end = carried + n;
         let (plain, rest) = self.open_records(&mut dst[..end])?;
-        self.carry = if rest < end { dst[rest..end].to_vec() } else { Vec::new() };
+        self.carry_over(&dst[rest..end]);
+        Poll::Ready(Ok(plain))
+    }
+
+    /// Keeps the incomplete record that ends a read. Past its header its whole length is
+    /// known: the carry is sized to it once, and the following reads append to it there
+    /// (a record dribbled in byte by byte is not copied in and out on every read).
+    fn carry_over(&mut self, partial: &[u8]) {
+        self.carried = partial.len();
+        self.carry = if partial.is_empty() {
+            Vec::new()
+        } else if partial.len() >= HEADER {
+            let total = HEADER + usize::from(u16::from_be_bytes([partial[3], partial[4]]));
+            let mut carry = vec![0u8; total.max(partial.len())];
+            carry[..partial.len()].copy_from_slice(partial);
+            carry
+        } else {
+            partial.to_vec()
+        };
+    }
+
+    /// Reads the rest of the carried record into the carry itself; once it is whole, opens
+    /// it from `dst` (one copy per record) and carries nothing more.
+    fn poll_finish_carried(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
+        let total = self.carry.len();
+        let mut read = ReadBuf::new(&mut self.carry[self.carried..]);
+        ready!(Pin::new(&mut self.socket).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        if n == 0 {
+            self.incoming = Incoming::Truncated;
+            return Poll::Ready(Ok(0));
+        }
+        self.carried += n;
+        if self.carried < total {
+            return Poll::Ready(Ok(0));
+        }
+        let record = std::mem::take(&mut self.carry);
+        self.carried = 0;
+        let dst =
+            dst.get_mut(..total).ok_or_else(|| io::Error::other("read buffer smaller than a record"))?;
+        dst.copy_from_slice(&record);
+        let (plain, _) = self.open_records(dst)?;
         Poll::Ready(Ok(plain))
     }
 }
@@ -737,7 +785,7 @@ impl AsyncRead for RecordLeg {
                 return Poll::Ready(Ok(()));
             }
             ready!(this.poll_backlog(cx))?;
-            let need = this.carry.len() + HEADER + MAX_BODY;
+            let need = this.carried + HEADER + MAX_BODY;
             let plain = if buf.remaining() >= need {
                 let dst = buf.initialize_unfilled();
                 let plain = ready!(this.poll_fill(cx, dst))?;
@@ -892,6 +940,45 @@ mod tests {
         let leg = RecordLeg::new(socket, conn, Some(wrong)).unwrap();
         assert!(leg.tls13);
         assert!(leg.rekey.is_none(), "secrets that give other keys must not be used");
+    }
+
+    /// A record that arrives a few bytes at a time is carried in one buffer of its own
+    /// size, appended to in place (not copied in and out on every read), then opened.
+    #[tokio::test]
+    async fn a_dribbled_record_is_appended_to_its_carry_in_place() {
+        use std::io::Write;
+        let (mut client, socket, conn) = handshaken().await;
+        let mut leg = RecordLeg::new(socket, conn, None).unwrap();
+        let line = vec![b'x'; 10_000];
+        let conn = &mut client.get_mut().1;
+        conn.writer().write_all(&line).unwrap();
+        let mut wire = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut wire).unwrap();
+        }
+        assert_eq!(wire.len(), HEADER + line.len() + 17, "one record");
+        let mut dst = vec![0u8; 64 * 1024];
+        let mut carry_at = None;
+        for piece in wire.chunks(1000) {
+            let sent_before = leg.carried;
+            client.get_mut().0.write_all(piece).await.unwrap();
+            let mut plain = 0;
+            while leg.carried < sent_before + piece.len() {
+                plain = std::future::poll_fn(|cx| leg.poll_fill(cx, &mut dst)).await.unwrap();
+                if plain > 0 {
+                    break;
+                }
+            }
+            if plain > 0 {
+                assert_eq!(&dst[..plain], &line[..], "the record opened whole");
+                assert_eq!(leg.carry.capacity(), 0, "nothing carried after it");
+                return;
+            }
+            assert_eq!(leg.carry.len(), wire.len(), "the carry is the record's size");
+            let at = leg.carry.as_ptr();
+            assert_eq!(*carry_at.get_or_insert(at), at, "the carry was not reallocated");
+        }
+        panic!("the record never opened");
     }
 
     /// An idle leg at a record boundary holds no buffer of its own.
