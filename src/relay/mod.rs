@@ -360,6 +360,8 @@ async fn take_records(
     };
     if let Err(why) = ready {
         tracing::debug!("TLS records left to rustls for this session: {why}");
+        // rustls follows KeyUpdates itself: the secrets are not kept for the session's life.
+        drop(client.get_ref().0.take_traffic_secrets());
         return Switched::Rustls(client);
     }
     let secrets = client.get_ref().0.take_traffic_secrets();
