@@ -136,8 +136,6 @@ pub(super) struct RecordLeg {
     /// The bytes of an incomplete record, carried to the next read. Empty (no allocation)
     /// whenever the client is at a record boundary, so an idle session holds nothing here.
     carry: Vec<u8>,
-    /// How many bytes of `carry` hold the record so far.
-    carried: usize,
     /// Plaintext opened but not yet delivered; only when a caller's buffer was too small
     /// for a whole record (the copy engine's never is).
     plain: Vec<u8>,
@@ -216,7 +214,6 @@ impl RecordLeg {
             tls13,
             rekey,
             carry: Vec::new(),
-            carried: 0,
             plain: Vec::new(),
             plain_pos: 0,
             sealed: VecDeque::new(),
@@ -468,14 +465,10 @@ impl RecordLeg {
         Ok(())
     }
 
-    /// One socket read, then every whole record opened; returns how many plaintext bytes
-    /// now lead `dst` (at least [`HEADER`] + [`MAX_BODY`] + `self.carried` long).
+    /// One socket read into `dst` after the carried bytes, then every whole record opened.
+    /// Returns how many plaintext bytes now lead `dst`.
     fn poll_fill(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
-        if self.carried >= HEADER {
-            return self.poll_finish_carried(cx, dst);
-        }
-        // Nothing carried, or part of a header: the read goes after it in `dst`.
-        let carried = self.carried;
+        let carried = self.carry.len();
         let mut read = ReadBuf::new(&mut dst[carried..]);
         ready!(Pin::new(&mut self.socket).poll_read(cx, &mut read))?;
         let n = read.filled().len();
@@ -484,53 +477,36 @@ impl RecordLeg {
             self.incoming = Incoming::Truncated;
             return Poll::Ready(Ok(0));
         }
-        dst[..carried].copy_from_slice(&self.carry[..carried]);
         let end = carried + n;
+        if carried >= HEADER && end < record_end(&self.carry) {
+            // Still not the whole carried record (one dribbled in): append, copy nothing back.
+            self.carry.extend_from_slice(&dst[carried..end]);
+            return Poll::Ready(Ok(0));
+        }
+        dst[..carried].copy_from_slice(&self.carry);
         let (plain, rest) = self.open_records(&mut dst[..end])?;
         self.carry_over(&dst[rest..end]);
         Poll::Ready(Ok(plain))
     }
 
-    /// Keeps the incomplete record that ends a read. Past its header its whole length is
-    /// known: the carry is sized to it once, and the following reads append to it there
-    /// (a record dribbled in byte by byte is not copied in and out on every read).
+    /// Keeps the incomplete record that ends a read, in the carry's own allocation if it
+    /// has one, reserved for the whole record once its length is known (so appending the
+    /// rest never reallocates); at a record boundary the carry is freed.
     fn carry_over(&mut self, partial: &[u8]) {
-        self.carried = partial.len();
-        self.carry = if partial.is_empty() {
-            Vec::new()
-        } else if partial.len() >= HEADER {
-            let total = HEADER + usize::from(u16::from_be_bytes([partial[3], partial[4]]));
-            let mut carry = vec![0u8; total.max(partial.len())];
-            carry[..partial.len()].copy_from_slice(partial);
-            carry
-        } else {
-            partial.to_vec()
-        };
+        if partial.is_empty() {
+            self.carry = Vec::new();
+            return;
+        }
+        self.carry.clear();
+        let want = if partial.len() >= HEADER { record_end(partial) } else { HEADER };
+        self.carry.reserve_exact(want);
+        self.carry.extend_from_slice(partial);
     }
+}
 
-    /// Reads the rest of the carried record into the carry itself; once it is whole, opens
-    /// it from `dst` (one copy per record) and carries nothing more.
-    fn poll_finish_carried(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
-        let total = self.carry.len();
-        let mut read = ReadBuf::new(&mut self.carry[self.carried..]);
-        ready!(Pin::new(&mut self.socket).poll_read(cx, &mut read))?;
-        let n = read.filled().len();
-        if n == 0 {
-            self.incoming = Incoming::Truncated;
-            return Poll::Ready(Ok(0));
-        }
-        self.carried += n;
-        if self.carried < total {
-            return Poll::Ready(Ok(0));
-        }
-        let record = std::mem::take(&mut self.carry);
-        self.carried = 0;
-        let dst =
-            dst.get_mut(..total).ok_or_else(|| io::Error::other("read buffer smaller than a record"))?;
-        dst.copy_from_slice(&record);
-        let (plain, _) = self.open_records(dst)?;
-        Poll::Ready(Ok(plain))
-    }
+/// Where the record whose header starts `bytes` (at least [`HEADER`] long) ends.
+fn record_end(bytes: &[u8]) -> usize {
+    HEADER + usize::from(u16::from_be_bytes([bytes[3], bytes[4]]))
 }
 
 /// HKDF-Expand-Label(secret, label, "", out.len()) (RFC 8446 7.1).
@@ -785,7 +761,7 @@ impl AsyncRead for RecordLeg {
                 return Poll::Ready(Ok(()));
             }
             ready!(this.poll_backlog(cx))?;
-            let need = this.carried + HEADER + MAX_BODY;
+            let need = this.carry.len() + HEADER + MAX_BODY;
             let plain = if buf.remaining() >= need {
                 let dst = buf.initialize_unfilled();
                 let plain = ready!(this.poll_fill(cx, dst))?;
@@ -960,10 +936,10 @@ mod tests {
         let mut dst = vec![0u8; 64 * 1024];
         let mut carry_at = None;
         for piece in wire.chunks(1000) {
-            let sent_before = leg.carried;
+            let sent_before = leg.carry.len();
             client.get_mut().0.write_all(piece).await.unwrap();
             let mut plain = 0;
-            while leg.carried < sent_before + piece.len() {
+            while leg.carry.len() < sent_before + piece.len() {
                 plain = std::future::poll_fn(|cx| leg.poll_fill(cx, &mut dst)).await.unwrap();
                 if plain > 0 {
                     break;
@@ -974,7 +950,7 @@ mod tests {
                 assert_eq!(leg.carry.capacity(), 0, "nothing carried after it");
                 return;
             }
-            assert_eq!(leg.carry.len(), wire.len(), "the carry is the record's size");
+            assert!(leg.carry.capacity() >= wire.len(), "the carry is reserved for the whole record");
             let at = leg.carry.as_ptr();
             assert_eq!(*carry_at.get_or_insert(at), at, "the carry was not reallocated");
         }
