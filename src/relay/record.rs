@@ -907,8 +907,8 @@ mod tests {
         assert_eq!(leg.read(&mut rest).await.unwrap(), 0, "close_notify is the end of the stream");
     }
 
-    /// Secrets that do not give the session's own keys (another connection's, replaying
-    /// this one's ClientHello random) are not used; the right ones are.
+    /// Secrets that do not give the session's own keys (in any of the generations derived
+    /// forward from them) are not used.
     #[tokio::test]
     async fn only_the_sessions_own_secrets_are_kept() {
         let (_client, socket, conn) = handshaken().await;
