@@ -553,6 +553,54 @@ async fn crafted_tls13_records_are_judged_as_rustls_judges_them() {
     assert_ne!(report.ending, Ending::Failed);
 }
 
+/// The alert a client gets for a refused record is the one RFC 8446 names for it (review
+/// L2: the record layer sent bad_record_mac or internal_error for some). Each case also
+/// runs on rustls's records, the control that the record is refused: rustls 0.23 sends the
+/// same alert, or none (an all-zero inner plaintext), or decode_error (an unknown type).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_gets_the_alert_rfc_8446_names() {
+    type Case = (&'static str, &'static str, fn(&mut Crafter) -> Vec<u8>);
+    let cases: &[Case] = &[
+        ("all-zero inner plaintext (5.4)", "UnexpectedMessage", |c| c.seal(&[0, 0, 0])),
+        ("protected change_cipher_spec (5)", "UnexpectedMessage", |c| c.seal(&[1, 20])),
+        ("unknown inner content type (5)", "UnexpectedMessage", |c| c.seal(&[b'x', 99])),
+        ("KeyUpdate with request_update 2 (4.6.3)", "IllegalParameter", |c| c.seal(&[24, 0, 0, 1, 2, 22])),
+        ("plaintext of 2^14 + 1 bytes (5.4)", "RecordOverflow", |c| c.data(&[b'x'; 16385])),
+        ("record of the wrong sequence number (5.2)", "BadRecordMac", |c| {
+            c.seq += 1;
+            c.data(b"b0\r\n")
+        }),
+    ];
+    let server = Server::new();
+    for (i, (what, alert, craft)) in cases.iter().enumerate() {
+        let want = format!("received fatal alert: {alert}");
+        for rustls_records in [true, false] {
+            let log = Arc::new(ClientLog::default());
+            let random = [0x90 + 2 * i as u8 + u8::from(rustls_records); 32];
+            let (mut client, proxy) = server.handshake(server.client(random, None, Some(log.clone()))).await;
+            let (_backend, relay) =
+                relayed(&mut client, proxy, Faults { rustls_records, ..Faults::default() }).await;
+            let wire = craft(&mut Crafter::new(&log));
+            client.get_mut().0.write_all(&wire).await.unwrap();
+            let mut sink = vec![0u8; 1024];
+            let error = loop {
+                match tokio::time::timeout(PATIENCE, client.read(&mut sink)).await {
+                    Ok(Ok(0)) => break "end of stream".to_owned(),
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => break e.to_string(),
+                    Err(_) => break "no answer".to_owned(),
+                }
+            };
+            relay.abort();
+            if rustls_records {
+                assert_ne!(error, "no answer", "{what}: rustls (the control) went on");
+            } else {
+                assert_eq!(error, want, "{what}: the record layer's alert");
+            }
+        }
+    }
+}
+
 /// The same for TLS 1.2 (AES-128-GCM, explicit nonce): warnings, renegotiation and
 /// change_cipher_spec after the handshake. Records crafted with the client's own keys
 /// (taken out of the client's rustls once the session is relayed).

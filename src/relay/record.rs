@@ -354,7 +354,15 @@ impl RecordLeg {
             let opened = self.opener.decrypt(sealed, self.read_seq);
             let (kind, from, plain_len) = match opened {
                 Ok(plain) => (plain.typ, plain.payload.as_ptr() as usize - base, plain.payload.len()),
-                Err(e) => return Err(self.fail(BAD_RECORD_MAC, format!("opening a client TLS record: {e}"))),
+                Err(e) => {
+                    // The alerts rustls sends for the same records.
+                    let description = match e {
+                        rustls::Error::PeerSentOversizedRecord => RECORD_OVERFLOW,
+                        rustls::Error::PeerMisbehaved(_) => UNEXPECTED_MESSAGE,
+                        _ => BAD_RECORD_MAC,
+                    };
+                    return Err(self.fail(description, format!("opening a client TLS record: {e}")));
+                }
             };
             self.read_seq += 1;
             pos += HEADER + len;
@@ -415,6 +423,11 @@ impl RecordLeg {
                     // handshake message may span a key change).
                     let request = match *message {
                         [KEY_UPDATE, 0, 0, 1, request] if request <= UPDATE_REQUESTED => request,
+                        [KEY_UPDATE, 0, 0, 1, request] => {
+                            let why =
+                                format!("the client sent a TLS KeyUpdate with request_update {request}");
+                            return Err(self.fail(ILLEGAL_PARAMETER, why));
+                        }
                         _ => {
                             let why = "the client sent a TLS handshake message other than a KeyUpdate \
                                        after the handshake"
@@ -430,7 +443,10 @@ impl RecordLeg {
                         "the client sent a TLS {other:?} record after the handshake, which the relay \
                          cannot follow"
                     );
-                    return Err(self.fail(if self.tls13 { INTERNAL_ERROR } else { UNEXPECTED_MESSAGE }, why));
+                    // What we cannot follow is ours to own (internal_error); anything else is
+                    // the client's error, as rustls has it.
+                    let ours = self.tls13 && other == ContentType::Handshake;
+                    return Err(self.fail(if ours { INTERNAL_ERROR } else { UNEXPECTED_MESSAGE }, why));
                 }
             }
         }
