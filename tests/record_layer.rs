@@ -475,6 +475,13 @@ async fn crafted_tls13_records_are_judged_as_rustls_judges_them() {
         ("ClientHello after the handshake", |c| c.seal(&[1, 0, 0, 0, 22])),
         ("KeyUpdate with request_update 2", |c| c.seal(&[24, 0, 0, 1, 2, 22])),
         ("two KeyUpdates in one record", |c| c.seal(&[24, 0, 0, 1, 0, 24, 0, 0, 1, 0, 22])),
+        ("a data record inside a KeyUpdate in pieces", |c| {
+            [c.seal(&[24, 0, 22]), c.data(b"b0\r\n"), c.seal(&[0, 1, 0, 22])].concat()
+        }),
+        ("a KeyUpdate in pieces and one byte too many", |c| {
+            [c.seal(&[24, 0, 0, 22]), c.seal(&[1, 0, 0, 22])].concat()
+        }),
+        ("an empty handshake record", |c| c.seal(&[22])),
         ("warning alert other than user_canceled", |c| c.seal(&[1, 40, 21])),
         ("fatal alert", |c| c.seal(&[2, 40, 21])),
         ("alert of unknown level", |c| c.seal(&[3, 0, 21])),
@@ -599,6 +606,41 @@ async fn a_refused_record_gets_the_alert_rfc_8446_names() {
             }
         }
     }
+}
+
+/// A KeyUpdate may come in pieces over records (RFC 8446 5.1; rustls joins them; review
+/// L3: the record layer refused it): followed, and data under the next key gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_update_in_pieces_is_followed() {
+    let server = Server::new();
+    let log = Arc::new(ClientLog::default());
+    let (mut client, proxy) = server.handshake(server.client([0x3E; 32], None, Some(log.clone()))).await;
+    let (mut backend, relay) = relayed(&mut client, proxy, Faults::default()).await;
+    let mut c = Crafter::new(&log);
+    let mut wire = Vec::new();
+    wire.extend(c.seal(&[24, 0, 22]));
+    wire.extend(c.seal(&[0, 22]));
+    wire.extend(c.seal(&[1, 0, 22]));
+    let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+    let secret0 = OkmBlock::new(&log.get("CLIENT_TRAFFIC_SECRET_0"));
+    let expander = suite.hkdf_provider.expander_for_okm(&secret0);
+    let length = (expander.hash_len() as u16).to_be_bytes();
+    const LABEL: &[u8] = b"tls13 traffic upd";
+    let secret1 = expander.expand_block(&[&length, &[LABEL.len() as u8], LABEL, &[0]]);
+    let expander = suite.hkdf_provider.expander_for_okm(&secret1);
+    let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
+    c.key = aws_lc_rs::aead::LessSafeKey::new(
+        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, key.as_ref()).unwrap(),
+    );
+    c.iv = rustls::internal::derive_traffic_iv(expander.as_ref());
+    c.seq = 0;
+    wire.extend(c.data(b"b5 under the next key\r\n"));
+    client.get_mut().0.write_all(&wire).await.unwrap();
+    let mut got = [0u8; 23];
+    let read = tokio::time::timeout(PATIENCE, backend.read_exact(&mut got)).await;
+    relay.abort();
+    read.expect("the line under the next key reached the backend").unwrap();
+    assert_eq!(&got, b"b5 under the next key\r\n");
 }
 
 /// The same for TLS 1.2 (AES-128-GCM, explicit nonce): warnings, renegotiation and

@@ -74,6 +74,7 @@ const USER_CANCELED: u8 = 90;
 
 /// The TLS 1.3 KeyUpdate handshake message: type 24, 3-byte length 1, request_update.
 const KEY_UPDATE: u8 = 24;
+const KEY_UPDATE_LEN: usize = 5;
 const UPDATE_REQUESTED: u8 = 1;
 
 /// Why the record layer could not take a session over; the session then stays in rustls.
@@ -154,6 +155,9 @@ pub(super) struct RecordLeg {
     empty_in_a_row: u8,
     warnings_in_a_row: u8,
     key_updates_in_a_row: u8,
+    /// The first bytes of a KeyUpdate that came in pieces (at most 4 of its 5).
+    update_held: [u8; KEY_UPDATE_LEN - 1],
+    update_len: u8,
 }
 
 impl RecordLeg {
@@ -225,6 +229,8 @@ impl RecordLeg {
             empty_in_a_row: 0,
             warnings_in_a_row: 0,
             key_updates_in_a_row: 0,
+            update_held: [0; KEY_UPDATE_LEN - 1],
+            update_len: 0,
         })
     }
 
@@ -366,6 +372,11 @@ impl RecordLeg {
             };
             self.read_seq += 1;
             pos += HEADER + len;
+            if self.update_len > 0 && kind != ContentType::Handshake {
+                // RFC 8446 5.1: a handshake message's pieces come with nothing between.
+                let why = "the client sent a TLS record inside a fragmented KeyUpdate".to_owned();
+                return Err(self.fail(UNEXPECTED_MESSAGE, why));
+            }
             match kind {
                 ContentType::ApplicationData => {
                     self.warnings_in_a_row = 0;
@@ -418,10 +429,33 @@ impl RecordLeg {
                 }
                 ContentType::Handshake if self.rekey.is_some() => {
                     self.warnings_in_a_row = 0;
-                    let message = &data[from..from + plain_len];
                     // One KeyUpdate, alone at the end of its record (RFC 8446 5.1: no
-                    // handshake message may span a key change).
-                    let request = match *message {
+                    // handshake message may span a key change), which may come in pieces
+                    // over several records (5.1 allows it; rustls joins them).
+                    let held = usize::from(self.update_len);
+                    if plain_len == 0 || held + plain_len > KEY_UPDATE_LEN {
+                        let why = "the client sent a TLS handshake record other than one KeyUpdate \
+                                   after the handshake"
+                            .to_owned();
+                        return Err(self.fail(UNEXPECTED_MESSAGE, why));
+                    }
+                    let mut message = [0u8; KEY_UPDATE_LEN];
+                    message[..held].copy_from_slice(&self.update_held[..held]);
+                    message[held..held + plain_len].copy_from_slice(&data[from..from + plain_len]);
+                    let got = held + plain_len;
+                    if got < KEY_UPDATE_LEN {
+                        if message[..got.min(4)] != [KEY_UPDATE, 0, 0, 1][..got.min(4)] {
+                            let why = "the client sent a TLS handshake message other than a KeyUpdate \
+                                       after the handshake"
+                                .to_owned();
+                            return Err(self.fail(UNEXPECTED_MESSAGE, why));
+                        }
+                        self.update_held[..got].copy_from_slice(&message[..got]);
+                        self.update_len = got as u8;
+                        continue;
+                    }
+                    self.update_len = 0;
+                    let request = match message {
                         [KEY_UPDATE, 0, 0, 1, request] if request <= UPDATE_REQUESTED => request,
                         [KEY_UPDATE, 0, 0, 1, request] => {
                             let why =
