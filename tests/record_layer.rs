@@ -422,6 +422,7 @@ async fn key_update_requests_unread_do_not_grow_the_server_queue() {
 /// The client's TLS 1.3 write key, IV and next sequence number, as the client knows them
 /// (its own key log), to craft records rustls would never send.
 struct Crafter {
+    secret: OkmBlock,
     key: aws_lc_rs::aead::LessSafeKey,
     iv: rustls::crypto::cipher::Iv,
     seq: u64,
@@ -430,15 +431,31 @@ struct Crafter {
 impl Crafter {
     /// After the handshake and `relayed`'s one line (client record 0).
     fn new(log: &ClientLog) -> Crafter {
-        let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
         let secret = OkmBlock::new(&log.get("CLIENT_TRAFFIC_SECRET_0"));
-        let expander = suite.hkdf_provider.expander_for_okm(&secret);
+        let (key, iv) = Crafter::keys(&secret);
+        Crafter { secret, key, iv, seq: 1 }
+    }
+
+    fn keys(secret: &OkmBlock) -> (aws_lc_rs::aead::LessSafeKey, rustls::crypto::cipher::Iv) {
+        let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+        let expander = suite.hkdf_provider.expander_for_okm(secret);
         let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
         let iv = rustls::internal::derive_traffic_iv(expander.as_ref());
         let key = aws_lc_rs::aead::LessSafeKey::new(
             aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, key.as_ref()).unwrap(),
         );
-        Crafter { key, iv, seq: 1 }
+        (key, iv)
+    }
+
+    /// The client's next key (after the KeyUpdate it just sealed), from sequence 0.
+    fn update(&mut self) {
+        let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+        let expander = suite.hkdf_provider.expander_for_okm(&self.secret);
+        let length = (expander.hash_len() as u16).to_be_bytes();
+        const LABEL: &[u8] = b"tls13 traffic upd";
+        self.secret = expander.expand_block(&[&length, &[LABEL.len() as u8], LABEL, &[0]]);
+        (self.key, self.iv) = Crafter::keys(&self.secret);
+        self.seq = 0;
     }
 
     /// One record whose TLSInnerPlaintext is `inner` (content, type, padding), sealed.
@@ -528,19 +545,7 @@ async fn crafted_tls13_records_are_judged_as_rustls_judges_them() {
     wire.extend(c.data(b"b2 after 32 empty records\r\n"));
     wire.extend(c.seal(&[24, 0, 0, 1, 0, 22]));
     // Under the next client key now.
-    let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
-    let secret0 = OkmBlock::new(&log.get("CLIENT_TRAFFIC_SECRET_0"));
-    let expander = suite.hkdf_provider.expander_for_okm(&secret0);
-    let length = (expander.hash_len() as u16).to_be_bytes();
-    const LABEL: &[u8] = b"tls13 traffic upd";
-    let secret1 = expander.expand_block(&[&length, &[LABEL.len() as u8], LABEL, &[0]]);
-    let expander = suite.hkdf_provider.expander_for_okm(&secret1);
-    let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
-    c.key = aws_lc_rs::aead::LessSafeKey::new(
-        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, key.as_ref()).unwrap(),
-    );
-    c.iv = rustls::internal::derive_traffic_iv(expander.as_ref());
-    c.seq = 0;
+    c.update();
     wire.extend(c.data(b"b3 under the next key\r\n"));
     wire.extend(c.seal(&[1, 0, 21]));
     wire.extend(c.data(b"b4 after close_notify\r\n"));
@@ -621,19 +626,7 @@ async fn a_key_update_in_pieces_is_followed() {
     wire.extend(c.seal(&[24, 0, 22]));
     wire.extend(c.seal(&[0, 22]));
     wire.extend(c.seal(&[1, 0, 22]));
-    let suite = TLS13_AES_128_GCM_SHA256.tls13().unwrap();
-    let secret0 = OkmBlock::new(&log.get("CLIENT_TRAFFIC_SECRET_0"));
-    let expander = suite.hkdf_provider.expander_for_okm(&secret0);
-    let length = (expander.hash_len() as u16).to_be_bytes();
-    const LABEL: &[u8] = b"tls13 traffic upd";
-    let secret1 = expander.expand_block(&[&length, &[LABEL.len() as u8], LABEL, &[0]]);
-    let expander = suite.hkdf_provider.expander_for_okm(&secret1);
-    let key = rustls::internal::derive_traffic_key(expander.as_ref(), suite.aead_alg);
-    c.key = aws_lc_rs::aead::LessSafeKey::new(
-        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, key.as_ref()).unwrap(),
-    );
-    c.iv = rustls::internal::derive_traffic_iv(expander.as_ref());
-    c.seq = 0;
+    c.update();
     wire.extend(c.data(b"b5 under the next key\r\n"));
     client.get_mut().0.write_all(&wire).await.unwrap();
     let mut got = [0u8; 23];
