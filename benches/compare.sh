@@ -246,11 +246,16 @@ cpu_ns() {
     done | awk '{ns += $1} END {printf "%.0f\n", ns}'
 }
 
+# Resident KiB of the proxy's processes. smaps_rollup walks the page tables, so it is exact;
+# VmRSS (the fallback) is read from the kernel's per-CPU counters, which may lag.
 rss_kib() {
     local total=0 p
     for p in $(proxy_pids); do
-        [ -r /proc/$p/status ] || continue
-        total=$((total + $(awk '/^VmRSS:/ {print $2}' /proc/$p/status)))
+        if [ -r /proc/$p/smaps_rollup ]; then
+            total=$((total + $(awk '/^Rss:/ {print $2}' /proc/$p/smaps_rollup)))
+        elif [ -r /proc/$p/status ]; then
+            total=$((total + $(awk '/^VmRSS:/ {print $2}' /proc/$p/status)))
+        fi
     done
     echo $total
 }
@@ -259,6 +264,13 @@ TICK=$(getconf CLK_TCK)
 RAW="$W/raw.tsv"
 : >"$RAW"
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RAW"; }
+# A measurement that failed: on stderr now, and listed in RESULTS.md.
+FAILURES="$W/failures"
+: >"$FAILURES"
+failed() {
+    echo "compare.sh: $*" >&2
+    echo "$*" >>"$FAILURES"
+}
 LG() { taskset -c $LOAD_CORE "$BIN/examples/loadgen" "$@"; }
 
 BYTES=$((MIB * 1024 * 1024))
@@ -270,18 +282,29 @@ for run in $(seq "$RUNS"); do
         for streams in 1 4; do
             for dir in up down; do
                 c0=$(cpu_ticks)
-                LG bulk 127.0.0.1:$PORT "$W/cert.pem" $dir $streams $BYTES >"$W/out"
-                c1=$(cpu_ticks)
-                record "$proxy" "cpu_per_gib_${dir}_${streams}" "$run" \
-                    "$(echo "($c1 - $c0) / $TICK / ($MIB / 1024)" | bc -l)"
+                # A failed or short transfer gets no figure (and a line on stderr), rather
+                # than ending a run of many minutes.
+                if LG bulk 127.0.0.1:$PORT "$W/cert.pem" $dir $streams $BYTES >"$W/out"; then
+                    c1=$(cpu_ticks)
+                    record "$proxy" "cpu_per_gib_${dir}_${streams}" "$run" \
+                        "$(echo "($c1 - $c0) / $TICK / ($MIB / 1024)" | bc -l)"
+                else
+                    failed "run $run: $proxy: bulk $dir with $streams streams failed"
+                fi
             done
         done
         c0=$(cpu_ticks)
-        LG handshakes 127.0.0.1:$PORT "$W/cert.pem" "$HANDSHAKES" 8 >"$W/out"
-        c1=$(cpu_ticks)
-        record "$proxy" cpu_per_1000_handshakes "$run" "$(echo "($c1 - $c0) / $TICK * 1000 / $HANDSHAKES" | bc -l)"
-        LG handshakes 127.0.0.1:$PORT "$W/cert.pem" 200 1 >"$W/out"
-        record "$proxy" greeting_p50_ms "$run" "$(sed -n 's/.*greeting_p50_ms=\([0-9.]*\).*/\1/p' "$W/out")"
+        if LG handshakes 127.0.0.1:$PORT "$W/cert.pem" "$HANDSHAKES" 8 >"$W/out"; then
+            c1=$(cpu_ticks)
+            record "$proxy" cpu_per_1000_handshakes "$run" "$(echo "($c1 - $c0) / $TICK * 1000 / $HANDSHAKES" | bc -l)"
+        else
+            failed "run $run: $proxy: handshakes failed"
+        fi
+        if LG handshakes 127.0.0.1:$PORT "$W/cert.pem" 200 1 >"$W/out"; then
+            record "$proxy" greeting_p50_ms "$run" "$(sed -n 's/.*greeting_p50_ms=\([0-9.]*\).*/\1/p' "$W/out")"
+        else
+            failed "run $run: $proxy: greeting handshakes failed"
+        fi
         r0=$(rss_kib)
         coproc IDLE { LG idle 127.0.0.1:$PORT "$W/cert.pem" "$IDLE_SESSIONS"; }
         read -r -t 120 ready <&"${IDLE[0]}" || ready=
@@ -292,7 +315,7 @@ for run in $(seq "$RUNS"); do
         if [ "${ready%% *}" = ready ]; then
             record "$proxy" rss_kib_per_idle_session "$run" "$(echo "($r1 - $r0) / $IDLE_SESSIONS" | bc -l)"
         else
-            echo "compare.sh: $proxy: idle sessions did not all open" >&2
+            failed "run $run: $proxy: idle sessions did not all open"
         fi
         stop_proxy
     done
@@ -310,7 +333,7 @@ for proxy in $MAIL_PROXIES; do
     MAIL_IN=${MAIL[1]}
     read -r -t $((MAIL_SETUP * 4 + 60)) ready <&"${MAIL[0]}" || ready=
     if [ "${ready%% *}" != ready ]; then
-        echo "compare.sh: $proxy: the mail sessions did not open: $ready" >&2
+        failed "mail-server run: $proxy: the sessions did not open: $ready"
         eval "exec $MAIL_IN>&-"
         wait "$MAIL_PID" 2>/dev/null || true
         stop_proxy
@@ -327,6 +350,7 @@ for proxy in $MAIL_PROXIES; do
     c1=$(cpu_ns)
     t1=$(date +%s.%N)
     r2=$(rss_kib)
+    echo "  RSS KiB: $r0 before, $r1 idle, $r2 after the window" >&2
     read -r -t 60 result <&"${MAIL[0]}" || result=
     echo "  $result" >&2
     eval "exec $MAIL_IN>&-"
@@ -341,7 +365,7 @@ for proxy in $MAIL_PROXIES; do
             record "$proxy" "mail_$f" 1 "$(field $f "$result")"
         done
     else
-        echo "compare.sh: $proxy: the mail-server window did not finish: $wend $result" >&2
+        failed "mail-server run: $proxy: the window did not finish: $wend $result"
     fi
     stop_proxy
 done
@@ -353,7 +377,11 @@ AES=$(taskset -c $PROXY_CORE openssl speed -seconds 2 -evp aes-128-gcm 2>/dev/nu
 versions() {
     local dirty=
     [ -z "$(git status --porcelain -- src Cargo.toml Cargo.lock)" ] || dirty=" + uncommitted changes in src/"
-    echo "- mailtls $(git rev-parse --short HEAD)$dirty, \"$(git log -1 --format=%s | cut -c1-100)\" ($(rustc --version))"
+    # The commit built, and the last one of it that changed the product (src/, Cargo.*).
+    local product=(src Cargo.toml Cargo.lock)
+    echo "- mailtls built from $(git rev-parse --short HEAD)$dirty; its product last changed in" \
+        "$(git log -1 --format=%h -- "${product[@]}"), \"$(git log -1 --format=%s -- "${product[@]}" | cut -c1-90)\"" \
+        "($(rustc --version))"
     echo "- $(stunnel4 -version 2>&1 | grep -m1 -i '^stunnel')"
     echo "- $(haproxy -v | head -1)"
     echo "- $(nginx -v 2>&1), libnginx-mod-mail $(dpkg-query -W -f='${Version}' libnginx-mod-mail 2>/dev/null)"
@@ -364,7 +392,7 @@ VERSIONS=$(versions)
 ENDED=$(date -u +%H:%M:%S)
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 BUSY=$(busy_ticks | awk -v b0="${BUSY0% *}" -v t0="${BUSY0#* }" '{printf "%.0f", 100 * ($1 - b0) / ($2 - t0)}')
-export RAW OUT AES RUNS MIB HANDSHAKES IDLE_SESSIONS MAIL_SESSIONS MAIL_COUNT MAIL_SETUP MAIL_WINDOW NOFILE
+export RAW FAILURES OUT AES RUNS MIB HANDSHAKES IDLE_SESSIONS MAIL_SESSIONS MAIL_COUNT MAIL_SETUP MAIL_WINDOW NOFILE
 export STARTED ENDED LOAD_BEFORE LOAD_AFTER BUSY VERSIONS
 python3 - <<'PY'
 import datetime, os, statistics
@@ -372,6 +400,7 @@ E = os.environ
 runs, idle, mail_n = E["RUNS"], E["IDLE_SESSIONS"], E["MAIL_COUNT"]
 data = {}
 raw_lines = [l.rstrip("\n") for l in open(E["RAW"])]
+failures = [l.rstrip("\n") for l in open(E["FAILURES"]) if l.strip()]
 for line in raw_lines:
     proxy, metric, run, value = line.split("\t")
     if value:
@@ -516,6 +545,10 @@ lines += [
     "Versions:",
     "",
     E["VERSIONS"],
+    "",
+    "Measurements that failed (no figure recorded for them): "
+    + ("none." if not failures else ""),
+    *[f"- {f}" for f in failures],
     "",
     "Raw figures, every run (proxy, metric, run, value):",
     "",

@@ -172,8 +172,9 @@ async fn serve(mut stream: TcpStream, registry: Shared) -> std::io::Result<()> {
         return Ok(());
     } else if let Some(n) = user.strip_prefix("source-").and_then(|n| n.parse::<usize>().ok()) {
         // Wait for the client's go-ahead: nginx reads the login reply line by line and
-        // refuses data that arrives glued to it.
-        let mut chunk = [0u8; 1];
+        // refuses data that arrives glued to it. The whole line is read: a close with unread
+        // bytes in the receive buffer is a reset, which loses the tail of what was sent.
+        let mut chunk = [0u8; 512];
         if buf.is_empty() && stream.read(&mut chunk).await? == 0 {
             return Ok(());
         }
