@@ -22,6 +22,32 @@ use mailtls::cli::Args;
 const REFERENCE: &str = include_str!("../docs/configuration.md");
 const SOURCE: &str = concat!("mailtls ", env!("CARGO_PKG_VERSION"));
 
+/// Where the Debian package installs README.md; docs/ keeps its place beside it.
+const DOC_DIR: &str = "/usr/share/doc/mailtls/";
+
+/// Every page of docs/, as the README's table lists them; both man pages name them all
+/// under FILES (tests/docs.rs checks that this list and docs/ agree).
+const DOCS: &[(&str, &str)] = &[
+    ("docs/install.md", "installing: the Debian package, from source with the systemd units, a container"),
+    ("docs/configuration.md", "every key of mailtls.toml and an annotated example (also mailtls.toml(5))"),
+    ("docs/port-roles.md", "the seven port roles, the phases of a connection, what the backend receives"),
+    ("docs/postfix.md", "in front of Postfix: master.cf and main.cf, PROXY protocol or XCLIENT"),
+    ("docs/dovecot.md", "in front of Dovecot: dovecot.conf, PROXY v2, which trusted networks are safe"),
+    ("docs/exim.md", "in front of Exim: hosts_proxy, the submission AUTH setting, what Exim learns"),
+    ("docs/opensmtpd.md", "in front of OpenSMTPD: a proxy-v2 listener, what it learns and cannot"),
+    ("docs/cyrus.md", "in front of Cyrus IMAP: plaintext for mailtls's services only, IMAP ID"),
+    ("docs/courier.md", "in front of Courier IMAP and POP3: loopback ports, MAXPERIP, no ID"),
+    ("docs/routing.md", "routing IMAP and POP3 users to their mailbox server, inbound SMTP by recipient"),
+    ("docs/certificates.md", "certbot, hot reload, several names, OCSP stapling, the trial certificate"),
+    ("docs/operations.md", "signals, logs, reloads, limits, inbound PROXY, metrics, alerts, troubleshooting"),
+    ("docs/security.md", "STARTTLS injection, address forgery, SMTP smuggling, bounded input"),
+    ("docs/performance.md", "CPU and memory against stunnel, HAProxy and nginx; kernel TLS"),
+    ("docs/reliability.md", "load, faults, hostile input, fuzzing and TLS posture, with figures"),
+    ("docs/scale-out.md", "several replicas behind a load balancer, shared ticket keys"),
+    ("docs/design-decisions.md", "choices made where the design is silent"),
+    ("docs/layout.md", "the source tree, module by module"),
+];
+
 fn main() -> ExitCode {
     let Some(out) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: manpages OUT_DIR");
@@ -91,11 +117,13 @@ fn operator_sections() -> Roff {
         ("/usr/lib/systemd/system/mailtls.service", "the service, Type=notify, started by its sockets"),
         ("/usr/lib/systemd/system/mailtls-*.socket", "one socket unit per port role, disabled until enabled"),
         ("/usr/share/mailtls/", "Prometheus alert rules and a Grafana dashboard"),
-        ("/usr/share/doc/mailtls/", "the README and the other documentation, example configurations"),
+        ("/usr/share/doc/mailtls/README.md", "the front page: what mailtls is, a five-minute tour"),
+        ("/usr/share/doc/mailtls/examples/", "example configurations"),
     ] {
         r.control("TP", []).text([italic(file)]);
         r.text([roman(what)]);
     }
+    docs_files(&mut r);
     r.control("SH", ["SEE ALSO"]);
     r.text([
         bold("mailtls.toml"),
@@ -103,7 +131,8 @@ fn operator_sections() -> Roff {
         bold("systemctl"),
         roman("(1), "),
         bold("systemd.socket"),
-        roman("(5)"),
+        roman("(5); the documentation pages under FILES, one per topic, linked from "),
+        italic(format!("{DOC_DIR}README.md")),
     ]);
     r
 }
@@ -116,8 +145,26 @@ fn config_page() -> String {
     r.text([roman("mailtls.toml - the configuration file of mailtls, a TLS front door for mail servers")]);
     r.control("SH", ["SYNOPSIS"]);
     r.text([italic("/etc/mailtls/mailtls.toml")]);
-    MarkdownToRoff::default().render(REFERENCE, &mut r);
+    // FILES goes before the reference's own closing "See also".
+    let (reference, see_also) = REFERENCE.split_once("\n## See also\n").unwrap_or((REFERENCE, ""));
+    let mut markdown = MarkdownToRoff::default();
+    markdown.render(reference, &mut r);
+    r.control("SH", ["FILES"]);
+    r.control("TP", []).text([italic("/etc/mailtls/mailtls.toml")]);
+    r.text([roman("the configuration (Debian package)")]);
+    docs_files(&mut r);
+    if !see_also.is_empty() {
+        markdown.render(&format!("## See also\n{see_also}"), &mut r);
+    }
     r.render()
+}
+
+/// The docs pages as FILES entries, under the path the Debian package installs them at.
+fn docs_files(r: &mut Roff) {
+    for (page, what) in DOCS {
+        r.control("TP", []).text([italic(format!("{DOC_DIR}{page}"))]);
+        r.text([roman(*what)]);
+    }
 }
 
 /// A small renderer for the subset of markdown the reference uses: headings, paragraphs,
@@ -133,7 +180,7 @@ struct MarkdownToRoff {
 }
 
 impl MarkdownToRoff {
-    fn render(mut self, markdown: &str, r: &mut Roff) {
+    fn render(&mut self, markdown: &str, r: &mut Roff) {
         for event in Parser::new(markdown) {
             self.event(event, r);
         }

@@ -13,7 +13,7 @@ use ppp::v2::{self, Builder, Command, Protocol as PpProtocol, Version};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::ProxyProtocol;
+use crate::config::{ProxyProtocol, ProxyTlvs};
 use crate::tls::TlsFacts;
 
 // PROXY v2 type codes (haproxy's proxy-protocol.txt, section 2.2).
@@ -123,11 +123,11 @@ async fn connect_any(target: &str) -> Result<TcpStream, BackendError> {
 }
 
 /// The PROXY header for `peer`, or `None` when the listener sends none.
-pub fn proxy_header(version: ProxyProtocol, peer: &Peer) -> Option<Vec<u8>> {
+pub fn proxy_header(version: ProxyProtocol, tlvs: ProxyTlvs, peer: &Peer) -> Option<Vec<u8>> {
     match version {
         ProxyProtocol::None => None,
         ProxyProtocol::V1 => Some(v1_header(peer)),
-        ProxyProtocol::V2 => Some(v2_header(peer)),
+        ProxyProtocol::V2 => Some(v2_header(peer, tlvs)),
     }
 }
 
@@ -157,16 +157,18 @@ fn v1_header(peer: &Peer) -> Vec<u8> {
     ppp::v1::Addresses::from((client, local)).to_string().into_bytes()
 }
 
-fn v2_header(peer: &Peer) -> Vec<u8> {
+fn v2_header(peer: &Peer, wanted: ProxyTlvs) -> Vec<u8> {
     let (client, local) = same_family(peer);
     let addresses = v2::Addresses::from((client, local));
     let mut builder = Builder::with_addresses(Version::Two | Command::Proxy, PpProtocol::Stream, addresses);
     let mut tlvs: Vec<(u8, Vec<u8>)> = Vec::new();
     if let Some(tls) = &peer.tls {
-        if let Some(sni) = &tls.sni {
+        if let Some(sni) = tls.sni.as_ref().filter(|_| wanted.authority) {
             tlvs.push((PP2_TYPE_AUTHORITY, sni.as_bytes().to_vec()));
         }
-        tlvs.push((PP2_TYPE_SSL, ssl_tlv_value(tls)));
+        if wanted.ssl {
+            tlvs.push((PP2_TYPE_SSL, ssl_tlv_value(tls)));
+        }
     }
     for (kind, value) in &tlvs {
         builder = match builder.write_tlv(*kind, value) {
@@ -211,13 +213,27 @@ mod tests {
 
     #[test]
     fn v1_header_names_both_ends() {
-        let h = proxy_header(ProxyProtocol::V1, &peer(true)).unwrap();
+        let h = proxy_header(ProxyProtocol::V1, ProxyTlvs::default(), &peer(true)).unwrap();
         assert_eq!(h, b"PROXY TCP4 192.0.2.7 198.51.100.1 50123 993\r\n");
     }
 
     #[test]
+    fn v2_header_carries_only_the_chosen_tlvs() {
+        let none = ProxyTlvs { authority: false, ssl: false };
+        let h = proxy_header(ProxyProtocol::V2, none, &peer(true)).unwrap();
+        // 16 bytes of header and 12 of IPv4 addresses: what every receiver can hold.
+        assert_eq!(h.len(), 28);
+        assert_eq!(v2::Header::try_from(h.as_slice()).expect("valid v2 header").tlvs().count(), 0);
+        let ssl_only = ProxyTlvs { authority: false, ssl: true };
+        let h = proxy_header(ProxyProtocol::V2, ssl_only, &peer(true)).unwrap();
+        let parsed = v2::Header::try_from(h.as_slice()).expect("valid v2 header");
+        let kinds: Vec<u8> = parsed.tlvs().map(|t| t.expect("well-formed tlv").kind).collect();
+        assert_eq!(kinds, [PP2_TYPE_SSL]);
+    }
+
+    #[test]
     fn v2_header_carries_ssl_and_sni_tlvs() {
-        let h = proxy_header(ProxyProtocol::V2, &peer(true)).unwrap();
+        let h = proxy_header(ProxyProtocol::V2, ProxyTlvs::default(), &peer(true)).unwrap();
         let parsed = v2::Header::try_from(h.as_slice()).expect("valid v2 header");
         assert_eq!(
             parsed.addresses,
@@ -236,7 +252,7 @@ mod tests {
 
     #[test]
     fn v2_header_of_plaintext_session_has_no_ssl_tlv() {
-        let h = proxy_header(ProxyProtocol::V2, &peer(false)).unwrap();
+        let h = proxy_header(ProxyProtocol::V2, ProxyTlvs::default(), &peer(false)).unwrap();
         let parsed = v2::Header::try_from(h.as_slice()).unwrap();
         assert_eq!(parsed.tlvs().count(), 0);
     }
@@ -248,7 +264,7 @@ mod tests {
             local: "[2001:db8::1]:25".parse().unwrap(),
             tls: None,
         };
-        let h = proxy_header(ProxyProtocol::V1, &p).unwrap();
+        let h = proxy_header(ProxyProtocol::V1, ProxyTlvs::default(), &p).unwrap();
         assert_eq!(h, b"PROXY TCP6 ::ffff:192.0.2.7 2001:db8::1 1 25\r\n");
     }
 }

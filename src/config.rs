@@ -224,6 +224,31 @@ pub enum ProxyProtocol {
     V2,
 }
 
+/// One TLV a PROXY v2 header may carry (`listeners[].proxy_tlvs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyTlv {
+    /// PP2_TYPE_AUTHORITY: the SNI the client sent.
+    Authority,
+    /// PP2_TYPE_SSL: the client-SSL flag, TLS version and cipher.
+    Ssl,
+}
+
+/// The TLVs a listener's v2 headers carry. Some receivers read a v2 header into a fixed
+/// buffer (Exim 4.96: 232 bytes in all, so an SNI over 158 bytes overflows it and the
+/// session fails), and those that ignore TLVs lose nothing without them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProxyTlvs {
+    pub authority: bool,
+    pub ssl: bool,
+}
+
+impl Default for ProxyTlvs {
+    fn default() -> Self {
+        ProxyTlvs { authority: true, ssl: true }
+    }
+}
+
 /// One `[[listeners]]` entry.
 #[derive(Clone, Debug)]
 pub struct ListenerConfig {
@@ -238,6 +263,8 @@ pub struct ListenerConfig {
     /// see `routes.rs`.
     pub routes: Option<RoutesConfig>,
     pub proxy_protocol: ProxyProtocol,
+    /// Which TLVs the v2 header carries (both unless the config says otherwise).
+    pub proxy_tlvs: ProxyTlvs,
     /// Connections open at once on this listener; `None`: only the total bound applies.
     pub max_connections: Option<u32>,
     /// Sources that must open with a PROXY header (a load balancer); empty: none may.
@@ -286,7 +313,7 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     hostname: Spanned<String>,
-    tls: Spanned<RawTls>,
+    tls: RawTls,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -375,6 +402,7 @@ struct RawListener {
     routes: Option<Spanned<String>>,
     #[serde(default)]
     proxy_protocol: ProxyProtocol,
+    proxy_tlvs: Option<Spanned<Vec<ProxyTlv>>>,
     require_tls: Option<Spanned<bool>>,
     max_connections: Option<Spanned<u32>>,
     #[serde(default)]
@@ -398,8 +426,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| {
         let offset = e.span().map(|s| s.start);
         let line = offset.map(|o| line_of(text, o)).unwrap_or(0);
-        let message = e.message().to_owned();
-        match offset.and_then(|o| key_at(text, o)) {
+        let mut message = e.message().to_owned();
+        let missing = offset.and_then(|o| missing_key(text, o, &message));
+        if missing.is_some() {
+            message = "missing: required, and it has no default".to_owned();
+        }
+        match missing.or_else(|| offset.and_then(|o| key_at(text, o))) {
             Some(key) => ConfigError::Invalid { path: path.to_owned(), line, key, message },
             None => ConfigError::Syntax { path: path.to_owned(), line, message },
         }
@@ -420,11 +452,31 @@ pub fn key_at(text: &str, offset: usize) -> Option<String> {
     if key.is_empty() || key.starts_with('#') || key.starts_with('[') {
         return None;
     }
-    // The table the line belongs to: the nearest header above it; `[[name]]` headers are
-    // numbered by how many of that name came before, as the validator's messages number them.
+    Some(match table_above(&text[..start]) {
+        Some(table) => format!("{table}.{key}"),
+        None => key.to_owned(),
+    })
+}
+
+/// The key a "missing field `name`" error is about: serde's message names the field and
+/// its span is the table's, so the key is that table (the header on or above the span's
+/// line; the top level when there is none) and the field.
+fn missing_key(text: &str, offset: usize, message: &str) -> Option<String> {
+    let field = message.strip_prefix("missing field `")?.split('`').next()?;
+    let offset = offset.min(text.len());
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    Some(match table_above(&text[..end]) {
+        Some(table) => format!("{table}.{field}"),
+        None => field.to_owned(),
+    })
+}
+
+/// The table `text`'s last line belongs to: the nearest header; `[[name]]` headers are
+/// numbered by how many of that name came before, as the validator's messages number them.
+fn table_above(text: &str) -> Option<String> {
     let mut table: Option<String> = None;
     let mut counts: Vec<(String, usize)> = Vec::new();
-    for header in text[..start].lines().map(str::trim) {
+    for header in text.lines().map(str::trim) {
         if let Some(name) = header.strip_prefix("[[").and_then(|h| h.split("]]").next()) {
             let name = name.trim().to_owned();
             let index = match counts.iter_mut().find(|(n, _)| *n == name) {
@@ -442,10 +494,7 @@ pub fn key_at(text: &str, offset: usize) -> Option<String> {
             table = Some(name.trim().to_owned());
         }
     }
-    Some(match table {
-        Some(table) => format!("{table}.{key}"),
-        None => key.to_owned(),
-    })
+    table
 }
 
 /// 1-based line number of a byte offset.
@@ -546,8 +595,7 @@ impl Validator<'_> {
         Ok(name.clone())
     }
 
-    fn tls(&self, raw: Spanned<RawTls>) -> Result<TlsConfig, ConfigError> {
-        let raw = raw.into_inner();
+    fn tls(&self, raw: RawTls) -> Result<TlsConfig, ConfigError> {
         let certs_span = raw.certificates.span();
         let entries = raw.certificates.into_inner();
         if entries.is_empty() {
@@ -825,6 +873,7 @@ impl Validator<'_> {
         let accept_proxy_protocol =
             self.networks(&key("accept_proxy_protocol"), &raw.accept_proxy_protocol)?;
         let xclient = self.xclient(&key("xclient"), raw.protocol, raw.proxy_protocol, &raw.xclient)?;
+        let proxy_tlvs = self.proxy_tlvs(&key("proxy_tlvs"), raw.proxy_protocol, &raw.proxy_tlvs)?;
         let bare_newline = self.bare_newline(&key("bare_newline"), raw.protocol, &raw.bare_newline)?;
         Ok(ListenerConfig {
             name,
@@ -835,11 +884,33 @@ impl Validator<'_> {
             backend,
             routes,
             proxy_protocol: raw.proxy_protocol,
+            proxy_tlvs,
             max_connections: raw.max_connections.map(|v| v.into_inner()),
             accept_proxy_protocol,
             xclient,
             bare_newline,
         })
+    }
+
+    /// TLVs exist only in v2 headers: a list on another listener is a mistake worth naming.
+    fn proxy_tlvs(
+        &self,
+        key: &str,
+        proxy_protocol: ProxyProtocol,
+        raw: &Option<Spanned<Vec<ProxyTlv>>>,
+    ) -> Result<ProxyTlvs, ConfigError> {
+        match raw {
+            None => Ok(ProxyTlvs::default()),
+            Some(v) if proxy_protocol != ProxyProtocol::V2 => Err(self.invalid(
+                key,
+                v.span(),
+                "only a v2 PROXY header carries TLVs: set proxy_protocol = \"v2\"",
+            )),
+            Some(v) => Ok(ProxyTlvs {
+                authority: v.get_ref().contains(&ProxyTlv::Authority),
+                ssl: v.get_ref().contains(&ProxyTlv::Ssl),
+            }),
+        }
     }
 
     /// The smuggling guard exists for SMTP's DATA; IMAP and POP3 have no such framing.
@@ -1060,6 +1131,35 @@ backend = "127.0.0.1:2525"
         assert!(e.contains("proxy_protocl"), "{e}");
     }
 
+    /// `[[tls.certificates]]` with no `[tls]` header above it is valid TOML (the header
+    /// makes the table): it once failed with serde's "expected a borrowed string".
+    #[test]
+    fn tls_table_made_by_its_certificates_header_alone_parses() {
+        let c = parse_text(&GOOD.replace("[tls]\nmin_version = \"1.2\"\n", "")).expect("valid config");
+        assert_eq!(c.tls.certificates.len(), 1);
+        // And a dotted key for it.
+        let dotted = GOOD.replace("[tls]\nmin_version = \"1.2\"\n", "").replace(
+            "hostname = \"mail.example.org\"",
+            "hostname = \"mail.example.org\"\ntls.min_version = \"1.3\"",
+        );
+        let c = parse_text(&dotted).expect("valid config");
+        assert_eq!(c.tls.min_version, TlsVersion::Tls13);
+    }
+
+    #[test]
+    fn a_missing_required_key_is_named_with_its_table() {
+        let no_key = GOOD.replace("key  = \"key.pem\"\n", "");
+        let e = error_of(&no_key);
+        assert!(e.contains(":6: tls.certificates[0].key: missing"), "{e}");
+        let no_tls = GOOD.replace(
+            "[tls]\nmin_version = \"1.2\"\n[[tls.certificates]]\ncert = \"cert.pem\"\nkey  = \"key.pem\"\n",
+            "",
+        );
+        let e = error_of(&no_tls);
+        assert!(e.contains(": tls: missing"), "{e}");
+        assert!(!e.contains("hostname"), "the first line's key is not the one missing: {e}");
+    }
+
     #[test]
     fn bad_listen_address_names_key_and_line() {
         let text = GOOD.replace("\"127.0.0.1:10025\"", "\"127.0.0.1\"");
@@ -1171,6 +1271,28 @@ backend = "127.0.0.1:2525"
                 .replace("protocol = \"imap\"", &format!("protocol = \"{protocol}\""));
             assert!(parse_text(&text).expect("valid").listeners[0].xclient, "{protocol}");
         }
+    }
+
+    #[test]
+    fn proxy_tlvs_default_to_both_and_need_a_v2_header() {
+        let c = parse_text(GOOD).unwrap();
+        assert_eq!(c.listeners[0].proxy_tlvs, ProxyTlvs { authority: true, ssl: true });
+        let c =
+            parse_text(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nproxy_tlvs = []"))
+                .unwrap();
+        assert_eq!(c.listeners[0].proxy_tlvs, ProxyTlvs { authority: false, ssl: false });
+        let text = GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nproxy_tlvs = [\"ssl\"]");
+        assert_eq!(
+            parse_text(&text).unwrap().listeners[0].proxy_tlvs,
+            ProxyTlvs { authority: false, ssl: true }
+        );
+        let e =
+            error_of(&GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v1\"\nproxy_tlvs = []"));
+        assert!(e.contains(":17: listeners[0].proxy_tlvs") && e.contains("proxy_protocol = \"v2\""), "{e}");
+        let e = error_of(
+            &GOOD.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v2\"\nproxy_tlvs = [\"alpn\"]"),
+        );
+        assert!(e.contains(":17: listeners[0].proxy_tlvs") && e.contains("unknown variant `alpn`"), "{e}");
     }
 
     #[test]

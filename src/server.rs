@@ -612,6 +612,7 @@ fn listener_context(
         protocol: lc.protocol,
         tls_mode: lc.tls,
         proxy_protocol: lc.proxy_protocol,
+        proxy_tlvs: lc.proxy_tlvs,
         backend: lc.backend.clone().unwrap_or_default(),
         routes,
         settings,

@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{self, BackendError, Peer};
-use crate::config::{ProxyProtocol, Timeouts, TlsMode};
+use crate::config::{ProxyProtocol, ProxyTlvs, Timeouts, TlsMode};
 use crate::inbound::Ends;
 use crate::metrics::{Handshake, Metrics};
 use crate::protocol::{
@@ -41,6 +41,8 @@ pub struct ListenerContext {
     pub protocol: Protocol,
     pub tls_mode: TlsMode,
     pub proxy_protocol: ProxyProtocol,
+    /// The TLVs of this listener's v2 headers.
+    pub proxy_tlvs: ProxyTlvs,
     /// The backend of an unrouted listener; empty on a routed one, where `routes` chooses.
     pub backend: String,
     /// The map of a routed listener (`routes = "PATH"`): per user on IMAP/POP3, per
@@ -160,6 +162,9 @@ struct Record {
     engine: Option<Engine>,
     /// The backend last connected (routed listeners choose it per login).
     backend: Option<String>,
+    /// mailtls's own end of that connection: what a backend that takes no PROXY header
+    /// logs as its peer (Courier's `port=[N]`), so its lines can be joined to this one.
+    backend_source: Option<SocketAddr>,
     /// The user a routed session was routed for (never any credential).
     user: Option<String>,
     /// The filter the relay passed the client's bytes through (SMTP: the smuggling guard).
@@ -180,6 +185,7 @@ pub async fn serve(stream: TcpStream, ends: Ends, ctx: Arc<ListenerContext>, sto
         tls: None,
         engine: None,
         backend: None,
+        backend_source: None,
         user: None,
         inspected: None,
         finding_logged: false,
@@ -205,6 +211,7 @@ fn log_end(ctx: &ListenerContext, r: &Record, outcome: &Outcome) {
         engine = %r.engine.map_or("none".to_owned(), |e| e.to_string()),
         inspected = r.inspected.unwrap_or("-"),
         backend = r.backend.as_deref().unwrap_or("-"),
+        backend_source = %r.backend_source.map_or("-".to_owned(), |a| a.to_string()),
         user = r.user.as_deref().unwrap_or("-"),
         bytes_in = r.to_backend,
         bytes_out = r.to_client,
@@ -597,7 +604,7 @@ async fn connect_backend(
     negotiation: &mut dyn Negotiation,
 ) -> Result<Opened, (String, OpenError)> {
     let fail = |e: OpenError| (backend.clone(), e);
-    let header = backend::proxy_header(ctx.proxy_protocol, peer);
+    let header = backend::proxy_header(ctx.proxy_protocol, ctx.proxy_tlvs, peer);
     let deadline = Instant::now() + ctx.timeouts.backend_connect;
     let mut stream = backend::connect(&backend, header.as_deref(), ctx.timeouts.backend_connect)
         .await
@@ -659,6 +666,7 @@ struct Link<'a, C> {
 impl<C: AsyncRead + AsyncWrite + Unpin> Link<'_, C> {
     /// Takes a freshly opened backend; returns the step for its greeting.
     fn attach(&mut self, opened: Opened) -> Step {
+        self.record.backend_source = opened.stream.local_addr().ok();
         self.backend = Some(opened.stream);
         self.backend_buf = opened.buf;
         self.record.backend = Some(opened.backend);

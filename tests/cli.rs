@@ -200,11 +200,19 @@ fn check_creates_no_self_signed_files() {
     assert!(!cert.exists() && !key.exists(), "--check wrote certificate files");
 }
 
-/// The README's run command, from the crate root.
+/// The README's run command (its first line: `cargo run --release -- --config FILE`), from
+/// the crate root, with `--check`: the config it names must pass.
 #[test]
 fn readme_check_command_on_example_config_exits_zero() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let outcome = run_check_in(root, Path::new("config/mailtls.example.toml"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let run = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run --release -- --config "))
+        .expect("the README's run command");
+    let config = run.split_whitespace().nth(5).expect("the run command names a config");
+    assert_eq!(config, "config/mailtls.example.toml", "{run}");
+    let outcome = run_check_in(root, Path::new(config));
     assert_eq!(outcome.code, Some(0), "{}", outcome.show());
     assert!(outcome.stdout.contains("OK"), "{}", outcome.show());
 }

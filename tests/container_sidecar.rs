@@ -3,7 +3,7 @@
 //! host by real IMAP and POP3 clients through the pod's published ports.
 //!
 //! `#[ignore]` like the interop tests: tests/run.sh runs them as root. Without root or podman
-//! they print SKIPPED (and fail under CI=true). The podman commands are the README's
+//! they print SKIPPED (and fail under CI=true). The podman commands are docs/install.md's
 //! ("Container sidecar"), with config/mailtls.pod.toml as the config.
 
 mod common;
@@ -26,8 +26,10 @@ const IMAGE: &str = "localhost/mailtls:test";
 /// The pod's Dovecot, as config/mailtls.pod.toml expects it.
 const DOVECOT_IMAP: u16 = 11143;
 const DOVECOT_POP3: u16 = 11110;
-/// The start of the README's `podman run` of mailtls; its options follow.
-const README_RUN: &str = "podman run -d --pod mail --name mailtls ";
+/// The page whose "Container sidecar" section holds the `podman run` below.
+const INSTALL_DOC: &str = "docs/install.md";
+/// The start of docs/install.md's `podman run` of mailtls; its options follow.
+const DOC_RUN: &str = "podman run -d --pod mail --name mailtls ";
 /// `podman stop -t`: above the config's timeouts.drain (30 s).
 const STOP_TIMEOUT: &str = "40";
 const MESSAGE: &str = "From: bob@mail.test\r\nTo: alice@mail.test\r\nSubject: through the sidecar\r\n\r\nHello from the pod.\r\n";
@@ -36,7 +38,7 @@ fn crate_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The image, built once per test run from the binary the tests built (the README builds
+/// The image, built once per test run from the binary the tests built (docs/install.md builds
 /// it from target/release/mailtls; the Containerfile is the same either way).
 fn mailtls_image() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
@@ -162,13 +164,13 @@ impl Sidecar {
     }
 }
 
-/// The README's `podman run` of the sidecar (read-only root, no capability, no privilege
-/// gain, config and certificates mounted read-only, a stop timeout above the drain time),
-/// taken from the README with this test's pod, config and certificate directory.
+/// docs/install.md's `podman run` of the sidecar (read-only root, no capability, no
+/// privilege gain, config and certificates mounted read-only, a stop timeout above the
+/// drain time), taken from the page with this test's pod, config and certificate directory.
 fn run_mailtls(pod: &Pod, dir: &Path, image: &str) -> Container {
-    let readme = fs::read_to_string(crate_root().join("README.md")).unwrap();
-    let section = readme.split_once("### Container sidecar\n").expect("the README's sidecar section").1;
-    let at = section.find(README_RUN).expect("the README's podman run of mailtls");
+    let doc = fs::read_to_string(crate_root().join(INSTALL_DOC)).unwrap();
+    let section = doc.split_once("\n## Container sidecar\n").expect("docs/install.md's sidecar section").1;
+    let at = section.find(DOC_RUN).expect("docs/install.md's podman run of mailtls");
     let mut command = String::new();
     for line in section[at..].lines() {
         command.push_str(line.trim_end_matches('\\'));
@@ -179,7 +181,7 @@ fn run_mailtls(pod: &Pod, dir: &Path, image: &str) -> Container {
     }
     let config = format!("{}:", dir.join("mailtls.toml").display());
     let certs = format!("{}:", dir.join("letsencrypt").display());
-    let args: Vec<String> = command[README_RUN.len()..]
+    let args: Vec<String> = command[DOC_RUN.len()..]
         .split_whitespace()
         .map(|a| match a {
             "localhost/mailtls:test" => image.to_owned(),

@@ -1,10 +1,10 @@
 //! The units in systemd/ under a real systemd: systemd 252 as PID 1 in a podman container,
-//! mailtls installed by the README's own commands, Dovecot behind it, clients on the host.
+//! mailtls installed by docs/install.md's own commands, Dovecot behind it, clients on the host.
 //!
 //! `#[ignore]` like the interop tests: tests/run.sh runs them as root. Without root or podman
-//! they print SKIPPED (and fail under CI=true). The install is the README block marked
-//! `tests/container_systemd.rs runs this block`, run as it stands but for its `roles=` line.
-//! The Debian package's test runs the README's "Debian package" commands: install with apt,
+//! they print SKIPPED (and fail under CI=true). The install is the docs/install.md block
+//! marked `tests/container_systemd.rs runs this block`, run as it stands but for its `roles=`
+//! line. The Debian package's test runs that page's "Debian package" commands: install with apt,
 //! two roles enabled and used, an upgrade keeping the edited config, a purge.
 
 mod common;
@@ -49,16 +49,18 @@ service submission-login {
   }
 }
 ";
-const README_MARK: &str = "<!-- tests/container_systemd.rs runs this block -->";
+/// The page holding the install block and the Debian package's commands.
+const INSTALL_DOC: &str = "docs/install.md";
+const INSTALL_MARK: &str = "<!-- tests/container_systemd.rs runs this block -->";
 
 fn crate_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The README's install block: the first ```sh block after the mark, `roles=` set to `roles`.
-fn readme_install(roles: &[&str]) -> String {
-    let readme = fs::read_to_string(crate_root().join("README.md")).unwrap();
-    let (_, after) = readme.split_once(README_MARK).expect("the README marks its systemd install block");
+/// docs/install.md's install block: the first ```sh block after the mark, `roles=` set to `roles`.
+fn documented_install(roles: &[&str]) -> String {
+    let doc = fs::read_to_string(crate_root().join(INSTALL_DOC)).unwrap();
+    let (_, after) = doc.split_once(INSTALL_MARK).expect("docs/install.md marks its systemd install block");
     let block = after.split_once("```sh\n").and_then(|(_, b)| b.split_once("```")).expect("a ```sh block").0;
     let roles_line = block.lines().find(|l| l.starts_with("roles=")).expect("the block sets roles=");
     block.replacen(roles_line, &format!("roles=\"{}\"", roles.join(" ")), 1)
@@ -90,7 +92,7 @@ fn edited_example_config(roles: &[&str]) -> String {
 enum Privilege {
     /// CAP_SYS_ADMIN, which the PID 1 of a host has: without it systemd cannot make the
     /// mount namespace of the unit's sandbox (ProtectSystem= etc.) unless PrivateUsers=yes
-    /// gives it one of its own, and the README's certbot drop-in turns that off.
+    /// gives it one of its own, and docs/install.md's certbot drop-in turns that off.
     SysAdmin,
     /// podman's defaults: enough for a unit with PrivateUsers=yes (the Debian package's).
     /// With CAP_SYS_ADMIN added, systemd 252 in podman fails to start such a unit ("Failed
@@ -112,7 +114,7 @@ impl Machine {
     fn install(roles: &[&str]) -> Machine {
         let machine = Machine::boot(Privilege::SysAdmin);
         machine.copy_source_tree(&edited_example_config(roles));
-        machine.sd.exec_ok(&format!("cd /root/src && set -e -x\n{}", readme_install(roles)));
+        machine.sd.exec_ok(&format!("cd /root/src && set -e -x\n{}", documented_install(roles)));
         machine
     }
 
@@ -183,7 +185,7 @@ impl Machine {
         ));
     }
 
-    /// What the README's commands start from: a source tree with the release binary.
+    /// What docs/install.md's commands start from: a source tree with the release binary.
     fn copy_source_tree(&self, config: &str) {
         let src = self.dir.path().join("src");
         fs::create_dir_all(src.join("target/release")).unwrap();
@@ -458,7 +460,7 @@ struct Packages {
     _dir: tempfile::TempDir,
 }
 
-/// The README's "Debian package" commands, run verbatim in the container (apt's yes comes
+/// docs/install.md's "Debian package" commands, run verbatim in the container (apt's yes comes
 /// from an apt.conf snippet, not from a changed command line).
 const BUILD_FIRST: &str = "packaging/build-deb.sh --debug";
 const APT_INSTALL_FIRST: &str = "apt-get install ./mailtls_0.1.0-1_amd64.deb";
@@ -683,7 +685,7 @@ fn the_debian_package_installs_serves_two_roles_upgrades_keeping_the_config_and_
     upgrade_keeps_the_edited_config_and_restarts_the_running_service(&m, &packages.second, &edited);
     purge_removes_the_user_config_state_and_enable_links(&m);
     eprintln!("journal (package):\n{}", m.journal("mailtls.service"));
-    let readme = fs::read_to_string(crate_root().join("README.md")).unwrap();
+    let doc = fs::read_to_string(crate_root().join(INSTALL_DOC)).unwrap();
     for command in [
         BUILD_FIRST,
         APT_INSTALL_FIRST,
@@ -693,6 +695,6 @@ fn the_debian_package_installs_serves_two_roles_upgrades_keeping_the_config_and_
         APT_PURGE,
         REVISION_2,
     ] {
-        assert!(readme.contains(command), "the README's \"Debian package\" lacks `{command}`");
+        assert!(doc.contains(command), "docs/install.md's \"Debian package\" lacks `{command}`");
     }
 }

@@ -146,6 +146,10 @@ async fn json_logs_carry_connection_fields_as_fields_on_the_chosen_stream() {
     assert!(tls_session["tls_version"].as_str().is_some_and(|v| v.starts_with("TLSv1.")), "{tls_session}");
     assert!(tls_session["cipher"].as_str().is_some_and(|c| c.starts_with("TLS_")), "{tls_session}");
     assert_eq!(tls_session["engine"], "copy");
+    // mailtls's own end of the backend connection (tests/interop_courier.rs joins Courier's
+    // logins to their clients by it).
+    let source = tls_session["backend_source"].as_str().unwrap_or_default();
+    assert!(source.starts_with("127.0.0.1:") && source != tls_session["client"], "{tls_session}");
     assert!(tls_session["bytes_in"].as_u64().is_some_and(|b| b > 0), "{tls_session}");
     assert!(tls_session["bytes_out"].as_u64().is_some_and(|b| b > 0), "{tls_session}");
     assert!(tls_session["duration_ms"].is_u64(), "{tls_session}");

@@ -1,6 +1,6 @@
 //! The Debian package (packaging/, Cargo.toml's [package.metadata.deb]): the shipped
 //! config passes --check and serves nothing public, the man pages are generated from the
-//! clap definitions and the config reference, and the .deb holds what the README promises
+//! clap definitions and the config reference, and the .deb holds what docs/install.md promises
 //! with lintian reporting no error or warning. Installing, upgrading and purging it
 //! under a real systemd is tests/container_systemd.rs's job.
 
@@ -126,6 +126,14 @@ fn man_pages_and_completions_come_from_the_cli_and_the_reference() {
         );
     }
     let config_page = read("man/mailtls.toml.5");
+    // "Reachable from the man pages": both list every docs page where the package puts it.
+    for entry in std::fs::read_dir(crate_path("docs")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let installed = format!("/usr/share/doc/mailtls/docs/{name}").replace('-', "\\-");
+        for (page, text) in [("mailtls(8)", &command_page), ("mailtls.toml(5)", &config_page)] {
+            assert!(text.contains(&installed), "{page} does not list {installed}");
+        }
+    }
     let reference = std::fs::read_to_string(crate_path("docs/configuration.md")).unwrap();
     let keys: Vec<&str> =
         reference.lines().filter_map(|l| l.strip_prefix("### `")?.strip_suffix('`')).collect();
@@ -173,7 +181,7 @@ fn maintainer_scripts_are_valid_posix_sh() {
     }
 }
 
-/// Files the README's "Debian package" section promises.
+/// Files docs/install.md's "Debian package" section promises (and every page of docs/, below).
 const PROMISED: &[&str] = &[
     "./usr/bin/mailtls",
     "./etc/mailtls/mailtls.toml",
@@ -192,7 +200,6 @@ const PROMISED: &[&str] = &[
     "./usr/share/zsh/vendor-completions/_mailtls",
     "./usr/share/fish/vendor_completions.d/mailtls.fish",
     "./usr/share/doc/mailtls/README.md",
-    "./usr/share/doc/mailtls/configuration.md",
     "./usr/share/doc/mailtls/changelog.Debian.gz",
     "./usr/share/doc/mailtls/copyright",
     "./usr/share/doc/mailtls/examples/mailtls.example.toml",
@@ -219,6 +226,17 @@ fn package_holds_what_it_promises_and_lintian_is_clean() {
     for promised in PROMISED {
         assert!(files.contains(promised), "{promised} is not in the package:\n{contents}");
     }
+    // The README links docs/NAME.md, so the pages keep that place beside it.
+    let mut pages = 0;
+    for entry in std::fs::read_dir(crate_path("docs")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") {
+            pages += 1;
+            let installed = format!("./usr/share/doc/mailtls/docs/{name}");
+            assert!(files.contains(installed.as_str()), "{installed} is not in the package:\n{contents}");
+        }
+    }
+    assert!(pages > 10, "{pages} docs pages");
     let control = tempfile::tempdir().unwrap();
     let (ok, text) = run(Command::new("dpkg-deb").arg("--control").arg(&deb).arg(control.path()));
     assert!(ok, "{text}");

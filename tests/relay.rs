@@ -691,3 +691,92 @@ async fn a_client_closing_without_close_notify_ends_the_relay_as_closed() {
     let report = tokio::time::timeout(BULK_PATIENCE, &mut running.relay).await.expect("relay ended").unwrap();
     assert_eq!(report.ending, Ending::Closed, "a close without close_notify is an ordinary close");
 }
+
+/// Resets the connection (SO_LINGER 0): the RST a client's kernel sends when it closes
+/// with bytes still unread, as swaks does with mailtls's close_notify after QUIT.
+fn reset(tcp: TcpStream) {
+    socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(tcp);
+}
+
+/// The backend says goodbye and closes; the client reads it all, then resets instead of
+/// closing. The conversation was over: the relay must report it closed, not failed.
+async fn goodbye_then_reset<C>(
+    mut client_app: C,
+    into_tcp: impl FnOnce(C) -> TcpStream,
+    running: Running,
+) -> Report
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let Running { mut backend_app, relay } = running;
+    client_app.write_all(b"QUIT\r\n").await.unwrap();
+    client_app.flush().await.unwrap();
+    let mut got = [0u8; 6];
+    backend_app.read_exact(&mut got).await.unwrap();
+    backend_app.write_all(b"221 2.0.0 bye\r\n").await.unwrap();
+    drop(backend_app);
+    // Everything the backend said, then the end of stream (close_notify on TLS).
+    let mut reply = Vec::new();
+    tokio::time::timeout(BULK_PATIENCE, client_app.read_to_end(&mut reply)).await.unwrap().unwrap();
+    assert_eq!(reply, b"221 2.0.0 bye\r\n");
+    reset(into_tcp(client_app));
+    tokio::time::timeout(BULK_PATIENCE, relay).await.expect("relay ended").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resetting_after_the_backends_goodbye_ends_the_relay_as_closed_on_every_engine() {
+    // TLS client leg, the copy engine (and ktls where the kernel has it).
+    for mode in [RelayMode::Copy, RelayMode::Auto] {
+        let engines = engines(mode, Faults::default());
+        let (client_app, running, _watch) = started_tls_session(&engines, &tls_peers(), b"").await;
+        let report = goodbye_then_reset(client_app, |c| c.into_inner().0, running).await;
+        assert_eq!(report.ending, Ending::Closed, "{mode:?} TLS leg, engine {:?}", report.engine);
+    }
+    // Cleartext legs: splice in auto mode, copy when asked.
+    for mode in [RelayMode::Copy, RelayMode::Auto] {
+        let engines = engines(mode, Faults::default());
+        let (client_app, client_side) = tcp_pair().await;
+        let (backend_side, backend_app) = tcp_pair().await;
+        let relay = tokio::spawn(async move {
+            let mut engine = None;
+            relay::run(client_side, backend_side, Pending::default(), &engines, "test", &mut engine).await
+        });
+        let report = goodbye_then_reset(client_app, |c| c, Running { backend_app, relay }).await;
+        assert_eq!(report.ending, Ending::Closed, "{mode:?} cleartext leg, engine {:?}", report.engine);
+    }
+}
+
+/// The other side of the rule above: a reset while the backend is still talking is a
+/// failed relay, on every engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resetting_mid_conversation_is_a_failed_relay_on_every_engine() {
+    for mode in [RelayMode::Copy, RelayMode::Auto] {
+        for tls in [true, false] {
+            let engines = engines(mode, Faults::default());
+            let (client_tcp, mut backend_app, relay) = if tls {
+                let (mut client_app, running, _watch) =
+                    started_tls_session(&engines, &tls_peers(), b"").await;
+                client_app.write_all(b"a1 NOOP\r\n").await.unwrap();
+                client_app.flush().await.unwrap();
+                (client_app.into_inner().0, running.backend_app, running.relay)
+            } else {
+                let (mut client_app, client_side) = tcp_pair().await;
+                let (backend_side, backend_app) = tcp_pair().await;
+                let relay = tokio::spawn(async move {
+                    let mut engine = None;
+                    relay::run(client_side, backend_side, Pending::default(), &engines, "test", &mut engine)
+                        .await
+                });
+                client_app.write_all(b"a1 NOOP\r\n").await.unwrap();
+                (client_app, backend_app, relay)
+            };
+            let mut got = [0u8; 9];
+            backend_app.read_exact(&mut got).await.unwrap();
+            reset(client_tcp);
+            let report = tokio::time::timeout(BULK_PATIENCE, relay).await.expect("relay ended").unwrap();
+            assert_eq!(report.ending, Ending::Failed, "{mode:?} tls={tls}, engine {:?}", report.engine);
+            drop(backend_app);
+        }
+    }
+}

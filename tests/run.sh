@@ -17,7 +17,11 @@ cd "$(dirname "$0")/.."
 # sidecar pod and systemd as PID 1 (tests/container_*.rs; base images are made from Debian's
 # packages once and kept under their tags). python3-yaml: the Kubernetes manifest check.
 # haproxy: the balancer of tests/fleet.rs. iptables: netavark (podman's default network, the
-# pods' published ports) runs it, and podman only suggests it.
+# pods' published ports) runs it, and podman only suggests it. The backend matrix
+# (tests/interop_exim.rs, interop_opensmtpd.rs, interop_cyrus.rs, interop_courier.rs) runs
+# each of those servers in a container whose image is the runtime base plus the server's
+# Debian packages (tests/common/podman.rs, DerivedImage): the base is debootstrapped once,
+# each server's image built on it once, and both kept under their tags for later runs.
 packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils
   dpkg-dev lintian man-db prometheus podman runc catatonit netavark debootstrap python3-yaml haproxy iptables)
 missing=()

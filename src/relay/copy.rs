@@ -227,6 +227,11 @@ impl<'f> Direction<'f> {
         }
     }
 
+    /// Its source has ended and every byte has been written: only the half-close is left.
+    fn closing(&self) -> bool {
+        self.read_done && self.flight.bytes()[self.pos..].is_empty()
+    }
+
     /// Returns the buffer, if one is still held, to the pool.
     fn release(&mut self) {
         self.flight.clear();
@@ -248,28 +253,28 @@ where
     let mut up = Direction::new(pending.to_backend, filter);
     let mut down = Direction::new(pending.to_client, None);
     let copy = poll_fn(|cx| {
-        let up_state =
-            if up.done { Poll::Ready(Ok(())) } else { up.poll(cx, &mut client, &mut backend, &clock) };
-        if let Poll::Ready(Err(e)) = up_state {
-            return Poll::Ready(Err(e));
+        if !up.done {
+            if let Poll::Ready(Err(e)) = up.poll(cx, &mut client, &mut backend, &clock) {
+                return Poll::Ready(Ending::after_error(&e, down.done || up.closing()));
+            }
         }
         if up.refusal.is_some() && up.done {
             // Nothing more moves either way: the refusal ends the relay.
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ending::Closed);
         }
-        let down_state =
-            if down.done { Poll::Ready(Ok(())) } else { down.poll(cx, &mut backend, &mut client, &clock) };
-        if let Poll::Ready(Err(e)) = down_state {
-            return Poll::Ready(Err(e));
+        if !down.done {
+            if let Poll::Ready(Err(e)) = down.poll(cx, &mut backend, &mut client, &clock) {
+                return Poll::Ready(Ending::after_error(&e, up.done || down.closing()));
+            }
         }
         if up.done && down.done {
-            Poll::Ready(Ok(()))
+            Poll::Ready(Ending::Closed)
         } else {
             Poll::Pending
         }
     });
     let mut ending = tokio::select! {
-        result = copy => if result.is_ok() { Ending::Closed } else { Ending::Failed },
+        ending = copy => ending,
         () = clock.idle_for(idle) => Ending::Idle,
     };
     if let Some(reply) = up.refusal.take() {

@@ -21,6 +21,7 @@ mod splice;
 pub use filter::{ClientFilter, Verdict};
 
 use std::fmt;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +74,22 @@ pub enum Ending {
     /// The client filter refused the client's input: its reply was sent and both
     /// connections closed.
     Refused,
+}
+
+impl Ending {
+    /// How a relay ended whose direction failed with `e`. A reset or a broken pipe once the
+    /// conversation is over (the other direction, or this one up to its half-close, has
+    /// finished) is a peer hanging up, not a failure: a client that closes with mailtls's
+    /// close_notify still unread makes its kernel answer with RST (swaks after QUIT does).
+    pub(crate) fn after_error(e: &io::Error, conversation_over: bool) -> Ending {
+        let hang_up = matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe);
+        if hang_up && conversation_over {
+            Ending::Closed
+        } else {
+            tracing::debug!("relay failed: {e}");
+            Ending::Failed
+        }
+    }
 }
 
 /// What a finished relay reports.

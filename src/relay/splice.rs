@@ -14,7 +14,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
@@ -109,13 +109,18 @@ pub(super) async fn relay(
         clock: &clock,
         moved: &down_moved,
     };
+    // Which direction has finished, so that the other's reset can be told from a failure.
+    let finished = AtomicBool::new(false);
     let up_run = async {
         match filter {
             Some(filter) => up.run_filtered(pending.to_backend, filter).await,
             None => up.run(pending.to_backend).await,
         }
+        .inspect(|()| finished.store(true, Ordering::Relaxed))
     };
-    let both = async { tokio::try_join!(up_run, down.run(pending.to_client)) };
+    let down_run =
+        async { down.run(pending.to_client).await.inspect(|()| finished.store(true, Ordering::Relaxed)) };
+    let both = async { tokio::try_join!(up_run, down_run) };
     let ending = tokio::select! {
         result = both => match result {
             Ok(_) => Ending::Closed,
@@ -124,10 +129,7 @@ pub(super) async fn relay(
                     refuse(&legs, reply).await;
                     Ending::Refused
                 }
-                None => {
-                    tracing::debug!("splice relay failed: {e}");
-                    Ending::Failed
-                }
+                None => Ending::after_error(&e, finished.load(Ordering::Relaxed)),
             },
         },
         () = clock.idle_for(idle) => Ending::Idle,

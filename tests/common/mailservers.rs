@@ -4,7 +4,7 @@
 //! Everything runs from one temp dir under /tmp on 127.0.0.1 and ports picked at run time;
 //! daemons log to files in that dir (never to a pipe a test waits on). [`Interop`] stops
 //! every daemon it started when dropped, also when a test panics, and then prints the logs.
-//! The exact Postfix and Dovecot settings below are the ones the README documents.
+//! The exact Postfix and Dovecot settings below are the ones docs/postfix.md and docs/dovecot.md document.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -337,7 +337,7 @@ impl RoutedPair {
         for (name, protocol, port, first, second) in
             [("imaps", "imap", pair.imaps, p[0], p[2]), ("pop3s", "pop3", pair.pop3s, p[1], p[3])]
         {
-            // Relative to the config file: the README's advice, exercised.
+            // Relative to the config file: docs/configuration.md's rule, exercised.
             let routes = format!(
                 "default = \"127.0.0.1:{first}\"\n\n[routes]\n\"{OTHER_USER}\" = \"127.0.0.1:{second}\"\n"
             );
@@ -507,7 +507,7 @@ impl Drop for RoutedMx {
 }
 
 /// The mailtls binary on `config`, written to DIR/mailtls.toml, logging to DIR/mailtls.log.
-fn spawn_mailtls(dir: &Path, config: &str) -> Child {
+pub fn spawn_mailtls(dir: &Path, config: &str) -> Child {
     let config_path = dir.join("mailtls.toml");
     fs::write(&config_path, config).unwrap();
     let log = File::create(dir.join("mailtls.log")).unwrap();
@@ -580,7 +580,7 @@ impl Dovecot {
 
     /// Prepares `dir` (mail directory, users file) and returns the config of
     /// [`Dovecot::start_for`]: listeners that take a PROXY header from
-    /// `haproxy_trusted_networks`, the README's recommended set-up.
+    /// `haproxy_trusted_networks`, docs/dovecot.md's recommended set-up.
     fn config(dir: &Path, user: &str, imap: u16, pop3: u16) -> String {
         let d = dir.display();
         for sub in ["base", "state", "mail"] {
@@ -615,7 +615,7 @@ impl Dovecot {
     }
 }
 
-/// The Dovecot config the README documents (PROXY v2 from 127.0.0.0/8, no plaintext
+/// The Dovecot config docs/dovecot.md documents (PROXY v2 from 127.0.0.0/8, no plaintext
 /// logins without TLS) with everything under `d`: used here and in the sidecar's container.
 pub fn dovecot_config(d: &str, imap: u16, pop3: u16) -> String {
     format!(
@@ -662,7 +662,7 @@ service auth {{
 }
 
 /// Dovecot's files for a container, written to `home` on the host and mounted (or copied) at
-/// `d` inside: the README's config, alice's password and one message in her Maildir.
+/// `d` inside: docs/dovecot.md's config, alice's password and one message in her Maildir.
 pub fn dovecot_home(home: &Path, d: &str, imap: u16, pop3: u16, message: &str) {
     let maildir = home.join("mail/alice/Maildir");
     for sub in

@@ -5,7 +5,9 @@
 
 pub mod backend;
 pub mod busy;
+pub mod mailbox_matrix;
 pub mod mailservers;
+pub mod mta;
 pub mod openssl;
 pub mod podman;
 pub mod process;

@@ -83,7 +83,7 @@ impl BaseImage {
             out.stdout,
             out.stderr
         );
-        // `tar | podman import`, as the README shows.
+        // `tar | podman import`, as docs/install.md shows.
         let mut import = Command::new("sh");
         import.arg("-c").arg(r#"tar -C "$1" -c . | podman import ${2:+--change "$2"} - "$3""#).arg("sh");
         import.arg(&rootfs).arg(self.change.unwrap_or("")).arg(self.tag);

@@ -8,27 +8,15 @@ The TLS context trusts only CAFILE and checks the certificate's name (127.0.0.1 
 test certificate); the client socket is bound to SOURCE_IP so the backends' logs can show
 that address arrived through the proxy.
 """
-import imaplib
 import os
-import poplib
-import socket
-import ssl
 import sys
+
+import client
 
 proto, mode, port, cafile, source, user, password, outdir = sys.argv[1:9]
 port = int(port)
-host = "127.0.0.1"
-
-# imaplib and poplib take no source address: bind every connection they open.
-_create_connection = socket.create_connection
-
-
-def bound(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kw):
-    return _create_connection(address, timeout, (source, 0), **kw)
-
-
-socket.create_connection = bound
-context = ssl.create_default_context(cafile=cafile)
+client.bind_all(source)
+context = client.context(cafile)
 os.makedirs(outdir, exist_ok=True)
 
 
@@ -38,11 +26,7 @@ def save(n, data):
 
 
 if proto == "imap":
-    if mode == "implicit":
-        conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=30)
-    else:
-        conn = imaplib.IMAP4(host, port, timeout=30)
-        conn.starttls(ssl_context=context)
+    conn = client.imap(mode, port, context, 30)
     conn.login(user, password)
     conn.select("INBOX", readonly=True)
     typ, data = conn.uid("SEARCH", None, "ALL")
@@ -53,11 +37,7 @@ if proto == "imap":
         save(n, parts[0][1])
     conn.logout()
 else:
-    if mode == "implicit":
-        conn = poplib.POP3_SSL(host, port, context=context, timeout=30)
-    else:
-        conn = poplib.POP3(host, port, timeout=30)
-        conn.stls(context=context)
+    conn = client.pop3(mode, port, context, 30)
     conn.user(user)
     conn.pass_(password)
     count, _ = conn.stat()

@@ -16,24 +16,16 @@ forged address is 203.0.113.77. A forgery refused with an error is printed, not 
 import base64
 import imaplib
 import poplib
-import socket
-import ssl
 import sys
+
+import client
 
 proto, mode, port, cafile, source, user, password = sys.argv[1:8]
 port = int(port)
-host = "127.0.0.1"
+host = client.HOST
 FORGED = "203.0.113.77"
-
-_create_connection = socket.create_connection
-
-
-def bound(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kw):
-    return _create_connection(address, timeout, (source, 0), **kw)
-
-
-socket.create_connection = bound
-context = ssl.create_default_context(cafile=cafile)
+client.bind_all(source)
+context = client.context(cafile)
 
 
 def show(kind, text):
@@ -76,11 +68,7 @@ if proto == "pop3":
 else:
     imaplib.Commands["ID"] = ("NONAUTH", "AUTH", "SELECTED")
     imaplib.Commands["XCLIENT"] = ("NONAUTH",)
-    if mode == "implicit":
-        conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=30)
-    else:
-        conn = imaplib.IMAP4(host, port, timeout=30)
-        conn.starttls(ssl_context=context)
+    conn = client.imap(mode, port, context, 30)
     show("greeting", conn.welcome)
     # Dovecot honours the first ID of a connection only: the escaped form (which Dovecot
     # reads as x-originating-ip) goes first, then every field alone, then all at once.
