@@ -251,11 +251,15 @@ cpu_ticks() {
 
 # Nanoseconds on CPU of the proxy's threads (/proc/PID/task/TID/schedstat): the mail-server
 # window's load is a few milliseconds a second, below the 10 ms resolution of clock ticks.
-cpu_ns() {
-    local p
-    for p in $(proxy_pids); do
+cpu_ns() { sched_ns 1 $(proxy_pids); }
+# Field 1 of schedstat (1: time on CPU, 2: time runnable but waiting for one) summed over
+# every thread of the given processes, in nanoseconds.
+sched_ns() {
+    local f=$1 p
+    shift
+    for p in "$@"; do
         cat /proc/"$p"/task/*/schedstat 2>/dev/null || true
-    done | awk '{ns += $1} END {printf "%.0f\n", ns}'
+    done | awk -v f="$f" '{ns += $f} END {printf "%.0f\n", ns}'
 }
 
 # Resident KiB of the proxy's processes. smaps_rollup walks the page tables, so it is exact;
@@ -368,11 +372,17 @@ for mrun in $(seq "$MAIL_RUNS"); do
         sleep 2
         r1=$(rss_kib)
         c0=$(cpu_ns)
+        # Waiting for a CPU, the proxy's threads and the load side's (loadgen, backend).
+        load_side=("${PIDS[0]}" $(pgrep -P "$MAIL_PID" || true))
+        q0=$(sched_ns 2 $(proxy_pids))
+        lq0=$(sched_ns 2 "${load_side[@]}")
         b0=$(busy_ticks)
         t0=$(date +%s.%N)
         echo go >&"$MAIL_IN"
         read -r -t $((MAIL_WINDOW + 60)) wend <&"${MAIL[0]}" || wend=
         c1=$(cpu_ns)
+        q1=$(sched_ns 2 $(proxy_pids))
+        lq1=$(sched_ns 2 "${load_side[@]}")
         b1=$(busy_ticks)
         t1=$(date +%s.%N)
         r2=$(rss_kib)
@@ -388,7 +398,10 @@ for mrun in $(seq "$MAIL_RUNS"); do
         if [ "${wend%% *}" = window-end ] && [ -n "$result" ]; then
             record "$proxy" mail_cpu_s_per_s "$mrun" "$(echo "($c1 - $c0) / 1000000000 / ($t1 - $t0)" | bc -l)"
             record "$proxy" mail_machine_busy_pct "$mrun" "$(busy_pct "$b0" "$b1")"
-            for f in noop_p50_ms noop_p99_ms push_p50_ms push_p99_ms p50_ms p99_ms max_ms noops noop_replies pushes push_replies closed; do
+            record "$proxy" mail_proxy_runqueue_ms "$mrun" "$(echo "($q1 - $q0) / 1000000" | bc -l)"
+            record "$proxy" mail_load_runqueue_ms "$mrun" "$(echo "($lq1 - $lq0) / 1000000" | bc -l)"
+            for f in noop_p50_ms noop_p99_ms push_p50_ms push_p99_ms p50_ms p99_ms max_ms noops noop_replies pushes push_replies closed \
+                slow_replies slow_first_s slow_last_s tick_late_max_ms; do
                 record "$proxy" "mail_$f" "$mrun" "$(field $f "$result")"
             done
         else
@@ -569,6 +582,10 @@ if mail_proxies:
         ("mail_push_replies", "EXISTS received", ",.0f", False),
         ("mail_closed", "sessions the proxy closed during the run", ",.0f", False),
         ("mail_machine_busy_pct", "both cores busy during the window, % (all programs)", ".0f", False),
+        ("mail_slow_replies", "replies slower than 50 ms", ",.0f", False),
+        ("mail_proxy_runqueue_ms", "proxy's threads runnable but waiting for a CPU, ms in the window", ".1f", False),
+        ("mail_load_runqueue_ms", "load generator and backend waiting for a CPU, ms in the window", ".1f", False),
+        ("mail_tick_late_max_ms", "load generator's latest tick, ms (its own stalls)", ".1f", False),
     ], mail_proxies)
 aes = E.get("AES", "")
 lines += [

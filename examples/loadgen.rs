@@ -138,7 +138,26 @@ async fn bulk_stream(addr: String, tls: TlsConnector, up: bool, bytes: usize) ->
 struct Replies {
     noop: Vec<u64>,
     push: Vec<u64>,
+    /// When each reply slower than [`SLOW_US`] arrived: slow replies that all arrive within
+    /// a moment are one stall of some process, not a slow proxy.
+    slow: Vec<Instant>,
     closed: usize,
+}
+
+/// A reply this slow (100 times a typical one here) is noted with its arrival time.
+const SLOW_US: u64 = 50_000;
+
+impl Replies {
+    fn note(&mut self, noop: bool, us: u64) {
+        if us >= SLOW_US {
+            self.slow.push(Instant::now());
+        }
+        if noop {
+            self.noop.push(us);
+        } else {
+            self.push.push(us);
+        }
+    }
 }
 
 fn replies(stats: &Mutex<Replies>) -> std::sync::MutexGuard<'_, Replies> {
@@ -174,11 +193,11 @@ async fn mail_session(mut s: BufReader<TlsStream<TcpStream>>, wake: Arc<Notify>,
                 if let Some(stamp) = text.strip_prefix("* ").and_then(|t| t.strip_suffix(" EXISTS\r\n")) {
                     if let Ok(stamp) = stamp.parse::<u64>() {
                         let us = (stamp_us() + STAMP_WRAP_US - stamp) % STAMP_WRAP_US;
-                        replies(&stats).push.push(us);
+                        replies(&stats).note(false, us);
                     }
                 } else if text.starts_with(&format!("n{seq} ")) {
                     if let Some(t0) = sent.take() {
-                        replies(&stats).noop.push(t0.elapsed().as_micros() as u64);
+                        replies(&stats).note(true, t0.elapsed().as_micros() as u64);
                     }
                 }
                 line.clear();
@@ -288,8 +307,11 @@ async fn mail(addr: String, tls: TlsConnector, args: &[String]) -> Result<(), Er
     let (mut noops, mut pushes) = (0usize, 0usize);
     let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
     let t0 = Instant::now();
+    // How late the ticks came: this process's own stalls (its core busy with others).
+    let mut late_max = Duration::ZERO;
     while t0.elapsed() < window {
-        tick.tick().await;
+        let due = tick.tick().await;
+        late_max = late_max.max(due.elapsed());
         if noops <= pushes {
             rng ^= rng << 13;
             rng ^= rng >> 7;
@@ -322,10 +344,17 @@ async fn mail(addr: String, tls: TlsConnector, args: &[String]) -> Result<(), Er
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (mut noop, mut push, closed) = {
+    let (mut noop, mut push, closed, slow) = {
         let r = replies(&stats);
-        (r.noop.clone(), r.push.clone(), r.closed)
+        let since = |t: &Instant| t.saturating_duration_since(t0).as_secs_f64();
+        let slow = (
+            r.slow.len(),
+            r.slow.iter().map(since).fold(f64::INFINITY, f64::min),
+            r.slow.iter().map(since).fold(0.0, f64::max),
+        );
+        (r.noop.clone(), r.push.clone(), r.closed, slow)
     };
+    let (slow_n, slow_first, slow_last) = if slow.0 == 0 { (0, 0.0, 0.0) } else { slow };
     noop.sort_unstable();
     push.sort_unstable();
     let mut all = [noop.as_slice(), push.as_slice()].concat();
@@ -333,7 +362,8 @@ async fn mail(addr: String, tls: TlsConnector, args: &[String]) -> Result<(), Er
     println!(
         "sessions={} noops={noops} noop_replies={} pushes={pushed} push_replies={} \
          noop_p50_ms={:.3} noop_p99_ms={:.3} push_p50_ms={:.3} push_p99_ms={:.3} \
-         p50_ms={:.3} p99_ms={:.3} max_ms={:.3} closed={closed}",
+         p50_ms={:.3} p99_ms={:.3} max_ms={:.3} closed={closed} slow_replies={slow_n} \
+         slow_first_s={slow_first:.3} slow_last_s={slow_last:.3} tick_late_max_ms={:.3}",
         wakes.len(),
         noop.len(),
         push.len(),
@@ -344,6 +374,7 @@ async fn mail(addr: String, tls: TlsConnector, args: &[String]) -> Result<(), Er
         quantile_ms(&all, 0.5),
         quantile_ms(&all, 0.99),
         quantile_ms(&all, 1.0),
+        late_max.as_secs_f64() * 1000.0,
     );
     let _ = std::io::stdout().flush();
     // Hold until stdin closes, at most ten minutes.
