@@ -8,6 +8,9 @@
 //! Each was written failing against a flaw of the first design (one process-wide key log
 //! keyed by ClientHello random; see docs/security.md) and guards the invariant it names.
 
+mod common;
+use common::tcp_pair;
+
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -23,7 +26,7 @@ use rustls::crypto::tls13::OkmBlock;
 use rustls::crypto::{GetRandomFailed, SecureRandom};
 use rustls::{ContentType, KeyLog, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const IDLE: Duration = Duration::from_secs(60);
 /// How long a step may take before the test gives up on it (a bound, not a measurement).
@@ -31,15 +34,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
 type ProxyTls = tokio_rustls::server::TlsStream<Prefixed<TcpStream>>;
-
-async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-    let (b, _) = l.accept().await.unwrap();
-    a.set_nodelay(true).unwrap();
-    b.set_nodelay(true).unwrap();
-    (a, b)
-}
 
 /// Fills every 32-byte request (the ClientHello random, the legacy session id) with one
 /// value the client chose; the rest (key shares use aws-lc's own) from the system.

@@ -19,7 +19,7 @@ use mailtls::protocol::BareNewline;
 use mailtls::relay::{self, Cipher, Ending, Engine, Engines, Faults, KtlsSupport, Pending, Report, Suite};
 use mailtls::tls::prefixed::Prefixed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const MIB: usize = 1 << 20;
 const BULK: usize = 64 * MIB;
@@ -83,15 +83,6 @@ async fn receive_and_check<S: AsyncRead + Unpin>(s: &mut S, seed: u64, len: usiz
         got += n;
     }
     assert_eq!(got, len, "stream ended early");
-}
-
-async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-    let (b, _) = l.accept().await.unwrap();
-    a.set_nodelay(true).unwrap();
-    b.set_nodelay(true).unwrap();
-    (a, b)
 }
 
 /// Which side half-closes first.
