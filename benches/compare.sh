@@ -26,6 +26,9 @@
 #   MAIL_SESSIONS=10000 MAIL_SETUP=20 MAIL_WINDOW=30 MAIL_RUNS=3 MAIL_PROXIES="mailtls haproxy nginx"
 #   RUNS=0 MAIL_RUNS=1 MAIL_PROXIES=mailtls ...   (only the mail-server run, of one proxy)
 #   MAIL_PROXIES=none ...                           (no mail-server run)
+#   MAILTLS_B=/tmp/other/mailtls PROXIES="mailtls mailtls-b" MAIL_PROXIES=none OUT=/tmp/ab.md ...
+#       (an A/B of two mailtls builds taking turns in the same run: the ratio column is then
+#       this build over the other)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +37,10 @@ MIB=${MIB:-256}
 HANDSHAKES=${HANDSHAKES:-1000}
 IDLE_SESSIONS=${IDLE_SESSIONS:-2000}
 PROXIES=${PROXIES:-"mailtls stunnel haproxy nginx"}
+case " $PROXIES " in
+*" mailtls-b "*)
+    [ -x "${MAILTLS_B:-}" ] || { echo "compare.sh: PROXIES names mailtls-b: set MAILTLS_B to a mailtls binary" >&2; exit 1; } ;;
+esac
 # stunnel is left out of the mail-server run: a thread per session and 79 KiB per idle
 # session at 2,000 (RESULTS.md); it cannot be the best peer there, and costs a minute.
 MAIL_PROXIES=${MAIL_PROXIES:-"mailtls haproxy nginx"}
@@ -212,6 +219,7 @@ start_proxy() {
     local on=(taskset -c $PROXY_CORE nice -n "$PRIO")
     case $1 in
     mailtls) RUST_LOG=warn "${on[@]}" "$BIN/mailtls" --config "$W/mailtls.toml" 2>>"$W/mailtls.log" & ;;
+    mailtls-b) RUST_LOG=warn "${on[@]}" "$MAILTLS_B" --config "$W/mailtls.toml" 2>>"$W/mailtls-b.log" & ;;
     stunnel) "${on[@]}" stunnel4 "$W/stunnel.conf" 2>>"$W/stunnel.log" & ;;
     haproxy) "${on[@]}" haproxy -db -f "$W/haproxy.cfg" 2>>"$W/haproxy.log" & ;;
     nginx) "${on[@]}" nginx -p "$W" -e "$W/nginx-error.log" -c "$W/nginx.conf" 2>>"$W/nginx.log" & ;;
@@ -446,7 +454,7 @@ for line in raw_lines:
     proxy, metric, run, value = line.split("\t")
     if value:
         data.setdefault(metric, {}).setdefault(proxy, []).append(float(value))
-order = ["mailtls", "stunnel", "haproxy", "nginx"]
+order = ["mailtls", "mailtls-b", "stunnel", "haproxy", "nginx"]
 
 
 def med(key):
