@@ -7,9 +7,10 @@
 //! Here an idle session holds its two AEAD keys and sequence numbers and no buffer; a read
 //! takes up to the whole pooled buffer the copy engine lends (several records), opens the
 //! records in place and moves their plaintext together, with no other copy and no
-//! allocation. Sealing costs what it cost inside rustls (one copy into each 16 KiB record,
-//! aws-lc's AEAD); the opening key is rustls's, the sealing keys are built here because
-//! rustls's would refuse a sequence number that does not start at 0.
+//! allocation. Sealing encrypts each byte straight from the copy engine's buffer into one
+//! pooled buffer that holds a whole write's records, which leave in one system call (rustls
+//! copies each record into a buffer of its own, then encrypts it there); the opening key is rustls's, the sealing keys are built here because rustls's
+//! would refuse a sequence number that does not start at 0.
 //!
 //! The switch follows the ktls engine's rules (see ktls.rs): only at a record boundary with
 //! everything rustls held drained and flushed; otherwise the session stays with rustls. After
@@ -20,14 +21,14 @@
 //! log kept (tls/secrets.rs), and any other record (a renegotiation) ends the session with
 //! a fatal alert, as rustls ends it. Nothing is sealed after our close_notify.
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use rustls::crypto::cipher::{
     make_tls12_aad, make_tls13_aad, AeadKey, InboundOpaqueMessage, InboundPlainMessage, Iv, MessageDecrypter,
-    MessageEncrypter, Nonce, OutboundChunks, OutboundOpaqueMessage, OutboundPlainMessage, PrefixedPayload,
+    MessageEncrypter, Nonce, OutboundChunks, OutboundPlainMessage,
 };
 use rustls::crypto::tls13::{HkdfExpander, OkmBlock};
 use rustls::{
@@ -44,8 +45,12 @@ const HEADER: usize = 5;
 const MAX_FRAGMENT: usize = 16 * 1024;
 /// The largest record body accepted, as rustls's deframer has it (TLS 1.2's allowance).
 const MAX_BODY: usize = MAX_FRAGMENT + 2048;
-/// The most plaintext sealed per write: four full records, then the socket gets them.
-const MAX_WRITE: usize = 4 * MAX_FRAGMENT;
+/// The most plaintext sealed per write: as much as the copy engine reads at a time (16
+/// records), then the socket gets them.
+const MAX_WRITE: usize = super::copy::BULK_BUFFER;
+/// What a record adds to its plaintext at most: header, TLS 1.3's inner type or TLS 1.2's
+/// explicit nonce, and the 16-byte tag.
+const MAX_OVERHEAD: usize = HEADER + 8 + 16;
 /// Empty data records in a row tolerated before the peer is taken for a flood (rustls: 32).
 const MAX_EMPTY_IN_A_ROW: u8 = 32;
 /// TLS 1.2 warning alerts in a row tolerated (rustls: 4).
@@ -54,9 +59,34 @@ const MAX_WARNINGS_IN_A_ROW: u8 = 4;
 /// BoringSSL): each costs HKDF work, and the peer gains nothing from more.
 const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
 /// Sealed bytes queued beyond which the client is not read until the socket takes some:
-/// what one write may leave (four records) and a little for our KeyUpdate and alerts. With
+/// what one write may leave (16 records) and a little for our KeyUpdate and alerts. With
 /// answers coalesced it is not reached; it bounds the queue whatever the client does.
-const MAX_QUEUED: usize = MAX_WRITE + 1024;
+const MAX_QUEUED: usize = MAX_WRITE + MAX_WRITE / MAX_FRAGMENT * MAX_OVERHEAD + 1024;
+/// Sealing buffers kept per thread for reuse, and the largest kept.
+const SEALED_POOL_KEEP: usize = 16;
+const SEALED_POOL_LARGEST: usize = 2 * MAX_QUEUED;
+
+thread_local! {
+    static SEALED_POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A sealing buffer (its bytes initialised, whatever they hold), from this thread's pool
+/// when it has one.
+fn take_sealed() -> Vec<u8> {
+    SEALED_POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default()
+}
+
+fn give_sealed(buf: Vec<u8>) {
+    if buf.is_empty() || buf.len() > SEALED_POOL_LARGEST {
+        return;
+    }
+    SEALED_POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        if pool.len() < SEALED_POOL_KEEP {
+            pool.push(buf);
+        }
+    });
+}
 
 /// Every TLS 1.3 record after the handshake says application_data outside (RFC 8446 5.2).
 const TLS13_OUTER_TYPE: u8 = 23;
@@ -125,7 +155,7 @@ enum Incoming {
 pub(super) struct RecordLeg {
     socket: TcpStream,
     opener: Box<dyn MessageDecrypter>,
-    sealer: Box<dyn MessageEncrypter>,
+    sealer: Box<dyn Sealer>,
     read_seq: u64,
     write_seq: u64,
     /// Records sealed beyond this many end the session: the suite's confidentiality limit
@@ -141,11 +171,13 @@ pub(super) struct RecordLeg {
     /// for a whole record (the copy engine's never is).
     plain: Vec<u8>,
     plain_pos: usize,
-    /// Sealed records not yet written, oldest first; emptied (and freed) once written.
-    sealed: VecDeque<Vec<u8>>,
+    /// Sealed records, back to back, in `sealed[sealed_pos..sealed_end]` (what is before
+    /// has been written); a pooled buffer while any wait, none (capacity 0) once all are
+    /// written, so an idle session holds nothing. Its whole length is initialised, so
+    /// records are sealed into it without clearing it first.
+    sealed: Vec<u8>,
     sealed_pos: usize,
-    /// Bytes in `sealed` not yet written.
-    queued: usize,
+    sealed_end: usize,
     /// The last record queued is our answer to a KeyUpdate, not yet written: a later
     /// request is answered by it too (as rustls coalesces them), so requests from a
     /// client that does not read cannot pile answers up.
@@ -184,7 +216,7 @@ impl RecordLeg {
                     Some((s, TrafficSecrets { client, server }))
                 });
                 let sealer = Tls13Sealer::new(s, wk.as_ref(), wiv).ok_or(Fatal::Mismatch)?;
-                (s.aead_alg.decrypter(rk, riv), Box::new(sealer) as Box<dyn MessageEncrypter>, true)
+                (s.aead_alg.decrypter(rk, riv), Box::new(sealer) as Box<dyn Sealer>, true)
             }
             SupportedCipherSuite::Tls12(s) => {
                 let shape = s.aead_alg.key_block_shape();
@@ -195,12 +227,15 @@ impl RecordLeg {
                 let (rk, riv) = key_iv(rx).ok_or(Fatal::Mismatch)?;
                 let (wk, wiv) = key_iv(tx).ok_or(Fatal::Mismatch)?;
                 let opener = s.aead_alg.decrypter(rk, &riv.as_ref()[..fixed]);
-                let sealer: Box<dyn MessageEncrypter> =
-                    match Tls12GcmSealer::new(s.common.suite, wk.as_ref(), &wiv) {
-                        Some(sealer) => Box::new(sealer),
-                        // ChaCha20-Poly1305: rustls's sealer has no such start-at-0 rule.
-                        None => s.aead_alg.encrypter(wk, &wiv.as_ref()[..fixed], &wiv.as_ref()[fixed..]),
-                    };
+                let sealer: Box<dyn Sealer> = match Tls12GcmSealer::new(s.common.suite, wk.as_ref(), &wiv) {
+                    Some(sealer) => Box::new(sealer),
+                    // ChaCha20-Poly1305: rustls's sealer has no such start-at-0 rule.
+                    None => Box::new(RustlsSealer(s.aead_alg.encrypter(
+                        wk,
+                        &wiv.as_ref()[..fixed],
+                        &wiv.as_ref()[fixed..],
+                    ))),
+                };
                 (opener, sealer, false)
             }
         };
@@ -220,9 +255,9 @@ impl RecordLeg {
             carry: Vec::new(),
             plain: Vec::new(),
             plain_pos: 0,
-            sealed: VecDeque::new(),
+            sealed: Vec::new(),
             sealed_pos: 0,
-            queued: 0,
+            sealed_end: 0,
             answer_queued: false,
             incoming: Incoming::Open,
             close_notify_sent: false,
@@ -259,16 +294,12 @@ impl RecordLeg {
         if self.write_seq >= self.write_limit {
             return Err(io::Error::other("the TLS confidentiality limit of the session keys was reached"));
         }
-        let msg = OutboundPlainMessage {
-            typ,
-            version: ProtocolVersion::TLSv1_2,
-            payload: OutboundChunks::Single(fragment),
-        };
-        let sealed = self.sealer.encrypt(msg, self.write_seq).map_err(io::Error::other)?.encode();
+        self.make_room(fragment.len() + MAX_OVERHEAD);
+        let room = &mut self.sealed[self.sealed_end..];
+        let len = self.sealer.seal(typ, fragment, self.write_seq, room).map_err(io::Error::other)?;
+        self.sealed_end += len;
         self.write_seq += 1;
-        self.queued += sealed.len();
         self.answer_queued = false;
-        self.sealed.push_back(sealed);
         Ok(())
     }
 
@@ -283,37 +314,38 @@ impl RecordLeg {
         io::Error::new(io::ErrorKind::InvalidData, why)
     }
 
+    /// Bytes sealed and not yet written.
+    fn queued(&self) -> usize {
+        self.sealed_end - self.sealed_pos
+    }
+
+    /// Makes the sealing buffer hold at least `need` bytes after what is sealed, taking a
+    /// buffer from the pool or growing it (zeroed once) as needed.
+    fn make_room(&mut self, need: usize) {
+        if self.sealed.is_empty() {
+            self.sealed = take_sealed();
+        }
+        let end = self.sealed_end + need;
+        if self.sealed.len() < end {
+            self.sealed.resize(end, 0);
+        }
+    }
+
     /// Writes sealed records until none is left or the socket is full.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.sealed.is_empty() {
-            let mut slices = [io::IoSlice::new(&[]); 16];
-            let mut count = 0;
-            for (i, record) in self.sealed.iter().take(slices.len()).enumerate() {
-                let from = if i == 0 { self.sealed_pos } else { 0 };
-                slices[i] = io::IoSlice::new(&record[from..]);
-                count += 1;
-            }
-            let mut n = ready!(Pin::new(&mut self.socket).poll_write_vectored(cx, &slices[..count]))?;
+        while self.sealed_pos < self.sealed_end {
+            let n = ready!(
+                Pin::new(&mut self.socket).poll_write(cx, &self.sealed[self.sealed_pos..self.sealed_end])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            self.queued -= n.min(self.queued);
-            while n > 0 {
-                let Some(front) = self.sealed.front() else { break };
-                let left = front.len() - self.sealed_pos;
-                if n >= left {
-                    n -= left;
-                    self.sealed.pop_front();
-                    self.sealed_pos = 0;
-                } else {
-                    self.sealed_pos += n;
-                    n = 0;
-                }
-            }
+            self.sealed_pos += n;
         }
-        // Free the queue itself too: an idle session keeps nothing.
-        self.sealed = VecDeque::new();
-        self.queued = 0;
+        // All written: the buffer goes back to the pool, and an idle session keeps nothing.
+        give_sealed(std::mem::take(&mut self.sealed));
+        self.sealed_pos = 0;
+        self.sealed_end = 0;
         self.answer_queued = false;
         Poll::Ready(Ok(()))
     }
@@ -322,11 +354,11 @@ impl RecordLeg {
     /// [`MAX_QUEUED`] bytes wait: then the client is not read (and cannot make us seal
     /// more) until it reads what it was sent.
     fn poll_backlog(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.sealed.is_empty() {
+        if self.queued() == 0 {
             return Poll::Ready(Ok(()));
         }
         match self.poll_drain(cx) {
-            Poll::Pending if self.queued > MAX_QUEUED => Poll::Pending,
+            Poll::Pending if self.queued() > MAX_QUEUED => Poll::Pending,
             Poll::Pending => Poll::Ready(Ok(())),
             done => done,
         }
@@ -639,6 +671,20 @@ fn tls13_algorithm(suite: &'static Tls13CipherSuite) -> Option<&'static aws_lc_r
     }
 }
 
+/// Seals one record into a batch of them.
+trait Sealer: Send + Sync {
+    /// Seals `fragment` (at most [`MAX_FRAGMENT`] bytes) as one whole record of type `typ`
+    /// under sequence number `seq` at the start of `out` (which has room for its
+    /// [`MAX_OVERHEAD`] too); returns the record's length.
+    fn seal(
+        &mut self,
+        typ: ContentType,
+        fragment: &[u8],
+        seq: u64,
+        out: &mut [u8],
+    ) -> Result<usize, rustls::Error>;
+}
+
 /// TLS 1.3 record opening under a key of the relay's own (after a KeyUpdate); the one
 /// the session starts with is rustls's.
 struct Tls13Opener {
@@ -683,30 +729,28 @@ impl Tls13Sealer {
     }
 }
 
-impl MessageEncrypter for Tls13Sealer {
-    fn encrypt(
+impl Sealer for Tls13Sealer {
+    fn seal(
         &mut self,
-        msg: OutboundPlainMessage<'_>,
+        typ: ContentType,
+        fragment: &[u8],
         seq: u64,
-    ) -> Result<OutboundOpaqueMessage, rustls::Error> {
+        out: &mut [u8],
+    ) -> Result<usize, rustls::Error> {
         use aws_lc_rs::aead;
-        let total = self.encrypted_payload_len(msg.payload.len());
-        let mut payload = PrefixedPayload::with_capacity(total);
-        payload.extend_from_chunks(&msg.payload);
         // TLSInnerPlaintext: the content, then its real type (RFC 8446 5.2); no padding.
-        payload.extend_from_slice(&[u8::from(msg.typ)]);
+        // The type is aws-lc's "extra" plaintext, sealed after the content, before the tag.
+        let body = fragment.len() + 1 + self.key.algorithm().tag_len();
+        let record = out.get_mut(..HEADER + body).ok_or(rustls::Error::EncryptError)?;
+        let (header, rest) = record.split_at_mut(HEADER);
+        header.copy_from_slice(&record_header(TLS13_OUTER_TYPE, body));
+        let (ciphertext, type_and_tag) = rest.split_at_mut(fragment.len());
         let nonce = aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0);
-        let aad = aead::Aad::from(make_tls13_aad(total));
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(nonce, aad, payload.as_mut())
+        let aad = aead::Aad::from(make_tls13_aad(body));
+        self.key
+            .seal_out_of_place_scatter(nonce, aad, fragment, ciphertext, &[u8::from(typ)], type_and_tag)
             .map_err(|_| rustls::Error::EncryptError)?;
-        payload.extend_from_slice(tag.as_ref());
-        Ok(OutboundOpaqueMessage::new(ContentType::ApplicationData, ProtocolVersion::TLSv1_2, payload))
-    }
-
-    fn encrypted_payload_len(&self, payload_len: usize) -> usize {
-        payload_len + 1 + self.key.algorithm().tag_len()
+        Ok(HEADER + body)
     }
 }
 
@@ -740,29 +784,59 @@ impl Tls12GcmSealer {
     }
 }
 
-impl MessageEncrypter for Tls12GcmSealer {
-    fn encrypt(
+impl Sealer for Tls12GcmSealer {
+    fn seal(
         &mut self,
-        msg: OutboundPlainMessage<'_>,
+        typ: ContentType,
+        fragment: &[u8],
         seq: u64,
-    ) -> Result<OutboundOpaqueMessage, rustls::Error> {
+        out: &mut [u8],
+    ) -> Result<usize, rustls::Error> {
         use aws_lc_rs::aead;
-        let mut payload = PrefixedPayload::with_capacity(self.encrypted_payload_len(msg.payload.len()));
+        let body = EXPLICIT_NONCE + fragment.len() + self.key.algorithm().tag_len();
+        let record = out.get_mut(..HEADER + body).ok_or(rustls::Error::EncryptError)?;
+        let (header, rest) = record.split_at_mut(HEADER);
+        header.copy_from_slice(&record_header(u8::from(typ), body));
         let nonce = aead::Nonce::assume_unique_for_key(Nonce::new(&self.iv, seq).0);
-        let aad = aead::Aad::from(make_tls12_aad(seq, msg.typ, msg.version, msg.payload.len()));
-        payload.extend_from_slice(&nonce.as_ref()[4..]);
-        payload.extend_from_chunks(&msg.payload);
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(nonce, aad, &mut payload.as_mut()[EXPLICIT_NONCE..])
+        let aad = aead::Aad::from(make_tls12_aad(seq, typ, ProtocolVersion::TLSv1_2, fragment.len()));
+        let (explicit, rest) = rest.split_at_mut(EXPLICIT_NONCE);
+        explicit.copy_from_slice(&nonce.as_ref()[4..]);
+        let (ciphertext, tag) = rest.split_at_mut(fragment.len());
+        self.key
+            .seal_out_of_place_scatter(nonce, aad, fragment, ciphertext, &[], tag)
             .map_err(|_| rustls::Error::EncryptError)?;
-        payload.extend_from_slice(tag.as_ref());
-        Ok(OutboundOpaqueMessage::new(msg.typ, msg.version, payload))
+        Ok(HEADER + body)
     }
+}
 
-    fn encrypted_payload_len(&self, payload_len: usize) -> usize {
-        payload_len + EXPLICIT_NONCE + self.key.algorithm().tag_len()
+/// rustls's own sealer, for the one suite without a sealer here (TLS 1.2 ChaCha20-Poly1305):
+/// it builds each record in a buffer of its own, copied into the batch.
+struct RustlsSealer(Box<dyn MessageEncrypter>);
+
+impl Sealer for RustlsSealer {
+    fn seal(
+        &mut self,
+        typ: ContentType,
+        fragment: &[u8],
+        seq: u64,
+        out: &mut [u8],
+    ) -> Result<usize, rustls::Error> {
+        let msg = OutboundPlainMessage {
+            typ,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(fragment),
+        };
+        let record = self.0.encrypt(msg, seq)?.encode();
+        out.get_mut(..record.len()).ok_or(rustls::Error::EncryptError)?.copy_from_slice(&record);
+        Ok(record.len())
     }
+}
+
+/// A record's header: type, the legacy version every record after the handshake carries
+/// (TLS 1.2's, also in TLS 1.3: RFC 8446 5.1), body length.
+fn record_header(typ: u8, body: usize) -> [u8; HEADER] {
+    let [hi, lo] = u16::try_from(body).unwrap_or(u16::MAX).to_be_bytes();
+    [typ, 3, 3, hi, lo]
 }
 
 /// The key and IV of one direction, whatever the AEAD; `None` for a kind rustls may add.
@@ -783,7 +857,7 @@ impl AsyncRead for RecordLeg {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         // A KeyUpdate answer may wait here while the backend is silent: push it out now.
-        if !this.sealed.is_empty() {
+        if this.queued() > 0 {
             if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
                 return Poll::Ready(Err(e));
             }
@@ -816,7 +890,7 @@ impl AsyncRead for RecordLeg {
                 let dst = buf.initialize_unfilled();
                 let plain = ready!(this.poll_fill(cx, dst))?;
                 buf.advance(plain);
-                if !this.sealed.is_empty() {
+                if this.queued() > 0 {
                     if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
                         return Poll::Ready(Err(e));
                     }
@@ -851,6 +925,8 @@ impl AsyncWrite for RecordLeg {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         let take = data.len().min(MAX_WRITE);
+        // Room for the whole batch at once: growing record by record would copy it again.
+        this.make_room(take + take.div_ceil(MAX_FRAGMENT) * MAX_OVERHEAD);
         for fragment in data[..take].chunks(MAX_FRAGMENT) {
             this.seal(ContentType::ApplicationData, fragment)?;
         }
@@ -1005,6 +1081,31 @@ mod tests {
             assert_eq!(*carry_at.get_or_insert(at), at, "the carry was not reallocated");
         }
         panic!("the record never opened");
+    }
+
+    /// A bulk write is sealed as a batch of whole records, straight from the caller's
+    /// buffer, and the client opens every byte in order; then the leg holds no buffer.
+    #[tokio::test]
+    async fn a_bulk_write_is_sealed_in_batches_the_client_opens_in_order() {
+        let (mut client, socket, conn) = handshaken().await;
+        let mut leg = RecordLeg::new(socket, conn, None).unwrap();
+        let data: Vec<u8> = (0..3 * MAX_WRITE + 12_345).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; expected.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert!(got == expected, "the client read other bytes than were written");
+        });
+        let mut written = 0;
+        while written < data.len() {
+            let n = leg.write(&data[written..]).await.unwrap();
+            assert!(n <= MAX_WRITE, "one write seals at most one batch");
+            written += n;
+        }
+        leg.flush().await.unwrap();
+        reader.await.unwrap();
+        assert_eq!(leg.sealed.capacity(), 0, "the sealing buffer went back to the pool");
+        assert_eq!(leg.queued(), 0);
     }
 
     /// An idle leg at a record boundary holds no buffer of its own.

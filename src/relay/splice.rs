@@ -215,7 +215,7 @@ impl Pump<'_> {
     async fn read_some(&self) -> io::Result<Option<(Box<[u8]>, usize)>> {
         loop {
             self.from.readable().await?;
-            let mut buf = take_buffer();
+            let mut buf = take_buffer(false);
             match self.from.try_read(&mut buf) {
                 Ok(0) => {
                     give_buffer(buf);
