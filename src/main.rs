@@ -4,7 +4,7 @@
 //! systemd's sockets are taken here, before the runtime starts any thread: adopting them
 //! clears LISTEN_FDS, which is only sound while the process is single-threaded.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -25,7 +25,11 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("mailtls: {e:#}");
+            // One write for the whole message: eprintln! on unbuffered stderr writes each
+            // piece of the error chain apart, which interleaves with other writers of a
+            // shared log file and costs a system call per piece.
+            let message = format!("mailtls: {e:#}\n");
+            let _ = std::io::stderr().write_all(message.as_bytes());
             ExitCode::FAILURE
         }
     }

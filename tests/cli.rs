@@ -179,6 +179,45 @@ fn check_of_missing_config_file_fails_without_panic() {
     assert!(!outcome.stderr.contains("panicked"), "{}", outcome.show());
 }
 
+/// A failed run says why in one write(2) to stderr: written piece by piece, the message
+/// would be torn apart by any other process appending to the same log file.
+#[test]
+fn a_failed_run_writes_its_error_in_one_piece() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("absent.toml");
+    let trace = dir.path().join("strace.txt");
+    let traced = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=write,writev", "-e", "signal=none", "-o"])
+        .arg(&trace)
+        .arg(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("--check")
+        .stdin(Stdio::null())
+        .output();
+    let out = match traced {
+        Ok(out) if trace.exists() => out,
+        Ok(out) => {
+            println!(
+                "SKIPPED: strace could not trace mailtls here: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            println!("SKIPPED: strace is not installed ({e}); tests/run.sh installs it as root");
+            return;
+        }
+    };
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    let to_stderr: Vec<&str> =
+        calls.lines().filter(|l| l.contains("write(2,") || l.contains("writev(2,")).collect();
+    assert_eq!(to_stderr.len(), 1, "the error went out in {} writes:\n{calls}", to_stderr.len());
+    assert!(to_stderr[0].contains("mailtls: "), "{}", to_stderr[0]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("absent.toml"));
+}
+
 /// `--check` writes nothing: a `self_signed = true` pair that start-up would create is
 /// not created by the check.
 #[test]

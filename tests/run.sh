@@ -22,8 +22,9 @@ cd "$(dirname "$0")/.."
 # each of those servers in a container whose image is the runtime base plus the server's
 # Debian packages (tests/common/podman.rs, DerivedImage): the base is debootstrapped once,
 # each server's image built on it once, and both kept under their tags for later runs.
+# strace: tests/cli.rs checks that a failed run's error leaves in one write.
 packages=(openssl systemd postfix dovecot-imapd dovecot-pop3d swaks msmtp fetchmail isync sslscan curl python3 bsdutils
-  dpkg-dev lintian man-db prometheus podman runc catatonit netavark debootstrap python3-yaml haproxy iptables)
+  dpkg-dev lintian man-db prometheus podman runc catatonit netavark debootstrap python3-yaml haproxy iptables strace)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
