@@ -22,7 +22,7 @@ use mailtls::metrics::Metrics;
 use mailtls::protocol::smtp_guard::SmtpGuard;
 use mailtls::protocol::BareNewline;
 use mailtls::relay::{self, ClientFilter, ClientLeg, Engine, Engines, KtlsSupport, Pending};
-use mailtls::tls::prefixed::Prefixed;
+use mailtls::tls::secrets;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -184,7 +184,9 @@ async fn transfer(path: Path, total: usize, tls: &Tls) -> Option<Engine> {
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let (client, server) = tokio::join!(
             tls.connector.connect(name, client),
-            tls.acceptor.accept(Prefixed::new(client_side, BytesMut::new()))
+            // As a session accepts: with the connection's own key log, so the copy engine's
+            // record layer takes the keys over exactly as in the product.
+            secrets::accept(&tls.acceptor, client_side, BytesMut::new())
         );
         let server = server.unwrap();
         let relay = tokio::spawn(relayed(server, backend_side, engines, guarded));
