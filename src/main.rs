@@ -28,11 +28,26 @@ fn main() -> ExitCode {
             // One write for the whole message: eprintln! on unbuffered stderr writes each
             // piece of the error chain apart, which interleaves with other writers of a
             // shared log file and costs a system call per piece.
-            let message = format!("mailtls: {e:#}\n");
+            let message = format!("mailtls: {}\n", error_chain(&e));
             let _ = std::io::stderr().write_all(message.as_bytes());
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once. The library's errors already end their message
+/// with their source's (they are logged with Display alone), so a cause whose text the
+/// message so far ends with is not repeated, as anyhow's `{:#}` would.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.ends_with(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

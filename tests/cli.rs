@@ -179,6 +179,44 @@ fn check_of_missing_config_file_fails_without_panic() {
     assert!(!outcome.stderr.contains("panicked"), "{}", outcome.show());
 }
 
+/// The binary's message names each cause once: the library's errors end with their
+/// source's text already, so printing the chain after it would say it twice.
+#[test]
+fn a_failed_run_names_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("absent.toml");
+    let outcome = run_check_in(dir.path(), &path);
+    assert_eq!(
+        outcome.stderr,
+        format!(
+            "mailtls: cannot read config file {}: No such file or directory (os error 2)\n",
+            path.display()
+        ),
+        "{}",
+        outcome.show()
+    );
+
+    let certs = certs();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = valid_config(&certs).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let config = certs.dir.path().join("mailtls.toml");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .current_dir(certs.dir.path())
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mailtls");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let said = format!("listener \"imaps\": cannot listen on 127.0.0.1:{port}: Address already in use");
+    assert!(stderr.contains(&said), "{stderr}");
+    assert_eq!(stderr.matches("Address already in use").count(), 1, "the cause twice: {stderr}");
+}
+
 /// A failed run says why in one write(2) to stderr: written piece by piece, the message
 /// would be torn apart by any other process appending to the same log file.
 #[test]
