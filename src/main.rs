@@ -119,12 +119,21 @@ fn check(config: &config::Config) -> anyhow::Result<()> {
         println!("{pending} self-signed trial certificate(s) will be created or renewed at start (self_signed = true)");
     }
     println!(
-        "{}: OK ({} listeners, {} certificates)",
+        "{}: OK ({}, {})",
         config.path.display(),
-        config.listeners.len(),
-        certs.len()
+        counted(config.listeners.len(), "listener"),
+        counted(certs.len(), "certificate")
     );
     Ok(())
+}
+
+/// "1 listener", "7 listeners".
+fn counted(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 async fn serve(config: config::Config, inherited: Inherited) -> anyhow::Result<()> {

@@ -87,7 +87,7 @@ fn check_accepts_valid_config_and_prints_ok() {
     let certs = certs();
     let (path, outcome) = check_text(certs.dir.path(), &valid_config(&certs));
     assert_eq!(outcome.code, Some(0), "{}", outcome.show());
-    assert!(outcome.stdout.contains("OK"), "{}", outcome.show());
+    assert!(outcome.stdout.contains("OK (1 listener, 1 certificate)\n"), "{}", outcome.show());
     assert!(outcome.stdout.contains(&path.display().to_string()), "{}", outcome.show());
     assert!(!outcome.stderr.contains("panicked"), "{}", outcome.show());
 }

@@ -51,7 +51,7 @@ fn shipped_config_passes_check_and_serves_nothing_public() {
     let (ok, text) =
         run(Command::new(BIN).arg("--config").arg(crate_path("packaging/mailtls.toml")).arg("--check"));
     assert!(ok, "mailtls --check on the shipped config:\n{text}");
-    assert!(text.contains("mailtls.toml: OK (1 listeners, "), "{text}");
+    assert!(text.contains("mailtls.toml: OK (1 listener, "), "{text}");
     let config = mailtls::config::parse(Path::new("/etc/mailtls/mailtls.toml"), SHIPPED_CONFIG).unwrap();
     for l in &config.listeners {
         for addr in &l.listen {
